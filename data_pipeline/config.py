@@ -1,0 +1,189 @@
+"""Typed configs of the data stages: ``synth`` (shapes world), ``shard`` (raw pairs → WebDataset) and ``verify``.
+
+Each component receives only its own sub-config (``ImageConfig`` for the image processor, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmfuse.config import MISSING, ConfigError
+
+RESIZE_MODES = ("keep_ratio", "center_crop", "border", "no")
+IMAGE_FORMATS = ("jpg", "webp", "png")
+INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "folder")
+
+
+@dataclass
+class SynthOutputConfig:
+    path: str = MISSING
+    """Folder the raw files and manifest.parquet are written to."""
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic shapes world: images, captions, audio and task fields from one seed."""
+
+    output: SynthOutputConfig = field(default_factory=SynthOutputConfig)
+    num_samples: int = 256
+    """How many scenes to generate."""
+    seed: int = 0
+    """Everything is a pure function of (seed, sample index)."""
+    image_size: int = 128
+    """Side of the square images in pixels (64-256 is sensible)."""
+    audio_sample_rate: int = 16000
+    """Sample rate of the generated clips."""
+    audio_seconds: float = 2.0
+    """Length of each clip; one tone per object, played one after another."""
+    jpeg_quality: int = 92
+    """Quality of the written JPEGs."""
+
+    def validate(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError("num_samples must be at least 1")
+        if not 32 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size must be within 32..1024, got {self.image_size}")
+        if self.audio_seconds <= 0 or self.audio_sample_rate < 1000:
+            raise ConfigError("audio_seconds must be > 0 and audio_sample_rate >= 1000")
+
+
+@dataclass
+class InputConfig:
+    path: str = MISSING
+    """A manifest (parquet, csv, tsv, jsonl, optionally .gz), a glob of manifests, or a folder of files grouped by
+    stem (a.jpg + a.txt + a.flac). Local path or any fsspec URL."""
+    format: str = "auto"
+    """One of auto, parquet, csv, tsv, jsonl, folder; auto looks at the path."""
+    image_column: str = "image"
+    """Manifest column with the image path or URL (img2dataset: url)."""
+    text_column: str = "text"
+    """Manifest column with the caption (img2dataset: caption)."""
+    audio_column: str = "audio"
+    """Manifest column with the audio path or URL."""
+    pass_through: bool = True
+    """Copy every other manifest column into each sample's json."""
+
+
+@dataclass
+class OutputConfig:
+    path: str = MISSING
+    """Folder or object-store URL (s3://bucket/prefix) the shards go to. The S3 endpoint and credentials come from
+    the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from this file."""
+    prefix: str = "shard"
+    """Shard file names are {prefix}-{NNNNNN}.tar."""
+    samples_per_shard: int = 1000
+    """Input rows per shard; the last shard may hold fewer."""
+    upload_retries: int = 3
+    """Retries of a failed upload to object storage (exponential backoff)."""
+
+
+@dataclass
+class FetchConfig:
+    threads: int = 16
+    """Concurrent fetches per worker process (I/O-bound: http, s3)."""
+    timeout: float = 10.0
+    """Seconds before a connection or a stalled read gives up."""
+    retries: int = 2
+    """Retries after a transient failure (5xx, 429, reset, timeout); none for 4xx."""
+    backoff: float = 0.5
+    """First retry waits this many seconds; each next one twice as long."""
+    max_redirects: int = 5
+    """More redirects than this is a failure (too_many_redirects)."""
+    max_bytes: int = 50_000_000
+    """A download larger than this is a failure (too_large)."""
+    honor_opt_out: bool = True
+    """Skip responses whose X-Robots-Tag says noai, noimageai, noindex or noimageindex (reason opt_out)."""
+    user_agent: str = "mmfuse/0.1 (+https://github.com/mmfuse/mmfuse)"
+    """User-Agent sent with http requests."""
+
+
+@dataclass
+class ImageConfig:
+    size: int = 256
+    """Target side in pixels (shorter side for keep_ratio and center_crop, longer side for border)."""
+    resize_mode: str = "keep_ratio"
+    """keep_ratio (shorter side = size), center_crop (size x size), border (fit and pad to size x size), no."""
+    resize_only_if_bigger: bool = False
+    """Never upscale: keep images smaller than size as they are."""
+    format: str = "jpg"
+    """Encoding of the stored image: jpg, webp or png."""
+    quality: int = 90
+    """JPEG/WebP quality."""
+    min_side: int = 0
+    """Images whose shorter side is below this fail with image_too_small."""
+    max_aspect_ratio: float = 0.0
+    """Images with longer/shorter side above this fail with bad_aspect_ratio; 0 disables the check."""
+    max_pixels: int = 89_478_485
+    """Header pixel count above which an image is refused before decoding (decompression bomb)."""
+    border_color: int = 255
+    """Grey level of the padding in border mode and of the background behind transparency."""
+
+
+@dataclass
+class AudioConfig:
+    sample_rate: int = 16000
+    """Target sample rate; other rates are resampled (soxr)."""
+    max_seconds: float = 10.0
+    """Longer clips are clipped to this length."""
+    pad: bool = False
+    """Pad shorter clips with silence to max_seconds."""
+
+
+@dataclass
+class TextConfig:
+    min_chars: int = 1
+    """Captions shorter than this (after whitespace normalisation) fail with text_too_short; empty ones with
+    text_empty."""
+    max_chars: int = 2000
+    """Captions longer than this fail with text_too_long."""
+
+
+@dataclass
+class ShardConfig:
+    """Raw pairs → WebDataset shards + per-shard parquet and stats + sizes.json + dataset.json."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    processes: int = 2
+    """Worker processes on this machine (the embedded distributor); 1 runs in-process."""
+    dedup: bool = True
+    """Drop exact duplicates: repeated manifest rows across the run, and repeated content within a shard."""
+    retry_failed: bool = False
+    """On a rerun, redo only the failed samples of finished shards (keeping their good samples)."""
+    require: list[str] = field(default_factory=list)
+    """Modalities a sample must have (image, text, audio); a sample missing one fails with missing_<modality>."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        if self.input.format not in INPUT_FORMATS:
+            raise ConfigError(f"input.format must be one of {INPUT_FORMATS}, got {self.input.format!r}")
+        if self.image.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"image.resize_mode must be one of {RESIZE_MODES}, got {self.image.resize_mode!r}")
+        if self.image.format not in IMAGE_FORMATS:
+            raise ConfigError(f"image.format must be one of {IMAGE_FORMATS}, got {self.image.format!r}")
+        if not 1 <= self.image.quality <= 100:
+            raise ConfigError(f"image.quality must be within 1..100, got {self.image.quality}")
+        if self.output.samples_per_shard < 1:
+            raise ConfigError("output.samples_per_shard must be at least 1")
+        if self.processes < 1 or self.fetch.threads < 1:
+            raise ConfigError("processes and fetch.threads must be at least 1")
+        if self.image.size < 1:
+            raise ConfigError("image.size must be at least 1")
+        unknown = set(self.require) - {"image", "text", "audio"}
+        if unknown:
+            raise ConfigError(f"require lists unknown modalities {sorted(unknown)}; use image, text, audio")
+
+
+@dataclass
+class VerifyConfig:
+    """Read every shard of a dataset and check it against sizes.json and the per-shard stats."""
+
+    path: str = MISSING
+    """Dataset folder or object-store URL."""
+    decode: bool = True
+    """Also decode every image and audio member (slower, catches corrupt payloads)."""

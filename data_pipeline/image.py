@@ -1,0 +1,131 @@
+"""Image processing: bytes → checked, oriented, RGB, resized, re-encoded bytes.
+
+Order matters for speed and safety:
+1. open lazily and read the header only: refuse decompression bombs (pixel count) and failed filters before any
+   pixel is decoded;
+2. for JPEG, ask libjpeg to decode at 1/2, 1/4 or 1/8 scale (``draft``: DCT-domain downscale), never below the
+   target size, which is several times cheaper than a full decode followed by a resize;
+3. EXIF transpose, convert to RGB (CMYK, 16-bit, palette and alpha included), resize, encode.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data_pipeline.config import ImageConfig
+from data_pipeline.errors import SampleError
+
+# Orientations 5-8 swap width and height.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_ENCODE_ARGS = {
+    "jpg": lambda q: {"format": "JPEG", "quality": q},
+    "webp": lambda q: {"format": "WEBP", "quality": q, "method": 4},
+    "png": lambda q: {"format": "PNG", "compress_level": 6},
+}
+
+
+def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, dict]:
+    """Returns the encoded image and its metadata; raises SampleError with the reason it was refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise SampleError("image_too_large", "decompression bomb") from None
+        except UnidentifiedImageError:
+            raise SampleError("not_an_image") from None
+        except Exception as err:  # Pillow raises many types for broken headers
+            raise SampleError("image_decode_error", type(err).__name__) from None
+
+        width, height = image.size
+        if width * height > cfg.max_pixels:
+            raise SampleError("image_too_large", f"{width}x{height} exceeds {cfg.max_pixels} pixels")
+        if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+            width, height = height, width
+        _check_filters(width, height, cfg)
+
+        scale = _scale(width, height, cfg)
+        if image.format == "JPEG" and scale < 1:
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+        except OSError as err:
+            reason = "image_truncated" if "truncated" in str(err) else "image_decode_error"
+            raise SampleError(reason, str(err)) from None
+        except Exception as err:
+            raise SampleError("image_decode_error", f"{type(err).__name__}: {err}") from None
+
+    image = to_rgb(image, cfg.border_color)
+    image = resize(image, cfg)
+    out = io.BytesIO()
+    image.save(out, **_ENCODE_ARGS[cfg.format](cfg.quality))
+    meta = {"width": image.width, "height": image.height, "original_width": width, "original_height": height}
+    return out.getvalue(), meta
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block is not worth failing the image over
+        return 1
+
+
+def _check_filters(width: int, height: int, cfg: ImageConfig) -> None:
+    if min(width, height) < max(cfg.min_side, 1):
+        raise SampleError("image_too_small", f"{width}x{height}")
+    if cfg.max_aspect_ratio and max(width, height) / min(width, height) > cfg.max_aspect_ratio:
+        raise SampleError("bad_aspect_ratio", f"{width}x{height}")
+
+
+def _scale(width: int, height: int, cfg: ImageConfig) -> float:
+    """The factor that maps the (oriented) image onto the target geometry."""
+    if cfg.resize_mode == "no":
+        return 1.0
+    side = max(width, height) if cfg.resize_mode == "border" else min(width, height)
+    scale = cfg.size / side
+    return min(scale, 1.0) if cfg.resize_only_if_bigger else scale
+
+
+def to_rgb(image: Image.Image, background: int = 255) -> Image.Image:
+    """RGB from any mode: 16-bit and 32-bit greyscale are scaled (not clipped), alpha is composited."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        array = np.asarray(image, dtype=np.uint16)
+        return Image.fromarray((array >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() if array.size and array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (background, background, background, 255))
+        return Image.alpha_composite(canvas, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize(image: Image.Image, cfg: ImageConfig) -> Image.Image:
+    scale = _scale(image.width, image.height, cfg)
+    if cfg.resize_mode == "no":
+        return image
+    new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+    if cfg.resize_mode == "center_crop":
+        side = min(cfg.size, image.width, image.height)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    elif cfg.resize_mode == "border":
+        side = cfg.size
+        canvas = Image.new("RGB", (side, side), (cfg.border_color,) * 3)
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = canvas
+    return image

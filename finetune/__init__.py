@@ -1,0 +1,1 @@
+"""finetune stage: lands with its issue (see docs/ and the issue tracker)."""

@@ -1,0 +1,49 @@
+"""``mmfuse <stage> [--config FILE.yaml]... [key=value]...``: one subcommand per stage, each a thin call into the
+stage's own ``main(argv)``. Stages are imported only when chosen, so ``mmfuse shard`` never imports torch."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from mmfuse.config import ConfigError
+
+# name → (module with main(argv), one-line summary)
+STAGES = {
+    "synth": ("data_pipeline.synth", "generate the synthetic shapes world (images, captions, audio, task fields)"),
+    "shard": ("data_pipeline.shard", "pack raw pairs into WebDataset shards (local or s3://)"),
+    "verify": ("data_pipeline.verify", "check every shard of a dataset against sizes.json and its stats"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: mmfuse <stage> [--config FILE.yaml]... [key=value]...   (mmfuse <stage> --help lists the keys)", "", "stages:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"mmfuse: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[stage][0])
+    try:
+        result = module.main(rest)
+    except ConfigError as err:
+        print(f"mmfuse {stage}: config error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        # Bad input the user can fix (a missing manifest column, an unreadable path): say what, no traceback.
+        print(f"mmfuse {stage}: error: {err}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The one config loader: dataclass defaults < ``--config FILE.yaml`` (repeatable) < ``dotted.key=value``.
+
+Every stage declares a tree of dataclasses (``data_pipeline/config.py``, ...). This module turns argv into an
+instance of that tree with OmegaConf structured configs, so unknown keys and wrong types fail before any work
+starts, naming the key. Help text is the attribute docstring written under each field::
+
+    @dataclass
+    class OutputConfig:
+        path: str = MISSING
+        \"\"\"Folder or object-store URL the shards are written to.\"\"\"
+
+A stage may define ``validate(self)`` on its root dataclass to check combinations once, at load.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+__all__ = ["MISSING", "ConfigError", "load_config", "parse_args", "to_yaml", "to_dict", "help_text"]
+
+
+class ConfigError(ValueError):
+    """A config the user wrote that cannot be used; the message names the key."""
+
+
+def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build ``schema`` from defaults, then each YAML file in order, then ``key=value`` overrides."""
+    merged = OmegaConf.structured(schema)
+    try:
+        for file in files:
+            path = Path(file)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {file}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"expected key=value, got {item!r}")
+            key, value = item.split("=", 1)
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key.strip()}={value}"]))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def parse_args(schema: type[T], argv: list[str] | None, prog: str, description: str = "", positional: str | None = None) -> T:
+    """Parse ``[--config FILE]... [key=value]...`` (and ``-h``) into ``schema``.
+
+    ``positional`` names the key a bare argument fills (``mmfuse verify DIR`` → ``path=DIR``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    files: list[str] = []
+    overrides: list[str] = []
+    while argv:
+        arg = argv.pop(0)
+        if arg in ("-h", "--help"):
+            print(help_text(schema, prog, description, positional))
+            raise SystemExit(0)
+        if arg == "--config":
+            if not argv:
+                raise ConfigError("--config needs a YAML file")
+            files.append(argv.pop(0))
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        elif positional and not arg.startswith("-"):
+            overrides.append(f"{positional}={arg}")
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use key=value, --config FILE.yaml or --help")
+    return load_config(schema, files, overrides)
+
+
+def to_dict(config: Any) -> dict:
+    """A plain dict of a config dataclass (for JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def to_yaml(config: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    message = str(err).splitlines()[0]
+    if type(err).__name__ == "ConfigKeyError" or "not in struct" in message.lower():
+        return f"unknown config key {key!r}" if key else message
+    if type(err).__name__ == "MissingMandatoryValue":
+        return f"missing required config key {key!r} (set it with {key}=...)"
+    return f"bad value for config key {key!r}: {message}" if key else message
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal right under each field."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    rows = []
+    docs = field_docs(cls)
+    hints = _resolved_types(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name, f.type)
+        if dataclasses.is_dataclass(kind):
+            rows += _rows(kind, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = MISSING
+        shown = "(required)" if default == MISSING else repr(default)
+        rows.append((prefix + f.name, shown, docs.get(f.name, "")))
+    return rows
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # forward refs that do not resolve: fall back to the raw annotations
+        return {}
+
+
+def help_text(schema: type, prog: str, description: str = "", positional: str | None = None) -> str:
+    usage = f"usage: {prog} [--config FILE.yaml]... [key=value]..."
+    if positional:
+        usage = f"usage: {prog} {positional.upper()} [--config FILE.yaml]... [key=value]..."
+    lines = [usage, ""]
+    if description:
+        lines += [description, ""]
+    lines += ["Keys (defaults < --config files < key=value):", ""]
+    for key, default, doc in _rows(schema):
+        lines.append(f"  {key} = {default}")
+        if doc:
+            lines += textwrap.wrap(doc, 100, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
