@@ -107,6 +107,7 @@ def make_scene(seed: int, index: int) -> Scene:
 def render_image(scene: Scene, size: int) -> Image.Image:
     """Shapes over smooth coloured noise, then a lighting gradient and sensor-like grain over everything."""
     rng = np.random.default_rng([scene.noise_seed, 1])
+    # A 5x5 grid of grey-ish colours (one tint, mostly brightness changes) upsampled into smooth blotches.
     coarse = rng.uniform(70, 170) + rng.normal(0, 12, 3) + rng.normal(0, 25, (5, 5, 1)) + rng.normal(0, 6, (5, 5, 3))
     image = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
     draw = ImageDraw.Draw(image)
@@ -183,13 +184,14 @@ def _join(parts: list[str]) -> str:
 
 
 def _grouped(objects: tuple[SceneObject, ...]) -> str:
-    """"two red circles and a blue square": identical colour+shape pairs are counted, in first-seen order."""
+    """Identical colour+shape pairs counted, in first-seen order: "two red circles and a blue square"."""
     counts = Counter((obj.color, obj.shape) for obj in objects)
-    return _join([_a(f"{c} {s}") if n == 1 else f"{NUMBER_WORDS[n]} {c} {PLURALS[s]}" for (c, s), n in counts.items()])
+    return _join([_a(f"{color} {shape}") if n == 1 else f"{NUMBER_WORDS[n]} {color} {PLURALS[shape]}"
+                  for (color, shape), n in counts.items()])
 
 
 def _described(objects: tuple[SceneObject, ...], size: bool, place: bool) -> str:
-    """"a small green triangle at the top and a large blue star on the left", one phrase per object."""
+    """One phrase per object: "a small green triangle at the top and a large blue star on the left"."""
     phrases = []
     for obj in objects:
         phrase = _a(f"{obj.size} {obj.color} {obj.shape}" if size else f"{obj.color} {obj.shape}")
@@ -226,9 +228,10 @@ def vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, list[str]]:
     """One question (colour, shape or count) and ten annotator answers, at least seven of them correct."""
     colors = Counter(obj.color for obj in scene.objects)
     shapes = Counter(obj.shape for obj in scene.objects)
-    kinds = ["count"] + ["color"] * any(n == 1 for n in shapes.values()) + ["shape"] * any(n == 1 for n in colors.values())
+    kinds = ["count"]  # colour and shape questions need an object whose shape (colour) occurs once
+    kinds += ["color"] * any(n == 1 for n in shapes.values()) + ["shape"] * any(n == 1 for n in colors.values())
     kind = str(rng.choice(kinds))
-    if kind == "color":  # ask about a shape that occurs once, so the question has one answer
+    if kind == "color":
         shape = str(rng.choice([s for s, n in shapes.items() if n == 1]))
         truth = next(obj.color for obj in scene.objects if obj.shape == shape)
         question, wrong = f"what color is the {shape}?", [c for c in COLORS if c != truth]
@@ -247,8 +250,8 @@ def vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, list[str]]:
             shape = str(rng.choice(list(shapes) if rng.random() < 0.85 else list(SHAPES)))
             question, n = f"how many {PLURALS[shape]} are there?", shapes[shape]
         truth, wrong = str(n), [str(m) for m in (n - 1, n + 1) if m >= 0]
-    return question, kind, _annotate(truth, wrong, NUMBER_WORDS[int(truth)] if kind == "count" else SYNONYMS[truth],
-                                     rng)
+    synonym = NUMBER_WORDS[int(truth)] if kind == "count" else SYNONYMS[truth]
+    return question, kind, _annotate(truth, wrong, synonym, rng)
 
 
 def _annotate(truth: str, wrong: list[str], synonym: str, rng: np.random.Generator) -> list[str]:
@@ -311,9 +314,9 @@ def run(cfg: SynthConfig) -> Path:
     _remove_stale(out, cfg.num_samples)
     _write_atomic(out / "classes.json", json.dumps(CLASSES, indent=1).encode())
     _write_atomic(out / "synth.json", json.dumps(to_dict(cfg), indent=1).encode())
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    pq.write_table(table, manifest.with_name(manifest.name + ".tmp"))
-    os.replace(manifest.with_name(manifest.name + ".tmp"), manifest)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buffer)
+    _write_atomic(manifest, buffer.getvalue().to_pybytes())
     return manifest
 
 

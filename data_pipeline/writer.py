@@ -10,6 +10,7 @@ members, a sample's members adjacent): importing webdataset pulls in torch, two 
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -43,6 +44,9 @@ class ShardWriter:
         self.fs, self.root = filesystem(cfg.path)
         local_dir = self.root if is_local(cfg.path) else tempfile.mkdtemp(prefix="mmfuse-shard-")
         self._local_dir = local_dir
+        # Leftovers of this shard from a killed run go first (other shards' temp files may belong to live runs).
+        for stale in glob.glob(os.path.join(glob.escape(local_dir), f".{self.name}.*.tmp-*")):
+            os.remove(stale)
         self._tmp = {ext: os.path.join(local_dir, f".{self.name}.{ext}.tmp-{os.getpid()}") for ext in ("tar", "parquet")}
         self._tar = tarfile.open(self._tmp["tar"], "w", format=tarfile.USTAR_FORMAT)
         self.records: list[dict] = []

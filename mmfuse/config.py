@@ -47,7 +47,10 @@ def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overri
             if "=" not in item:
                 raise ConfigError(f"expected key=value, got {item!r}")
             key, value = item.split("=", 1)
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key.strip()}={value}"]))
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key.strip()}={value}"]))
+            except OmegaConfBaseException as err:
+                raise ConfigError(_explain(err, key.strip())) from None
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
@@ -94,8 +97,8 @@ def to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def _explain(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None)
+def _explain(err: OmegaConfBaseException, key: str | None = None) -> str:
+    key = key or getattr(err, "full_key", None)
     message = str(err).splitlines()[0]
     if type(err).__name__ == "ConfigKeyError" or "not in struct" in message.lower():
         return f"unknown config key {key!r}" if key else message

@@ -153,10 +153,24 @@ def test_vqa_majority_answer_is_correct(rows):
         assert majority == truth and votes >= 7, (row["question"], answers, truth)
 
 
+def test_vqa_over_many_scenes_disagrees_but_never_outvotes_the_truth():
+    disagreements = 0
+    for index in range(300):  # the pure helpers alone: rare annotator draws need more than a few samples
+        scene = synth.make_scene(5, index)
+        question, kind, answers = synth.vqa(scene, np.random.default_rng([5, index]))
+        objects = [{"color": o.color, "shape": o.shape} for o in scene.objects]
+        truth = _true_answer(question, objects)
+        assert len(answers) == 10 and answers.count(truth) >= 7, (question, answers)
+        disagreements += answers.count(truth) < 10
+    assert 0.3 < disagreements / 300 < 0.9
+
+
 def test_background_is_textured(dataset, rows):
     jpeg = (dataset / rows[0]["image"]).read_bytes()
     pixels = np.asarray(Image.open(io.BytesIO(jpeg)), dtype=np.float32)
-    assert pixels[:8, :8].std() > 3  # the corner is always background
+    corner = pixels[:8, :8]  # the corner is always background
+    assert corner.std() > 3  # smooth noise and gradient: not a flat colour
+    assert np.diff(corner, axis=1).std() > 2  # pixel-level grain survives the JPEG (about 0.6 without it)
     flat = io.BytesIO()
     Image.new("RGB", (96, 96), (128, 128, 128)).save(flat, format="JPEG", quality=92)
     assert len(jpeg) > 3 * len(flat.getvalue())

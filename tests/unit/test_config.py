@@ -1,0 +1,106 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from data_pipeline.config import ShardConfig
+from mmfuse.config import MISSING, ConfigError, field_docs, help_text, load_config, parse_args
+
+
+@dataclass
+class Inner:
+    size: int = 3
+    """How big."""
+    name: str = "a"
+
+
+@dataclass
+class Root:
+    path: str = MISSING
+    """Where."""
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+    ratio: float = 0.5
+
+    def validate(self):
+        if self.inner.size < 0:
+            raise ConfigError("inner.size must be >= 0")
+
+
+def test_precedence_defaults_then_files_then_overrides(tmp_path):
+    first = tmp_path / "a.yaml"
+    first.write_text("path: /a\ninner:\n  size: 5\n  name: file\n")
+    second = tmp_path / "b.yaml"
+    second.write_text("inner:\n  size: 7\n")
+    cfg = load_config(Root, [str(first), str(second)], ["inner.name=cli", "tags=[x,y]"])
+    assert (cfg.path, cfg.inner.size, cfg.inner.name, cfg.tags, cfg.ratio) == ("/a", 7, "cli", ["x", "y"], 0.5)
+    assert isinstance(cfg, Root) and isinstance(cfg.inner, Inner)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="inner.sise"):
+        load_config(Root, [], ["path=x", "inner.sise=3"])
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("path: x\nbogus: 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(Root, [str(bad)])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="inner.size"):
+        load_config(Root, [], ["path=x", "inner.size=big"])
+
+
+def test_missing_required_is_named():
+    with pytest.raises(ConfigError, match="'path'"):
+        load_config(Root, [], [])
+
+
+def test_validate_runs_at_load():
+    with pytest.raises(ConfigError, match="inner.size must be"):
+        load_config(Root, [], ["path=x", "inner.size=-1"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Root, ["/nonexistent.yaml"], ["path=x"])
+
+
+def test_parse_args_positional_and_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("ratio: 2.0\n")
+    cfg = parse_args(Root, ["somewhere", "--config", str(f), "inner.size=1"], prog="t", positional="path")
+    assert (cfg.path, cfg.ratio, cfg.inner.size) == ("somewhere", 2.0, 1)
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_args(Root, ["--frobnicate"], prog="t")
+
+
+def test_help_lists_every_key_with_default_and_doc(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(Root, ["--help"], prog="tool")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "path = (required)" in out and "Where." in out
+    assert "inner.size = 3" in out and "How big." in out
+    assert "inner.name = 'a'" in out and "tags = []" in out
+
+
+def test_shard_help_documents_every_field():
+    text = help_text(ShardConfig, "mmfuse shard")
+    for key in ("input.path", "output.samples_per_shard", "fetch.timeout", "image.resize_mode", "audio.sample_rate", "dedup"):
+        assert key in text
+    # Every leaf field of the sharding config has a help line.
+    assert all(field_docs(cls) for cls in (ShardConfig,))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("image.resize_mode=stretch", "image.resize_mode"),
+    ("image.format=gif", "image.format"),
+    ("input.format=xml", "input.format"),
+    ("require=[image,smell]", "require"),
+])
+def test_shard_config_rejects_bad_combinations(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(ShardConfig, [], ["input.path=x", "output.path=y", override])
