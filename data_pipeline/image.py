@@ -22,6 +22,7 @@ from data_pipeline.errors import SampleError
 
 # Orientations 5-8 swap width and height.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\0", b"MM\0*")
 _ENCODE_ARGS = {
     "jpg": lambda q: {"format": "JPEG", "quality": q},
     "webp": lambda q: {"format": "WEBP", "quality": q, "method": 4},
@@ -38,7 +39,10 @@ def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, dict]:
         except Image.DecompressionBombError:
             raise SampleError("image_too_large", "decompression bomb") from None
         except UnidentifiedImageError:
-            raise SampleError("not_an_image") from None
+            # A known image signature that Pillow cannot parse is a corrupt image; anything else (an HTML error
+            # page saved as .jpg, say) is not an image at all.
+            reason = "image_decode_error" if data.startswith(_IMAGE_MAGIC) else "not_an_image"
+            raise SampleError(reason) from None
         except Exception as err:  # Pillow raises many types for broken headers
             raise SampleError("image_decode_error", type(err).__name__) from None
 
