@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 # (later stages append pre-training and fine-tuning).
 demo: $(STAMP)
 	$(MMFUSE) synth output.path=$(DEMO)/raw num_samples=512 seed=0
-	$(MMFUSE) shard input.path=$(DEMO)/raw/manifest.parquet output.path=$(DEMO)/shards output.samples_per_shard=128
+	$(MMFUSE) shard --config configs/data/shapes.yaml input.path=$(DEMO)/raw/manifest.parquet output.path=$(DEMO)/shards
 	$(MMFUSE) verify $(DEMO)/shards
 
 bench-shard: $(STAMP)

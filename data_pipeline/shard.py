@@ -121,7 +121,7 @@ def _public_config(cfg: ShardConfig) -> dict:
 def format_summary(summary: dict) -> str:
     rows = [("written", summary["written"])] + [(f"failed: {r}", n) for r, n in summary["failed"].items()]
     total = summary["input_rows"] or 1
-    width = max(len(name) for name, _ in rows)
+    width = max(len("input rows"), *(len(name) for name, _ in rows))
     lines = [f"{'status':<{width}}  {'samples':>9}  {'share':>7}", "-" * (width + 20)]
     lines += [f"{name:<{width}}  {n:>9}  {n / total:>7.2%}" for name, n in rows]
     lines.append(f"{'input rows':<{width}}  {summary['input_rows']:>9}")

@@ -104,3 +104,9 @@ def test_shard_help_documents_every_field():
 def test_shard_config_rejects_bad_combinations(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(ShardConfig, [], ["input.path=x", "output.path=y", override])
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs/data").glob("*.yaml")), ids=str)
+def test_shipped_data_configs_load(path):
+    cfg = load_config(ShardConfig, [str(path)], ["input.path=x", "output.path=y"])
+    assert isinstance(cfg, ShardConfig)
