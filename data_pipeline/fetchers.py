@@ -13,12 +13,14 @@ import time
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from data_pipeline.config import FetchConfig
 from data_pipeline.errors import SampleError
-from data_pipeline.storage import filesystem
+from data_pipeline.storage import filesystem, redact
 
 OPT_OUT_DIRECTIVES = {"noai", "noimageai", "noindex", "noimageindex"}
+_VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _CHUNK = 1 << 16
 
@@ -27,6 +29,8 @@ class Fetcher:
     def __init__(self, cfg: FetchConfig):
         self.cfg = cfg
         self._local = threading.local()
+        # The product token robots directives may address us by: "mmfuse" from "mmfuse/0.1 (+https://...)".
+        self._agent = (cfg.user_agent.split("/", 1)[0].split() or ["mmfuse"])[0].lower()
 
     def fetch(self, location: str) -> bytes:
         scheme = urlsplit(location).scheme
@@ -43,6 +47,8 @@ class Fetcher:
                 data = f.read(self.cfg.max_bytes + 1)
         except FileNotFoundError:
             raise SampleError("file_not_found", path) from None
+        except PermissionError:
+            raise SampleError("permission_denied", path) from None
         except OSError as err:
             raise SampleError("read_error", f"{path}: {err.strerror}") from None
         return self._checked(data)
@@ -53,10 +59,12 @@ class Fetcher:
                 fs, inner = filesystem(url)
                 with fs.open(inner, "rb") as f:
                     return self._checked(f.read(self.cfg.max_bytes + 1))
+            except SampleError:  # too_large / empty_file: a property of the object, not worth a retry
+                raise
             except FileNotFoundError:
-                raise SampleError("file_not_found", url) from None
+                raise SampleError("file_not_found", redact(url)) from None
             except PermissionError:
-                raise SampleError("permission_denied", url) from None
+                raise SampleError("permission_denied", redact(url)) from None
             except Exception as err:  # botocore/aiohttp errors have no common base below Exception
                 if attempt == self.cfg.retries:
                     raise SampleError("read_error", type(err).__name__) from None
@@ -99,8 +107,10 @@ class Fetcher:
                     raise _Transient(f"http_{status}", response.reason or "")
                 if status >= 400:
                     raise SampleError(f"http_{status}", response.reason or "")
-                if self.cfg.honor_opt_out and opted_out(response.headers.get("X-Robots-Tag", "")):
-                    raise SampleError("opt_out", response.headers.get("X-Robots-Tag", ""))
+                if self.cfg.honor_opt_out:
+                    for value in _header_values(response, "X-Robots-Tag"):
+                        if opted_out(value, self._agent):
+                            raise SampleError("opt_out", value)
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
                     raise SampleError("too_large", f"Content-Length {declared}")
@@ -111,19 +121,43 @@ class Fetcher:
                         raise SampleError("too_large", f"more than {self.cfg.max_bytes} bytes")
                     chunks.append(chunk)
         except requests.TooManyRedirects:
-            raise SampleError("too_many_redirects") from None
-        except (requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
-            # A read that stalls mid-body surfaces as a ConnectionError wrapping ReadTimeoutError, see below.
+            raise SampleError("too_many_redirects", f"more than {self.cfg.max_redirects}") from None
+        except requests.Timeout as err:  # connect timeout, or no response line in time
             raise _Transient("timeout", type(err).__name__) from None
-        except requests.ConnectionError as err:
-            if "timed out" in str(err).lower() or "timeout" in type(err.__context__).__name__.lower():
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
+            # A body read that stalls is raised by iter_content as ConnectionError(ReadTimeoutError); a connection
+            # that breaks mid-body (reset, short read) as ChunkedEncodingError(ProtocolError), whatever the framing.
+            if _caused_by_timeout(err):
                 raise _Transient("timeout", "read timed out") from None
-            raise _Transient("connection_error", type(err).__name__) from None
+            raise _Transient("connection_error", _root_cause_name(err)) from None
         except requests.RequestException as err:
             raise SampleError("request_error", type(err).__name__) from None
         if not size:
             raise SampleError("empty_file")
         return b"".join(chunks)
+
+
+def _causes(err: BaseException):
+    """``err`` and what it wraps: requests and urllib3 keep the underlying error in ``args[0]`` or ``reason``."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        inner = getattr(err, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in err.args if isinstance(a, BaseException)), None)
+        err = inner or err.__cause__ or err.__context__
+
+
+def _caused_by_timeout(err: BaseException) -> bool:
+    # Not urllib3's TimeoutError base: its NewConnectionError (connection refused) subclasses ConnectTimeoutError.
+    return any(isinstance(e, (urllib3.exceptions.ReadTimeoutError, TimeoutError)) for e in _causes(err))
+
+
+def _root_cause_name(err: BaseException) -> str:
+    """The innermost error's type (``ConnectionResetError``, ``NewConnectionError``): says what broke without
+    repeating the message, which embeds the host and path."""
+    return type(list(_causes(err))[-1]).__name__
 
 
 class _Transient(Exception):
@@ -132,17 +166,28 @@ class _Transient(Exception):
         self.reason, self.detail = reason, detail
 
 
-def opted_out(header: str) -> bool:
-    """True when an X-Robots-Tag value forbids AI use or indexing for every bot or for us.
+def _header_values(response: requests.Response, name: str) -> list[str]:
+    """Each occurrence of a header separately: requests joins repeated headers with ", ", which would scope a
+    second ``X-Robots-Tag: noai`` to the bot named in the first (``otherbot: noindex``)."""
+    raw = getattr(response.raw, "headers", None)
+    if raw is not None and hasattr(raw, "getlist"):
+        return raw.getlist(name)
+    value = response.headers.get(name)
+    return [value] if value else []
 
-    Directives may be scoped to a bot (``otherbot: noai``); those scoped to another bot do not apply.
+
+def opted_out(header: str, agent: str = "mmfuse") -> bool:
+    """True when one X-Robots-Tag value forbids AI use or indexing for every bot or for ``agent``.
+
+    A value may name a bot (``otherbot: noindex, noai``); the directives after a bot name apply to that bot
+    only, until the next bot name. Directives that carry their own value after a colon (``max-snippet: 20``,
+    ``unavailable_after: 25 Jun 2030``) are not bot names.
     """
-    for part in header.lower().split(","):
-        part = part.strip()
-        if ":" in part:
-            agent, _, part = part.partition(":")
-            if agent.strip() not in ("*", "mmfuse"):
-                continue
-        if set(part.split()) & OPT_OUT_DIRECTIVES:
+    scope = "*"
+    for token in header.lower().split(","):
+        name, colon, rest = token.partition(":")
+        if colon and name.strip() not in _VALUED_DIRECTIVES:
+            scope, token = name.strip(), rest
+        if scope in ("*", agent) and set(token.split()) & OPT_OUT_DIRECTIVES:
             return True
     return False

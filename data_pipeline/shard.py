@@ -19,7 +19,7 @@ from tqdm import tqdm
 from data_pipeline.config import ShardConfig
 from data_pipeline.distributor import run_local
 from data_pipeline.readers import ShardTask, plan_shards
-from data_pipeline.storage import filesystem, join, redact, write_bytes
+from data_pipeline.storage import filesystem, is_local, join, redact, write_bytes
 from data_pipeline.worker import ShardWorker, config_fingerprint
 from data_pipeline.writer import shard_name
 from mmfuse.config import parse_args, to_dict
@@ -49,11 +49,22 @@ def pending_tasks(cfg: ShardConfig, tasks: list[ShardTask], fingerprint: str) ->
     return todo
 
 
+def prepare_output(url: str) -> None:
+    """Create a local output folder; on an object store check the bucket exists (never create one: a typo in a
+    bucket name must not make a new bucket)."""
+    fs, root = filesystem(url)
+    if is_local(url):
+        fs.makedirs(root, exist_ok=True)
+        return
+    bucket = root.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise ValueError(f"output.path {redact(url)!r}: bucket {bucket!r} does not exist (or is not visible with these credentials)")
+
+
 def run(cfg: ShardConfig) -> dict:
     """Shard the input; returns the dataset summary (also written as dataset.json)."""
     started = time.time()
-    fs, root = filesystem(cfg.output.path)
-    fs.makedirs(root, exist_ok=True)
+    prepare_output(cfg.output.path)
     fingerprint = config_fingerprint(cfg)
     tasks = plan_shards(cfg.input, cfg.output.samples_per_shard, cfg.dedup)
     todo = pending_tasks(cfg, tasks, fingerprint)

@@ -1,8 +1,8 @@
 """fsspec access to local folders and object stores, atomic commits, and credential-free URLs for logs.
 
-An S3 endpoint other than AWS comes from the standard ``AWS_ENDPOINT_URL`` variable (some s3fs/botocore
-combinations ignore it, so it is passed explicitly); credentials stay in the environment and never reach a
-config, a log line or an error message.
+An S3 endpoint other than AWS comes from the standard ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` variable
+(some s3fs/botocore combinations ignore them, so it is passed explicitly); credentials stay in the environment
+and never reach a config, a log line or an error message.
 """
 
 from __future__ import annotations
@@ -19,12 +19,22 @@ from fsspec.core import url_to_fs
 log = logging.getLogger(__name__)
 
 
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem holding ``url`` and the path inside it."""
-    options = {}
+    """The filesystem holding ``url`` and the path inside it.
+
+    Object stores get no listing cache: worker processes write the shards that the parent then looks for, and
+    a cached listing (s3fs keeps one per instance, for the life of the process) would not show them.
+    """
+    options: dict = {}
     protocol = urlsplit(url).scheme
-    if protocol in ("s3", "s3a") and os.environ.get("AWS_ENDPOINT_URL"):
-        options["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    if protocol in OBJECT_STORES:
+        options["use_listings_cache"] = False
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if protocol in ("s3", "s3a") and endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
     return url_to_fs(url, **options)
 
 
@@ -37,7 +47,9 @@ def join(base: str, *parts: str) -> str:
 
 
 def redact(url: str) -> str:
-    """Drop user:password@ and the query string (signed URLs carry their secrets there)."""
+    """Drop user:password@ and the fragment, and replace the query string by ``<redacted>`` (signed URLs carry
+    their secrets there; the marker tells a reader that the original had one). Paths without a scheme are left
+    alone: ``?`` is a legal file-name character."""
     if not isinstance(url, str) or "://" not in url:
         return url
     parts = urlsplit(url)
@@ -58,21 +70,13 @@ def commit_file(local_path: str, fs: fsspec.AbstractFileSystem, remote_path: str
     """Make ``local_path`` visible at ``remote_path`` whole or not at all.
 
     Locally a rename; on an object store one upload (an object is not visible until its upload completes),
-    retried with exponential backoff. The local file is removed afterwards.
+    retried with exponential backoff. The local file is removed afterwards; after a failure it is left for the
+    caller to remove.
     """
     if _is_local_fs(fs):
         os.replace(local_path, remote_path)
         return
-    for attempt in range(retries + 1):
-        try:
-            fs.put_file(local_path, remote_path)
-            break
-        except Exception as err:  # network errors come in many types (botocore, aiohttp, OSError)
-            if attempt == retries:
-                raise OSError(f"upload to {redact(remote_path)} failed after {retries + 1} tries: {redact_text(str(err))}") from None
-            wait = 0.5 * 2**attempt
-            log.warning("upload of %s failed (%s); retrying in %.1fs", redact(remote_path), type(err).__name__, wait)
-            time.sleep(wait)
+    _retrying(lambda: fs.put_file(local_path, remote_path), "upload to", fs.unstrip_protocol(remote_path), retries)
     os.remove(local_path)
 
 
@@ -84,14 +88,27 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, retries: 
             f.write(data)
         os.replace(tmp, path)
         return
+    _retrying(lambda: fs.pipe_file(path, data), "write to", fs.unstrip_protocol(path), retries)
+
+
+# A missing bucket or a refused credential does not heal on its own: fail at once instead of backing off.
+_PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def _retrying(action, what: str, url: str, retries: int) -> None:
+    """Run ``action`` (one upload) with exponential backoff; the error names ``url`` without credentials."""
     for attempt in range(retries + 1):
         try:
-            fs.pipe_file(path, data)
+            action()
             return
-        except Exception as err:
-            if attempt == retries:
-                raise OSError(f"write to {redact(path)} failed: {redact_text(str(err))}") from None
-            time.sleep(0.5 * 2**attempt)
+        except Exception as err:  # network errors come in many types (botocore, aiohttp, OSError)
+            if attempt == retries or isinstance(err, _PERMANENT):
+                tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+                detail = redact_text(str(err)) or type(err).__name__
+                raise OSError(f"{what} {redact(url)} failed after {tries}: {detail}") from None
+            wait = 0.5 * 2**attempt
+            log.warning("%s %s failed (%s); retrying in %.1fs", what, redact(url), type(err).__name__, wait)
+            time.sleep(wait)
 
 
 def _is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:

@@ -98,14 +98,26 @@ class ShardWriter:
                 pass
 
 
+# Columns every shard parquet has, with fixed types, so the parquets of a dataset read together as one table.
+RECORD_SCHEMA = {
+    **dict.fromkeys(("key", "status", "error", "detail", "image", "audio", "text", "text_file", "content_hash"), pa.string()),
+    **dict.fromkeys(("width", "height", "original_width", "original_height"), pa.int64()),
+    "audio_seconds": pa.float64(),
+}
+
+
 def _records_table(records: list[dict]) -> pa.Table:
-    """Scalar columns of one type stay typed; anything else (lists, dicts, mixed types) goes in as JSON text,
-    so one odd source row cannot break the schema."""
-    columns: dict[str, list] = {}
-    for name in dict.fromkeys(k for r in records for k in r):
+    """Known columns get fixed types. Pass-through columns stay typed when all values are one scalar type;
+    anything else (lists, dicts, mixed types) goes in as JSON text, and an all-empty column as string, so one
+    odd source row cannot break the schema."""
+    columns: dict[str, pa.Array] = {}
+    for name in dict.fromkeys([*RECORD_SCHEMA, *(k for r in records for k in r)]):
         values = [r.get(name) for r in records]
+        if name in RECORD_SCHEMA:
+            columns[name] = pa.array(values, RECORD_SCHEMA[name])
+            continue
         types = {type(v) for v in values if v is not None}
         if len(types) > 1 or not types <= {str, int, float, bool}:
             values = [None if v is None else json.dumps(v, default=str, ensure_ascii=False) for v in values]
-        columns[name] = values
-    return pa.table(columns) if columns else pa.table({"key": pa.array([], pa.string())})
+        columns[name] = pa.array(values, pa.string() if not types else None)
+    return pa.table(columns)

@@ -191,3 +191,11 @@ def test_verify_reports_truncated_and_missing_shards(tmp_path, capsys):
     assert verify_main([str(out)]) == 1
     err = capsys.readouterr().err
     assert "shard-000000.tar: truncated" in err and "shard-000002.tar: missing" in err
+
+
+def test_shard_parquets_read_together_as_one_table(zoo, tmp_path):
+    zoo_manifest, _, rows, _ = zoo
+    shard(zoo_manifest, tmp_path / "out", "output.samples_per_shard=4")
+    table = pq.read_table(sorted(str(p) for p in (tmp_path / "out").glob("*.parquet")))
+    assert table.num_rows == len(rows)
+    assert table.schema.field("width").type == "int64" and table.schema.field("error").type == "string"
