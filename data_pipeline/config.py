@@ -187,3 +187,94 @@ class VerifyConfig:
     """Dataset folder or object-store URL."""
     decode: bool = True
     """Also decode every image and audio member (slower, catches corrupt payloads)."""
+
+
+LOADER_MODES = ("exact", "resampled")
+
+
+@dataclass
+class AudioFeatureConfig:
+    """Log-mel spectrograms of fixed shape, as the audio tower expects them."""
+
+    sample_rate: int = 16000
+    """Clips at other rates are resampled (soxr)."""
+    n_mels: int = 64
+    """Mel bands (the spectrogram's height)."""
+    n_fft: int = 400
+    """FFT size (25 ms at 16 kHz)."""
+    hop_length: int = 160
+    """Hop between frames (10 ms at 16 kHz)."""
+    frames: int = 200
+    """Fixed number of frames (the spectrogram's width): longer clips are cropped, shorter padded and masked."""
+    f_min: float = 0.0
+    """Lowest mel band edge in Hz."""
+    f_max: float = 0.0
+    """Highest mel band edge in Hz; 0 means sample_rate / 2."""
+
+
+@dataclass
+class MembersConfig:
+    """Which tar members hold which modality; the first present extension wins."""
+
+    image: str = "jpg;jpeg;png;webp"
+    """Image member extensions, ';'-separated."""
+    text: str = "txt;text;caption"
+    """Caption member extensions, ';'-separated."""
+    text_json_field: str = "text"
+    """When no caption member exists, the json member's field holding the caption (LAION-CLAP layout)."""
+    audio: str = "flac;wav;mp3;ogg"
+    """Audio member extensions, ';'-separated."""
+    json: str = "json"
+    """Metadata member; its task fields (label, question, answers, captions, ...) pass through."""
+    task_fields: list[str] = field(default_factory=lambda: ["label", "question", "question_id", "answers", "captions"])
+    """json fields copied into every batch (missing ones become None / -1)."""
+
+
+@dataclass
+class LoaderConfig:
+    """The streaming training loader: shards (local or object store) → decoded, batched tensors."""
+
+    train: str = MISSING
+    """Dataset(s): a folder or URL with sizes.json, a brace pattern (shard-{000000..000099}.tar) or a .tar;
+    several joined by '::' are mixed."""
+    weights: list[float] = field(default_factory=list)
+    """Mixing weights, one per '::'-separated dataset (resampled mode); empty = proportional to size."""
+    mode: str = "exact"
+    """exact: every sample once per epoch, deterministic shuffle from (seed, epoch). resampled: shards drawn with
+    replacement by weight, epoch = samples_per_epoch."""
+    batch_size: int = 32
+    """Samples per batch on each rank."""
+    workers: int = 2
+    """Loader processes per rank (0 decodes in the training process)."""
+    seed: int = 0
+    """Shuffle seed; the order of epoch e is a function of (seed, e)."""
+    samples_per_epoch: int = 0
+    """Resampled mode: samples per epoch over all ranks (0 = the datasets' total size)."""
+    shuffle_window: int = 1000
+    """Samples shuffled together within each worker's stream (memory: this many raw samples per worker)."""
+    require: list[str] = field(default_factory=list)
+    """Modalities a sample must have (image, text, audio); others are kept with a presence mask of False."""
+    max_member_bytes: int = 50_000_000
+    """Tar members larger than this are skipped unread (counted as member_too_large)."""
+    max_image_pixels: int = 89_478_485
+    """Images whose header claims more pixels are skipped (decompression bombs)."""
+    read_retries: int = 3
+    """Reopen-and-seek retries after a transient read error mid-shard (object stores)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    members: MembersConfig = field(default_factory=MembersConfig)
+    audio: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
+
+    def validate(self) -> None:
+        if self.mode not in LOADER_MODES:
+            raise ConfigError(f"mode must be one of {LOADER_MODES}, got {self.mode!r}")
+        if self.batch_size < 1 or self.workers < 0 or self.shuffle_window < 1:
+            raise ConfigError("batch_size and shuffle_window must be >= 1 and workers >= 0")
+        n_sources = len(self.train.split("::"))
+        if self.weights and len(self.weights) != n_sources:
+            raise ConfigError(f"weights has {len(self.weights)} entries for {n_sources} '::'-separated datasets in train")
+        if any(w < 0 for w in self.weights) or (self.weights and not sum(self.weights) > 0):
+            raise ConfigError("weights must be >= 0 and not all 0")
+        unknown = set(self.require) - {"image", "text", "audio"}
+        if unknown:
+            raise ConfigError(f"require lists unknown modalities {sorted(unknown)}; use image, text, audio")

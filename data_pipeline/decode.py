@@ -1,0 +1,149 @@
+"""Raw tar members → model inputs, and samples → batches with a presence mask per modality.
+
+The image transform and the tokenizer come from the model (open_clip's ``image_transform`` and tokenizer), so
+train augmentation vs eval is the caller's choice. A sample missing a modality keeps a zero tensor and a False in
+that modality's mask; a sample that fails to decode raises ``SampleError`` with its reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from PIL import Image
+
+from data_pipeline.config import AudioFeatureConfig, LoaderConfig
+from data_pipeline.errors import SampleError
+from data_pipeline.melspec import log_mel
+from data_pipeline.tarstream import RawSample
+
+MODALITIES = ("image", "text", "audio")
+
+
+def extensions(spec: str) -> list[str]:
+    return [e.strip().lower() for e in spec.split(";") if e.strip()]
+
+
+@dataclass
+class Decoder:
+    """Picklable: the config plus the model's transform and tokenizer, applied in each loader worker."""
+
+    cfg: LoaderConfig
+    image_transform: Callable[[Image.Image], torch.Tensor] | None
+    tokenizer: Callable[[list[str]], torch.Tensor] | None
+    image_size: int = 224
+
+    def __post_init__(self) -> None:
+        members = self.cfg.members
+        self.image_exts = extensions(members.image)
+        self.text_exts = extensions(members.text)
+        self.audio_exts = extensions(members.audio)
+        self.wanted = {*self.image_exts, *self.text_exts, *self.audio_exts, members.json}
+
+    def __call__(self, raw: RawSample) -> dict[str, Any]:
+        members, cfg = raw.members, self.cfg
+        meta = _json(members.get(cfg.members.json))
+        image_bytes = _first(members, self.image_exts)
+        text = _first(members, self.text_exts)
+        caption = text.decode("utf-8", "replace").strip() if text is not None else meta.get(cfg.members.text_json_field)
+        audio_bytes = _first(members, self.audio_exts)
+        sample: dict[str, Any] = {"__key__": raw.key, "meta": meta}
+        present = {"image": image_bytes is not None, "text": isinstance(caption, str) and bool(caption), "audio": audio_bytes is not None}
+        for modality in cfg.require:
+            if not present[modality]:
+                raise SampleError(f"missing_{modality}")
+        if not any(present.values()):
+            raise SampleError("no_modality", "no configured member found")
+        if present["image"]:
+            sample["image"] = self.decode_image(image_bytes)
+        if present["text"]:
+            sample["text"] = caption
+        if present["audio"]:
+            sample["audio"] = decode_audio(audio_bytes, cfg.audio)
+        return sample
+
+    def decode_image(self, data: bytes) -> torch.Tensor:
+        try:
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > self.cfg.max_image_pixels:
+                raise SampleError("image_too_large", f"{image.width}x{image.height}")
+            image = image.convert("RGB")
+        except SampleError:
+            raise
+        except Exception as err:  # Pillow raises many types for corrupt data
+            raise SampleError("image_decode_error", type(err).__name__) from None
+        if self.image_transform is None:
+            return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        return self.image_transform(image)
+
+    def collate(self, samples: list[dict]) -> dict[str, Any]:
+        """Stack into a batch; missing modalities are zeros with False in ``has_<modality>``."""
+        n = len(samples)
+        batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
+        for modality in MODALITIES:
+            batch[f"has_{modality}"] = torch.tensor([modality in s for s in samples], dtype=torch.bool)
+        images = [s.get("image") for s in samples]
+        first = next((x for x in images if x is not None), None)
+        shape, dtype = (first.shape, first.dtype) if first is not None else ((3, self.image_size, self.image_size), torch.float32)
+        batch["image"] = _stack_or_zeros(images, shape, dtype)
+        captions = [s.get("text", "") for s in samples]
+        batch["caption"] = captions
+        if self.tokenizer is not None:
+            batch["text"] = self.tokenizer(captions) if n else torch.zeros(0, getattr(self.tokenizer, "context_length", 77), dtype=torch.long)
+        audio_cfg = self.cfg.audio
+        mel_shape = (audio_cfg.n_mels, audio_cfg.frames)
+        batch["audio"] = _stack_or_zeros([s["audio"][0] if "audio" in s else None for s in samples], mel_shape, torch.float32)
+        batch["audio_mask"] = _stack_or_zeros([s["audio"][1] if "audio" in s else None for s in samples], (audio_cfg.frames,), torch.bool)
+        for name in self.cfg.members.task_fields:
+            values = [s["meta"].get(name) for s in samples]
+            if name == "label":
+                batch["label"] = torch.tensor([v if isinstance(v, int) else -1 for v in values], dtype=torch.long)
+            else:
+                batch[name] = values
+        return batch
+
+
+def decode_audio(data: bytes, cfg: AudioFeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            needed = int(((cfg.frames + 1) * cfg.hop_length + cfg.n_fft) * rate / cfg.sample_rate) + 1
+            samples = f.read(frames=needed, dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile errors for corrupt audio
+        raise SampleError("audio_decode_error", type(err).__name__) from None
+    if samples.size == 0:
+        raise SampleError("audio_empty")
+    mono = samples.mean(axis=1)
+    if not np.isfinite(mono).all():
+        raise SampleError("audio_nan")
+    if rate != cfg.sample_rate:
+        mono = soxr.resample(mono, rate, cfg.sample_rate)
+    return log_mel(mono, cfg)
+
+
+def _first(members: dict[str, bytes], exts: list[str]) -> bytes | None:
+    return next((members[e] for e in exts if e in members), None)
+
+
+def _json(data: bytes | None) -> dict:
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SampleError("bad_json") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _stack_or_zeros(values: list, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros((len(values), *shape), dtype=dtype)
+    for i, value in enumerate(values):
+        if value is not None:
+            out[i] = value
+    return out

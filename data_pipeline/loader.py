@@ -1,0 +1,245 @@
+"""The streaming training loader: shards → decoded, batched tensors, with exact mid-epoch resume.
+
+    loader = build_loader(cfg, rank, world_size, image_transform=..., tokenizer=...)
+    loader.load_state_dict(saved)          # optional: continue where a checkpoint stopped
+    for batch in loader:                   # one epoch from the current position
+        ...
+        state = loader.state_dict()        # {"epoch", "step", ...}: enough to resume exactly
+
+A position is (epoch, batches this rank has consumed): the plan (``plan.py``) is a pure function of the config,
+so each worker recomputes its own shard, offset and shuffle state from it, and prefetched-but-unconsumed batches
+need no saving. Resuming skips already-consumed samples by walking tar headers, without decoding them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.config import LoaderConfig
+from data_pipeline.decode import Decoder
+from data_pipeline.errors import SampleError
+from data_pipeline.plan import SlotPlan, check_feasible, slot_plan, windows
+from data_pipeline.sources import Source, resolve_sources
+from data_pipeline.storage import redact
+from data_pipeline.tarstream import RawSample, ShardError, iter_samples
+
+log = logging.getLogger(__name__)
+_LOG_EVERY_SECONDS = 10.0
+
+
+class _RateLimitedLog:
+    """The first error of each reason, then at most one line per reason every few seconds (never a sleep)."""
+
+    def __init__(self):
+        self.last: dict[str, float] = {}
+
+    def __call__(self, reason: str, detail: str, counts: Counter) -> None:
+        now = time.monotonic()
+        if now - self.last.get(reason, -math.inf) >= _LOG_EVERY_SECONDS:
+            self.last[reason] = now
+            log.warning("loader: %s (%d so far): %s", reason, counts[reason], redact(detail))
+
+
+class ShardStream(IterableDataset):
+    """Yields whole batches; each DataLoader worker computes and reads only its own slot."""
+
+    def __init__(self, cfg: LoaderConfig, sources: list[Source], decoder: Decoder, rank: int, world_size: int):
+        self.cfg, self.sources, self.decoder = cfg, sources, decoder
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_step = 0, 0
+
+    def slot(self) -> tuple[int, int, int, int]:
+        """(slot, slots, worker, workers) of the calling process."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers, worker, workers
+
+    def plan(self, slot: int, slots: int) -> SlotPlan:
+        cfg = self.cfg
+        return slot_plan(self.sources, cfg.mode, cfg.seed, self.epoch, slot, slots, cfg.batch_size, cfg.shuffle_window, cfg.samples_per_epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, slots, worker, workers = self.slot()
+        plan = self.plan(slot, slots)
+        consumed = max(0, math.ceil((self.start_step - worker) / workers))  # this worker's batches already used
+        skip = sum(plan.batch_sizes[:consumed])
+        counts: Counter[str] = Counter()
+        warn = _RateLimitedLog()
+        samples = self._ordered_samples(plan, skip, counts, warn)
+        for index in range(consumed, len(plan.batch_sizes)):
+            decoded = []
+            for _ in range(plan.batch_sizes[index]):
+                raw = next(samples)
+                if raw is None:
+                    continue
+                try:
+                    decoded.append(self.decoder(raw))
+                    counts["samples"] += 1
+                except SampleError as err:
+                    counts[err.reason] += 1
+                    warn(err.reason, f"{raw.key}: {err.detail}", counts)
+            batch = self.decoder.collate(decoded)
+            batch["_worker"] = worker
+            batch["_stats"] = dict(counts)
+            yield batch
+
+    def _ordered_samples(self, plan: SlotPlan, skip: int, counts: Counter, warn) -> Iterator[RawSample | None]:
+        """The slot's samples in shuffled order from position ``skip`` on; None where a planned sample is missing."""
+        position = 0
+        reader = _SegmentReader(self.cfg, self.decoder.wanted, counts, warn)
+        for index, window in enumerate(windows(plan)):
+            if position + len(window) <= skip:
+                position += len(window)
+                continue
+            raws = [reader.get(segment, i) for segment, i in window]
+            order = plan.window_order(index, len(window))
+            for k in order[max(0, skip - position):]:
+                yield raws[k]
+            position += len(window)
+        reader.close()
+
+
+class _SegmentReader:
+    """Reads planned samples in order, keeping one tar open; counts short shards and corrupt tars."""
+
+    def __init__(self, cfg: LoaderConfig, wanted: set[str], counts: Counter, warn):
+        self.cfg, self.wanted, self.counts, self.warn = cfg, wanted, counts, warn
+        self._url: str | None = None
+        self._next_index = 0
+        self._it: Iterator[RawSample] | None = None
+        self._broken = False
+
+    def get(self, segment, index: int) -> RawSample | None:
+        if segment.url != self._url or index != self._next_index:
+            self._open(segment.url, index)
+        self._next_index = index + 1
+        raw = self._read()
+        if raw is not None:
+            for reason in raw.skipped:
+                self.counts[reason] += 1
+        if index == segment.count - 1 and raw is not None and self._read_extra():
+            self.counts["shard_longer_than_sizes"] += 1
+            self.warn("shard_longer_than_sizes", segment.url, self.counts)
+        return raw
+
+    def _open(self, url: str, index: int) -> None:
+        self.close()
+        self._url, self._broken = url, False
+        self._it = iter_samples(url, self.wanted, self.cfg.max_member_bytes, skip=index, retries=self.cfg.read_retries)
+
+    def _read(self) -> RawSample | None:
+        if self._broken:
+            self.counts["sample_missing"] += 1
+            return None
+        try:
+            return next(self._it)
+        except StopIteration:
+            reason, detail = "shard_shorter_than_sizes", self._url
+        except ShardError as err:
+            reason, detail = err.reason, err.detail
+        self._broken = True
+        self.counts[reason] += 1
+        self.counts["sample_missing"] += 1
+        self.warn(reason, detail, self.counts)
+        return None
+
+    def _read_extra(self) -> bool:
+        try:
+            next(self._it)
+            return True
+        except (StopIteration, ShardError):
+            return False
+        finally:
+            self._broken = True  # nothing more is planned from this shard
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+
+class Loader:
+    """One rank's loader: iterate for an epoch; ``state_dict`` / ``load_state_dict`` for exact resume."""
+
+    def __init__(self, cfg: LoaderConfig, decoder: Decoder, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.sources = resolve_sources(cfg.train, cfg.weights or None)
+        self.workers = max(cfg.workers, 1)
+        check_feasible(self.sources, cfg.mode, world_size * self.workers, cfg.batch_size)
+        self.dataset = ShardStream(cfg, self.sources, decoder, rank, world_size)
+        self.epoch, self.step = 0, 0
+        self.wait_seconds = 0.0
+        self.totals: Counter[str] = Counter()
+        self._epoch_stats: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        plan = self.dataset.plan(self.rank * self.workers, self.world_size * self.workers)
+        return len(plan.batch_sizes) * self.workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.epoch, self.dataset.start_step = self.epoch, self.step
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
+                            prefetch_factor=self.cfg.prefetch_factor if self.cfg.workers else None)
+        self._epoch_stats = {}
+        iterator = iter(loader)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            self.wait_seconds += time.perf_counter() - started
+            self._epoch_stats[batch.pop("_worker")] = batch.pop("_stats")
+            self.step += 1
+            yield batch
+        for stats in self._epoch_stats.values():
+            self.totals.update(stats)
+        self._epoch_stats = {}
+        self.epoch, self.step = self.epoch + 1, 0
+
+    def metrics(self) -> dict[str, float]:
+        """Samples decoded, errors by reason (all epochs so far), seconds spent waiting for batches."""
+        counts = Counter(self.totals)
+        for stats in self._epoch_stats.values():
+            counts.update(stats)
+        return {**counts, "wait_seconds": round(self.wait_seconds, 3)}
+
+    def fingerprint(self) -> str:
+        shards = [(s.url, s.count) for source in self.sources for s in source.shards]
+        return hashlib.sha256(repr(shards).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "epoch": self.epoch, "step": self.step, "seed": cfg.seed, "mode": cfg.mode,
+            "world_size": self.world_size, "workers": cfg.workers, "batch_size": cfg.batch_size,
+            "shuffle_window": cfg.shuffle_window, "samples_per_epoch": cfg.samples_per_epoch,
+            "weights": list(cfg.weights), "shards": self.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; the plan must be the one that produced it, else resume is not exact."""
+        mine = self.state_dict()
+        differs = [k for k in mine if k not in ("epoch", "step") and state.get(k) != mine[k]]
+        if differs:
+            raise ValueError(
+                "cannot resume the loader exactly: " + ", ".join(f"{k} was {state.get(k)!r}, now {mine[k]!r}" for k in differs))
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if self.step >= len(self):
+            self.epoch, self.step = self.epoch + 1, 0
+
+
+def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+                 image_transform: Callable | None = None, tokenizer: Callable | None = None, image_size: int = 224) -> Loader:
+    return Loader(cfg, Decoder(cfg, image_transform, tokenizer, image_size), rank, world_size)
