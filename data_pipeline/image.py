@@ -3,9 +3,15 @@
 Order matters for speed and safety:
 1. open lazily and read the header only: refuse decompression bombs (pixel count) and failed filters before any
    pixel is decoded;
-2. for JPEG, ask libjpeg to decode at 1/2, 1/4 or 1/8 scale (``draft``: DCT-domain downscale), never below the
-   target size, which is several times cheaper than a full decode followed by a resize;
-3. EXIF transpose, convert to RGB (CMYK, 16-bit, palette and alpha included), resize, encode.
+2. decode JPEGs already shrunk: libjpeg-turbo scales in the DCT domain by any factor n/8, never below the target
+   size, several times cheaper than a full decode followed by a resize. Through simplejpeg (TurboJPEG) every n/8
+   is available (1024x768 → 256 decodes at 3/8, leaving a 1.1x resize); Pillow's ``draft`` only offers 1/2, 1/4
+   and 1/8 (3/8 would decode at 1/2 and leave a 1.5x resize, the slowest step). CMYK and anything simplejpeg
+   refuses (truncated or corrupt data included) go through Pillow, which decides the failure reason;
+3. apply the EXIF orientation, convert to RGB (CMYK, 16-bit, palette and alpha included), resize to a size
+   computed from the original dimensions (so it does not depend on the decode scale), encode.
+
+bench/shard.py measures this against img2dataset and against a bare decode → resize → encode loop.
 """
 
 from __future__ import annotations
@@ -15,11 +21,22 @@ import math
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.config import ImageConfig
 from data_pipeline.errors import SampleError
 
+# EXIF orientation → the transpose that shows the picture upright (ImageOps.exif_transpose's table).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # Orientations 5-8 swap width and height.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\0", b"MM\0*")
@@ -46,31 +63,55 @@ def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, dict]:
         except Exception as err:  # Pillow raises many types for broken headers
             raise SampleError("image_decode_error", type(err).__name__) from None
 
-        width, height = image.size
-        if width * height > cfg.max_pixels:
-            raise SampleError("image_too_large", f"{width}x{height} exceeds {cfg.max_pixels} pixels")
-        if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
-            width, height = height, width
+        stored_width, stored_height = image.size
+        if stored_width * stored_height > cfg.max_pixels:
+            raise SampleError("image_too_large", f"{stored_width}x{stored_height} exceeds {cfg.max_pixels} pixels")
+        orientation = _orientation(image)
+        width, height = (stored_height, stored_width) if orientation in _TRANSPOSED_ORIENTATIONS else image.size
         _check_filters(width, height, cfg)
 
+        # The decode target is in the stored (not yet oriented) frame; the scale is the same in both.
         scale = _scale(width, height, cfg)
-        if image.format == "JPEG" and scale < 1:
-            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-        try:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-        except OSError as err:
-            reason = "image_truncated" if "truncated" in str(err) else "image_decode_error"
-            raise SampleError(reason, str(err)) from None
-        except Exception as err:
-            raise SampleError("image_decode_error", f"{type(err).__name__}: {err}") from None
+        shrunk = (math.ceil(stored_width * scale), math.ceil(stored_height * scale)) if scale < 1 else None
+        decoded = _decode_jpeg_fast(data, shrunk) if image.format == "JPEG" and image.mode in ("RGB", "L") else None
+        if decoded is None:
+            decoded = _decode_pillow(image, shrunk)
 
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    image = decoded.transpose(transpose) if transpose is not None else decoded
     image = to_rgb(image, cfg.border_color)
-    image = resize(image, cfg)
+    image = resize(image, cfg, (width, height))
     out = io.BytesIO()
     image.save(out, **_ENCODE_ARGS[cfg.format](cfg.quality))
     meta = {"width": image.width, "height": image.height, "original_width": width, "original_height": height}
     return out.getvalue(), meta
+
+
+def _decode_jpeg_fast(data: bytes, shrunk: tuple[int, int] | None) -> Image.Image | None:
+    """TurboJPEG's scaled decode to RGB (greyscale is expanded), or None to let Pillow decode (and judge) it.
+
+    ``strict`` turns libjpeg's warnings (premature end of data, corrupt segments) into errors, so anything short
+    of a clean stream takes the Pillow path and keeps Pillow's failure reasons.
+    """
+    min_width, min_height = shrunk or (0, 0)
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_height, min_width=min_width, strict=True)
+    except Exception:  # ValueError for bad data; anything else is Pillow's to report too
+        return None
+    return Image.fromarray(pixels)
+
+
+def _decode_pillow(image: Image.Image, shrunk: tuple[int, int] | None) -> Image.Image:
+    if shrunk and image.format in ("JPEG", "MPO"):
+        image.draft("RGB", shrunk)  # 1/2, 1/4 or 1/8 scale, never below the requested size
+    try:
+        image.load()
+    except OSError as err:
+        reason = "image_truncated" if "truncated" in str(err) else "image_decode_error"
+        raise SampleError(reason, str(err)) from None
+    except Exception as err:
+        raise SampleError("image_decode_error", f"{type(err).__name__}: {err}") from None
+    return image
 
 
 def _orientation(image: Image.Image) -> int:
@@ -116,11 +157,14 @@ def to_rgb(image: Image.Image, background: int = 255) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize(image: Image.Image, cfg: ImageConfig) -> Image.Image:
-    scale = _scale(image.width, image.height, cfg)
+def resize(image: Image.Image, cfg: ImageConfig, original_size: tuple[int, int] | None = None) -> Image.Image:
+    """Resize per ``cfg``. ``original_size``: the (oriented) size before any decode-time shrinking; the target
+    is computed from it, so a JPEG decoded at 3/8 or 1/2 scale ends at the size a full decode would give."""
     if cfg.resize_mode == "no":
         return image
-    new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    width, height = original_size or image.size
+    scale = _scale(width, height, cfg)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     if new_size != image.size:
         image = image.resize(new_size, Image.Resampling.BICUBIC)
     if cfg.resize_mode == "center_crop":

@@ -57,9 +57,14 @@ class ShardStream(IterableDataset):
         self.epoch, self.start_step = 0, 0
 
     def slot(self) -> tuple[int, int, int, int]:
-        """(slot, slots, worker, workers) of the calling process."""
+        """(slot, slots, worker, workers) of the calling process.
+
+        The DataLoader always starts its round-robin at worker process 0, so after resuming at step t, process
+        p plays the part of worker (t + p) mod W: the first batch then comes from the worker that owns step t.
+        """
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        process, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (self.start_step + process) % workers
         return self.rank * workers + worker, self.world_size * workers, worker, workers
 
     def plan(self, slot: int, slots: int) -> SlotPlan:

@@ -62,6 +62,9 @@ class RetryingFile(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
+    def size(self) -> int:
+        return self._call(lambda f: f.size)
+
     def seek(self, offset: int, whence: int = 0) -> int:
         self.pos = self._call(lambda f: f.seek(offset, whence))
         return self.pos
@@ -142,9 +145,15 @@ def iter_samples(url: str, wanted: set[str], max_member_bytes: int, skip: int = 
                     current.skipped.append("member_too_large")
                     continue
                 try:
-                    current.members[ext] = tar.extractfile(info).read()
+                    data = tar.extractfile(info).read()
                 except (tarfile.TarError, EOFError, OSError) as err:
                     raise ShardError("shard_truncated", f"{redact(url)}: {type(err).__name__}") from None
+                if len(data) != info.size:
+                    raise ShardError("shard_truncated", f"{redact(url)}: member {info.name} is cut short")
+                current.members[ext] = data
+            # tarfile takes a missing end-of-archive marker (two zero blocks) for the end: check it is there.
+            if handle.size() - tar.offset < 2 * tarfile.BLOCKSIZE:
+                raise ShardError("shard_truncated", f"{redact(url)}: no end-of-archive marker")
             if current is not None and index >= skip:
                 yield current
     except tarfile.ReadError as err:
