@@ -28,7 +28,7 @@ from data_pipeline.decode import Decoder
 from data_pipeline.errors import SampleError
 from data_pipeline.plan import SlotPlan, check_feasible, slot_plan, windows
 from data_pipeline.sources import Source, resolve_sources
-from data_pipeline.storage import redact
+from data_pipeline.storage import redact_text
 from data_pipeline.tarstream import RawSample, ShardError, iter_samples
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class _RateLimitedLog:
         now = time.monotonic()
         if now - self.last.get(reason, -math.inf) >= _LOG_EVERY_SECONDS:
             self.last[reason] = now
-            log.warning("loader: %s (%d so far): %s", reason, counts[reason], redact(detail))
+            log.warning("loader: %s (%d so far): %s", reason, counts[reason], redact_text(detail))
 
 
 class ShardStream(IterableDataset):
