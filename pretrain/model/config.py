@@ -1,0 +1,99 @@
+"""The model's typed config. Sizes are named flavors stored as data (``configs/model/<flavor>.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmfuse.config import ConfigError
+
+CONTRASTIVE_KINDS = ("clip", "siglip")
+
+
+@dataclass
+class VisionConfig:
+    """open_clip VisionTransformer settings (the names of open_clip's ``vision_cfg``)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TextConfig:
+    """open_clip text transformer settings (the names of open_clip's ``text_cfg``)."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class AudioTowerConfig:
+    """A ViT over log-mel patches: one input channel, ``n_mels`` x ``frames`` input."""
+
+    n_mels: int = 64
+    frames: int = 1024
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class FusionConfig:
+    """The fusion encoder: text tokens attend to themselves and, across, to the other modalities' tokens."""
+
+    width: int = 512
+    layers: int = 2
+    heads: int = 8
+
+
+@dataclass
+class DecoderConfig:
+    """The light MAE decoder that reconstructs masked image / audio patches."""
+
+    width: int = 256
+    layers: int = 2
+    heads: int = 8
+
+
+@dataclass
+class ModelConfig:
+    flavor: str = "tiny"
+    """Named size; its file configs/model/<flavor>.yaml fills the fields below."""
+    open_clip_name: str = ""
+    """The open_clip architecture the image and text towers match (for loading its released weights), if any."""
+    embed_dim: int = 512
+    """Width of the shared embedding space."""
+    contrastive: str = "clip"
+    """clip: learned temperature; siglip: learned temperature and bias."""
+    init_logit_scale: float = 2.6592
+    """log(1/0.07), CLIP's initial temperature."""
+    init_logit_bias: float = -10.0
+    """SigLIP's initial bias."""
+    image: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def validate(self) -> None:
+        if self.contrastive not in CONTRASTIVE_KINDS:
+            raise ConfigError(f"model.contrastive must be one of {CONTRASTIVE_KINDS}, got {self.contrastive!r}")
+        if self.image.image_size % self.image.patch_size:
+            raise ConfigError("model.image.image_size must be a multiple of model.image.patch_size")
+        a = self.audio
+        if a.n_mels % a.patch_size or a.frames % a.patch_size:
+            raise ConfigError(f"model.audio.n_mels ({a.n_mels}) and model.audio.frames ({a.frames}) must be multiples of "
+                              f"model.audio.patch_size ({a.patch_size})")
+        for name in ("image", "text", "audio", "fusion", "decoder"):
+            part = getattr(self, name)
+            if part.width % part.heads:
+                raise ConfigError(f"model.{name}.width must be divisible by model.{name}.heads")

@@ -1,0 +1,66 @@
+"""Small modules on top of the towers: the fusion encoder and the MAE patch decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.model.config import DecoderConfig, FusionConfig
+
+
+class FusionEncoder(nn.Module):
+    """Text tokens attend to each other (bidirectionally) and, through cross-attention, to the tokens of the
+    other modalities. Serves the cross-modal masked objective and fine-tuning's VQA / classification heads."""
+
+    def __init__(self, cfg: FusionConfig, text_width: int, context_widths: dict[str, int]):
+        super().__init__()
+        self.query_in = nn.Linear(text_width, cfg.width)
+        # One projection per context modality into the fusion width, plus a learned modality embedding.
+        self.context_in = nn.ModuleDict({name: nn.Linear(width, cfg.width) for name, width in context_widths.items()})
+        self.modality = nn.ParameterDict({name: nn.Parameter(torch.zeros(cfg.width)) for name in context_widths})
+        layer = nn.TransformerDecoderLayer(cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, batch_first=True, norm_first=True)
+        self.layers = nn.TransformerDecoder(layer, cfg.layers, norm=nn.LayerNorm(cfg.width))
+        self.width = cfg.width
+
+    def forward(self, text_tokens: torch.Tensor, contexts: dict[str, torch.Tensor],
+                text_padding: torch.Tensor | None = None, context_padding: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """text_tokens ``[B, T, text_width]``; contexts: modality → ``[B, L_m, width_m]``; paddings are True where a
+        position must be ignored. Returns ``[B, T, fusion width]``."""
+        query = self.query_in(text_tokens)
+        memory, padding = [], []
+        for name, tokens in contexts.items():
+            memory.append(self.context_in[name](tokens) + self.modality[name])
+            pad = (context_padding or {}).get(name)
+            padding.append(pad if pad is not None else torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+        memory_padding = torch.cat(padding, dim=1)
+        # A sample with no context at all would softmax over nothing (NaN): let it attend to one (zero-weight-
+        # in-the-loss) slot instead.
+        empty = memory_padding.all(dim=1)
+        if empty.any():
+            memory_padding = memory_padding.clone()
+            memory_padding[empty, 0] = False
+        return self.layers(query, torch.cat(memory, dim=1), tgt_key_padding_mask=text_padding,
+                           memory_key_padding_mask=memory_padding)
+
+
+class PatchDecoder(nn.Module):
+    """MAE's light decoder: visible tokens plus mask tokens at the dropped positions → per-patch predictions."""
+
+    def __init__(self, cfg: DecoderConfig, encoder_width: int, patches: int, patch_dim: int):
+        super().__init__()
+        self.embed = nn.Linear(encoder_width, cfg.width)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.width))
+        self.position = nn.Parameter(torch.randn(1, patches + 1, cfg.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.layers, norm=nn.LayerNorm(cfg.width), enable_nested_tensor=False)
+        self.head = nn.Linear(cfg.width, patch_dim)
+        self.patches = patches
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """tokens ``[B, 1 + K, width]`` (class token first), keep ``[B, K]`` → predictions ``[B, N, patch_dim]``."""
+        x = self.embed(tokens)
+        batch = x.shape[0]
+        full = self.mask_token.to(x.dtype).expand(batch, self.patches, -1).clone()
+        full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, 1:])
+        x = torch.cat([x[:, :1], full], dim=1) + self.position
+        return self.head(self.blocks(x)[:, 1:])

@@ -1,0 +1,76 @@
+"""The multimodal model: image, text and audio towers projecting into one space, a fusion encoder, MAE decoders.
+
+Plain single-device PyTorch: parallelism is applied from outside (the engine), and the only collective in the
+math lives in ``pretrain/objectives/gather.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.model.config import ModelConfig
+from pretrain.model.heads import FusionEncoder, PatchDecoder
+from pretrain.model.towers import AudioTower, Encoded, build_clip, encode_image, encode_text, project_image, project_text
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = build_clip(cfg)  # image + text towers, logit_scale (and logit_bias for SigLIP)
+        self.audio = AudioTower(cfg.audio, cfg.embed_dim)
+        self.fusion = FusionEncoder(cfg.fusion, cfg.text.width, {"image": cfg.image.width, "audio": cfg.audio.width})
+        image_patches = (cfg.image.image_size // cfg.image.patch_size) ** 2
+        self.image_decoder = PatchDecoder(cfg.decoder, cfg.image.width, image_patches, 3 * cfg.image.patch_size**2)
+        self.audio_decoder = PatchDecoder(cfg.decoder, cfg.audio.width, self.audio.patches, cfg.audio.patch_size**2)
+        self.mlm_head = nn.Linear(cfg.fusion.width, cfg.text.vocab_size)
+        self.text_mlm_head = nn.Linear(cfg.text.width, cfg.text.vocab_size)
+
+    # Encoders: ``keep`` drops patches (MAE/FLIP); ``None`` runs the full sequence.
+    def encode_image(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
+        return encode_image(self.clip, images, keep)
+
+    def encode_text(self, text: torch.Tensor, causal: bool = True) -> Encoded:
+        return encode_text(self.clip, text, causal)
+
+    def encode_audio(self, mel: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
+        return self.audio(mel, keep)
+
+    def project(self, modality: str, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled tower features → the shared space, L2-normalised."""
+        if modality == "image":
+            features = project_image(self.clip, pooled)
+        elif modality == "text":
+            features = project_text(self.clip, pooled)
+        else:
+            features = self.audio.proj(pooled)
+        return F.normalize(features, dim=-1)
+
+    def embed(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings of full (unmasked) inputs: what evaluation and fine-tuning use."""
+        encoders = {"image": self.encode_image, "text": self.encode_text, "audio": self.encode_audio}
+        return self.project(modality, encoders[modality](inputs).pooled)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return self.clip.logit_bias
+
+    def image_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` → ``[B, N, 3 * p * p]`` pixel patches in the encoder's patch order (MAE targets)."""
+        p = self.cfg.image.patch_size
+        b, c, h, w = images.shape
+        x = images.reshape(b, c, h // p, p, w // p, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+    def audio_patches(self, mel: torch.Tensor) -> torch.Tensor:
+        """``[B, n_mels, frames]`` → ``[B, N, p * p]`` log-mel patches in the audio tower's patch order."""
+        p = self.cfg.audio.patch_size
+        b, m, t = mel.shape
+        x = mel.reshape(b, m // p, p, t // p, p)
+        return x.permute(0, 1, 3, 2, 4).reshape(b, (m // p) * (t // p), p * p)

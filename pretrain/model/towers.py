@@ -1,0 +1,131 @@
+"""Encoders with token dropping (MAE / FLIP): each returns pooled features, token features and what it kept.
+
+The image and text towers are an ``open_clip.CLIP`` (so open_clip's released weights load into it unchanged);
+the forward passes here reuse its modules and reduce exactly to ``CLIP.encode_image`` / ``CLIP.encode_text``
+when nothing is dropped (tested). The audio tower is timm's VisionTransformer over log-mel patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import open_clip
+import timm
+import torch
+from torch import nn
+
+from pretrain.model.config import AudioTowerConfig, ModelConfig
+
+
+@dataclass
+class Encoded:
+    """One modality's encoder output.
+
+    pooled: ``[B, width]`` before projection; tokens: ``[B, 1 + K, width]`` (class token first, then the K kept
+    patches or all text positions); keep: ``[B, K]`` indices of the kept patches (None when nothing was dropped).
+    """
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    keep: torch.Tensor | None = None
+
+
+def random_keep(batch: int, patches: int, keep_ratio: float, generator: torch.Generator | None = None,
+                device: torch.device | None = None) -> torch.Tensor:
+    """Indices of the patches to keep, sorted, ``[B, round(patches * keep_ratio)]`` (MAE's random masking)."""
+    keep = max(1, round(patches * keep_ratio))
+    noise = torch.rand(batch, patches, generator=generator, device=device)
+    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
+def _gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Keep the class token and the patches at ``keep`` (x: [B, 1 + N, D])."""
+    index = (keep + 1).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    return torch.cat([x[:, :1], x.gather(1, index)], dim=1)
+
+
+def open_clip_config(cfg: ModelConfig) -> dict:
+    """The open_clip model config of the image-text part (what ``open_clip_config.json`` holds)."""
+    config = {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {"image_size": cfg.image.image_size, "patch_size": cfg.image.patch_size, "width": cfg.image.width,
+                       "layers": cfg.image.layers, "head_width": cfg.image.width // cfg.image.heads,
+                       "mlp_ratio": cfg.image.mlp_ratio},
+        "text_cfg": {"context_length": cfg.text.context_length, "vocab_size": cfg.text.vocab_size,
+                     "width": cfg.text.width, "heads": cfg.text.heads, "layers": cfg.text.layers,
+                     "mlp_ratio": cfg.text.mlp_ratio},
+    }
+    if cfg.contrastive == "siglip":
+        config["init_logit_bias"] = cfg.init_logit_bias
+    return config
+
+
+def build_clip(cfg: ModelConfig) -> open_clip.CLIP:
+    clip = open_clip.CLIP(**open_clip_config(cfg), init_logit_scale=cfg.init_logit_scale)
+    # DeepSpeed cannot partition or broadcast 0-dim parameters: hold temperatures as shape [1] (the open_clip
+    # export squeezes them back).
+    clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
+    if clip.logit_bias is not None:
+        clip.logit_bias = nn.Parameter(clip.logit_bias.detach().reshape(1))
+    return clip
+
+
+def encode_image(clip: open_clip.CLIP, images: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
+    visual = clip.visual
+    x = visual.conv1(images)  # [B, width, gh, gw]
+    x = x.flatten(2).transpose(1, 2)  # [B, N, width]
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    if keep is not None:
+        x = _gather_tokens(x, keep)
+    x = visual.ln_pre(x)
+    x = visual.transformer(x)
+    x = visual.ln_post(x)
+    return Encoded(pooled=x[:, 0], tokens=x, keep=keep)
+
+
+def project_image(clip: open_clip.CLIP, pooled: torch.Tensor) -> torch.Tensor:
+    return pooled @ clip.visual.proj
+
+
+def encode_text(clip: open_clip.CLIP, text: torch.Tensor, causal: bool = True) -> Encoded:
+    """``causal=False`` is the bidirectional pass of masked-token prediction."""
+    x = clip.token_embedding(text) + clip.positional_embedding
+    x = clip.transformer(x, attn_mask=clip.attn_mask if causal else None)
+    x = clip.ln_final(x)
+    pooled = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # the end-of-text token
+    return Encoded(pooled=pooled, tokens=x)
+
+
+def project_text(clip: open_clip.CLIP, pooled: torch.Tensor) -> torch.Tensor:
+    return pooled @ clip.text_projection
+
+
+class AudioTower(nn.Module):
+    """timm's VisionTransformer on ``[B, 1, n_mels, frames]`` log-mel input, with MAE-style patch dropping."""
+
+    def __init__(self, cfg: AudioTowerConfig, embed_dim: int):
+        super().__init__()
+        self.vit = timm.models.vision_transformer.VisionTransformer(
+            img_size=(cfg.n_mels, cfg.frames), patch_size=cfg.patch_size, in_chans=1, num_classes=0,
+            embed_dim=cfg.width, depth=cfg.layers, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+            global_pool="token", class_token=True)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        # Log-mel values are roughly in [-23, 5]; a fixed affine keeps the patch embedding's input near unit scale.
+        self.register_buffer("mean", torch.tensor(-8.0), persistent=False)
+        self.register_buffer("std", torch.tensor(5.0), persistent=False)
+
+    @property
+    def patches(self) -> int:
+        return self.vit.patch_embed.num_patches
+
+    def forward(self, mel: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
+        x = ((mel - self.mean) / self.std).unsqueeze(1)  # [B, 1, n_mels, frames]
+        x = self.vit.patch_embed(x)
+        x = self.vit._pos_embed(x)  # prepends the class token and adds positions
+        if keep is not None:
+            x = _gather_tokens(x, keep)
+        x = self.vit.norm_pre(x)
+        x = self.vit.blocks(x)
+        x = self.vit.norm(x)
+        return Encoded(pooled=x[:, 0], tokens=x, keep=keep)
