@@ -27,13 +27,14 @@ class MultimodalModel(nn.Module):
         self.audio_decoder = PatchDecoder(cfg.decoder, cfg.audio.width, self.audio.patches, cfg.audio.patch_size**2)
         self.mlm_head = nn.Linear(cfg.fusion.width, cfg.text.vocab_size)
         self.text_mlm_head = nn.Linear(cfg.text.width, cfg.text.vocab_size)
+        self.text_mask_embedding = nn.Parameter(torch.zeros(cfg.text.width))
 
     # Encoders: ``keep`` drops patches (MAE/FLIP); ``None`` runs the full sequence.
     def encode_image(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
         return encode_image(self.clip, images, keep)
 
-    def encode_text(self, text: torch.Tensor, causal: bool = True) -> Encoded:
-        return encode_text(self.clip, text, causal)
+    def encode_text(self, text: torch.Tensor, causal: bool = True, masked: torch.Tensor | None = None) -> Encoded:
+        return encode_text(self.clip, text, causal, masked, self.text_mask_embedding)
 
     def encode_audio(self, mel: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
         return self.audio(mel, keep)

@@ -88,9 +88,14 @@ def project_image(clip: open_clip.CLIP, pooled: torch.Tensor) -> torch.Tensor:
     return pooled @ clip.visual.proj
 
 
-def encode_text(clip: open_clip.CLIP, text: torch.Tensor, causal: bool = True) -> Encoded:
-    """``causal=False`` is the bidirectional pass of masked-token prediction."""
-    x = clip.token_embedding(text) + clip.positional_embedding
+def encode_text(clip: open_clip.CLIP, text: torch.Tensor, causal: bool = True, masked: torch.Tensor | None = None,
+                mask_embedding: torch.Tensor | None = None) -> Encoded:
+    """``causal=False`` is the bidirectional pass of masked-token prediction; positions where ``masked`` is True
+    get ``mask_embedding`` instead of their token's (CLIP's vocabulary has no mask token)."""
+    x = clip.token_embedding(text)
+    if masked is not None:
+        x = torch.where(masked.unsqueeze(-1), mask_embedding.to(x.dtype), x)
+    x = x + clip.positional_embedding
     x = clip.transformer(x, attn_mask=clip.attn_mask if causal else None)
     x = clip.ln_final(x)
     pooled = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # the end-of-text token

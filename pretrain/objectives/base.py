@@ -1,0 +1,91 @@
+"""The common interface of objectives, their registry, and the shared forward pass.
+
+An objective is a small callable ``(model, batch, forward, ctx) -> {loss name: scalar}``; the trainer weights and
+sums them. ``Forward`` runs each encoder at most once per step and shares the result: with FLIP
+(``contrastive.use_masked_forward``) the masked image pass that feeds MAE also feeds the contrastive loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+
+from pretrain.model import MultimodalModel
+from pretrain.model.towers import Encoded, random_keep
+from pretrain.objectives.gather import DistContext
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        if name in REGISTRY:
+            raise ValueError(f"objective {name!r} is registered twice")
+        REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+class Objective(Protocol):
+    name: str
+
+    def __call__(self, model: MultimodalModel, batch: dict[str, Any], forward: "Forward", ctx: DistContext) -> dict[str, torch.Tensor]:
+        ...
+
+
+class Forward:
+    """Lazily computed, cached encoder outputs for one batch.
+
+    ``image(ratio)`` / ``audio(ratio)``: the tower run on the present samples with ``ratio`` of the patches
+    dropped (0 = full). Rows are only those samples that have the modality; ``rows(modality)`` gives their batch
+    indices.
+    """
+
+    def __init__(self, model: MultimodalModel, batch: dict[str, Any]):
+        self.model, self.batch = model, batch
+        self._cache: dict[tuple, Encoded] = {}
+
+    def rows(self, modality: str) -> torch.Tensor:
+        return self.batch[f"has_{modality}"].nonzero().squeeze(1)
+
+    def image(self, mask_ratio: float = 0.0) -> Encoded:
+        return self._patched("image", mask_ratio)
+
+    def audio(self, mask_ratio: float = 0.0) -> Encoded:
+        return self._patched("audio", mask_ratio)
+
+    def _patched(self, modality: str, mask_ratio: float) -> Encoded:
+        key = (modality, mask_ratio)
+        if key not in self._cache:
+            inputs = self.batch[modality][self.rows(modality)]
+            encoder = self.model.encode_image if modality == "image" else self.model.encode_audio
+            keep = None
+            if mask_ratio > 0:
+                patches = self.model.image_patches(inputs[:1]).shape[1] if modality == "image" else self.model.audio.patches
+                keep = random_keep(inputs.shape[0], patches, 1.0 - mask_ratio, device=inputs.device)
+            self._cache[key] = encoder(inputs, keep)
+        return self._cache[key]
+
+    def text(self) -> Encoded:
+        """The causal text pass (CLIP's text tower) on the samples that have text."""
+        if ("text",) not in self._cache:
+            self._cache[("text",)] = self.model.encode_text(self.batch["text"][self.rows("text")])
+        return self._cache[("text",)]
+
+
+def build_objectives(cfg) -> list[Objective]:
+    """The objectives with a weight above 0, in a fixed order."""
+    # Importing the modules fills the registry.
+    from pretrain.objectives import contrastive, masked  # noqa: F401
+
+    active = []
+    for name in ("contrastive", "masked_image", "masked_audio", "masked_text", "cross_modal_masked"):
+        sub = getattr(cfg, name)
+        if sub.weight > 0:
+            active.append(REGISTRY[name](sub, cfg))
+    if not active:
+        raise ValueError("every objective has weight 0: set objectives.<name>.weight > 0 for at least one")
+    return active

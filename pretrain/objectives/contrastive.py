@@ -1,0 +1,78 @@
+"""Contrastive objective: CLIP (InfoNCE, learned temperature) or SigLIP (sigmoid, learned bias) over every
+modality pair present, with the global batch across ranks as the negative set."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.objectives.base import Forward, register
+from pretrain.objectives.config import ContrastiveConfig, ObjectivesConfig
+from pretrain.objectives.gather import DistContext, gather_rows
+
+MAX_LOG_SCALE = 4.6052  # ln(100): CLIP clamps the temperature there
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Symmetric InfoNCE between matching rows of ``a`` and ``b`` (``[n, D]`` local, normalised)."""
+    all_a, offset = gather_rows(a, ctx)
+    all_b, _ = gather_rows(b, ctx)
+    total = ctx.all_sum(torch.tensor(float(a.shape[0]), device=a.device))
+    labels = torch.arange(a.shape[0], device=a.device) + offset
+    loss = F.cross_entropy(scale * a @ all_b.T, labels, reduction="sum") + F.cross_entropy(scale * b @ all_a.T, labels, reduction="sum")
+    return ctx.world_size * loss / (2 * total)
+
+
+def siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sigmoid loss over every (local row, global column) pair: matches +1, all others -1."""
+    all_b, offset = gather_rows(b, ctx)
+    total = ctx.all_sum(torch.tensor(float(a.shape[0]), device=a.device))
+    logits = scale * a @ all_b.T + bias
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(a.shape[0]), torch.arange(a.shape[0]) + offset] = 1.0
+    return ctx.world_size * -F.logsigmoid(labels * logits).sum() / total
+
+
+@register("contrastive")
+class Contrastive:
+    def __init__(self, cfg: ContrastiveConfig, objectives: ObjectivesConfig):
+        self.cfg = cfg
+        masked_ratio = {"image": objectives.masked_image, "audio": objectives.masked_audio}
+        # With FLIP, reuse the masked objective's pass (same ratio) so each tower runs once per step.
+        self.ratio = {
+            m: (c.mask_ratio if c.weight > 0 else cfg.mask_ratio) if cfg.use_masked_forward else 0.0
+            for m, c in masked_ratio.items()
+        }
+
+    def features(self, model, forward: Forward, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised embeddings of present samples, a presence-indexed map from batch row to feature row)."""
+        if modality == "text":
+            encoded = forward.text()
+        else:
+            encoded = forward.image(self.ratio["image"]) if modality == "image" else forward.audio(self.ratio["audio"])
+        rows = forward.rows(modality)
+        index = torch.full((forward.batch[f"has_{modality}"].shape[0],), -1, dtype=torch.long, device=rows.device)
+        index[rows] = torch.arange(rows.shape[0], device=rows.device)
+        return model.project(modality, encoded.pooled), index
+
+    def __call__(self, model, batch, forward: Forward, ctx: DistContext) -> dict[str, torch.Tensor]:
+        scale = model.logit_scale.clamp(0, MAX_LOG_SCALE).exp()
+        losses = {}
+        cache = {}
+        for pair, weight in self.cfg.pairs.items():
+            if weight <= 0:
+                continue
+            first, second = pair.split("_")
+            for modality in (first, second):
+                if modality not in cache:
+                    cache[modality] = self.features(model, forward, modality)
+            both = batch[f"has_{first}"] & batch[f"has_{second}"]
+            (fa, ia), (fb, ib) = cache[first], cache[second]
+            a, b = fa[ia[both]], fb[ib[both]]
+            if ctx.all_sum(torch.tensor(float(a.shape[0]))).item() == 0:
+                continue  # no rank has this pair in this step
+            if model.logit_bias is not None:
+                losses[f"contrastive/{pair}"] = weight * siglip_loss(a, b, scale, model.logit_bias, ctx)
+            else:
+                losses[f"contrastive/{pair}"] = weight * clip_loss(a, b, scale, ctx)
+        return losses

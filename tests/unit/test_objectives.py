@@ -1,0 +1,124 @@
+import open_clip
+from open_clip.loss import SigLipLoss
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmfuse.config import load_config
+from pretrain.model import ModelConfig, MultimodalModel
+from pretrain.objectives import DistContext, Forward, ObjectivesConfig, build_objectives
+from pretrain.objectives.contrastive import clip_loss, siglip_loss
+from pretrain.objectives.masked import mask_tokens
+
+WS1 = DistContext()
+
+
+def unit_rows(n, d=8, seed=0):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_clip_loss_matches_open_clip_at_world_size_1():
+    a, b, scale = unit_rows(6), unit_rows(6, seed=1), torch.tensor(10.0)
+    expected = open_clip.ClipLoss()(a, b, scale)
+    assert torch.allclose(clip_loss(a, b, scale, WS1), expected, atol=1e-6)
+
+
+def test_clip_loss_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # logits = 2 * I: each row's loss is log(1 + e^-2); both directions equal.
+    assert torch.allclose(clip_loss(a, b, torch.tensor(2.0), WS1), torch.log(1 + torch.exp(torch.tensor(-2.0))))
+
+
+def test_siglip_loss_matches_open_clip_at_world_size_1():
+    a, b = unit_rows(5), unit_rows(5, seed=2)
+    scale, bias = torch.tensor(10.0), torch.tensor(-3.0)
+    expected = SigLipLoss()(a, b, scale, bias)
+    assert torch.allclose(siglip_loss(a, b, scale, bias, WS1), expected, atol=1e-5)
+
+
+def test_mask_tokens_never_touches_special_tokens():
+    torch.manual_seed(0)
+    text = torch.zeros(64, 12, dtype=torch.long)
+    text[:, 0], text[:, 1:9], text[:, 9] = 49406, torch.randint(1, 1000, (64, 8)), 49407
+    inputs, selected, use_mask = mask_tokens(text, 0.15, 49408)
+    assert not selected[:, [0, 9, 10, 11]].any() and selected.any(dim=1).all()
+    assert (use_mask <= selected).all()
+    assert torch.equal(inputs[~selected], text[~selected])
+    assert 0.1 < selected[:, 1:9].float().mean() < 0.35
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return MultimodalModel(load_config(ModelConfig, ["configs/model/tiny.yaml"]))
+
+
+def make_batch(n=6, missing=True):
+    g = torch.Generator().manual_seed(1)
+    text = torch.zeros(n, 32, dtype=torch.long)
+    text[:, 0], text[:, 1:7], text[:, 7] = 49406, torch.randint(1, 1000, (n, 6), generator=g), 49407
+    batch = {"image": torch.randn(n, 3, 64, 64, generator=g), "text": text, "audio": torch.randn(n, 64, 192, generator=g) - 8,
+             "has_image": torch.ones(n, dtype=torch.bool), "has_text": torch.ones(n, dtype=torch.bool),
+             "has_audio": torch.ones(n, dtype=torch.bool)}
+    if missing:
+        batch["has_audio"][::2] = False
+        batch["has_text"][1] = False
+    return batch
+
+
+ALL_ON = ["masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1"]
+
+
+def test_every_objective_gives_a_finite_loss_and_gradients(tiny):
+    cfg = load_config(ObjectivesConfig, [], ALL_ON)
+    objectives = build_objectives(cfg)
+    batch = make_batch()
+    tiny.zero_grad()
+    losses = {}
+    forward = Forward(tiny, batch)
+    for objective in objectives:
+        losses.update(objective(tiny, batch, forward, WS1))
+    assert set(losses) == {"contrastive/image_text", "contrastive/audio_text", "contrastive/image_audio",
+                           "masked_image", "masked_audio", "masked_text", "cross_modal_masked"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    for name in ("clip.visual.conv1.weight", "audio.vit.patch_embed.proj.weight", "fusion.query_in.weight",
+                 "image_decoder.head.weight", "mlm_head.weight", "text_mask_embedding", "clip.logit_scale"):
+        assert tiny.get_parameter(name).grad is not None and tiny.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_missing_modality_is_left_out_not_zero_filled(tiny):
+    cfg = load_config(ObjectivesConfig, [], ["contrastive.pairs={image_text: 1.0}"])
+    (contrastive,) = build_objectives(cfg)
+    full = make_batch(missing=False)
+    with_gap = {k: v.clone() for k, v in full.items()}
+    with_gap["has_text"][2] = False
+    with_gap["text"][2] = 12345  # garbage where the caption is missing: must not matter
+    dropped = {k: v[[0, 1, 3, 4, 5]] for k, v in full.items()}
+    with torch.no_grad():
+        a = contrastive(tiny, with_gap, Forward(tiny, with_gap), WS1)["contrastive/image_text"]
+        b = contrastive(tiny, dropped, Forward(tiny, dropped), WS1)["contrastive/image_text"]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_flip_reuses_the_masked_image_pass(tiny):
+    cfg = load_config(ObjectivesConfig, [], ["masked_image.weight=1", "contrastive.use_masked_forward=true",
+                                             "contrastive.pairs={image_text: 1.0}"])
+    batch = make_batch(missing=False)
+    forward = Forward(tiny, batch)
+    calls = []
+    original = tiny.encode_image
+    tiny.encode_image = lambda *args, **kw: calls.append(1) or original(*args, **kw)
+    try:
+        for objective in build_objectives(cfg):
+            objective(tiny, batch, forward, WS1)
+    finally:
+        del tiny.encode_image
+    assert len(calls) == 1  # one image encoder pass feeds both losses
+
+
+def test_no_objective_is_an_error():
+    with pytest.raises(ValueError, match="weight 0"):
+        build_objectives(load_config(ObjectivesConfig, [], ["contrastive.weight=0"]))
