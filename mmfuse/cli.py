@@ -13,6 +13,7 @@ STAGES = {
     "synth": ("data_pipeline.synth", "generate the synthetic shapes world (images, captions, audio, task fields)"),
     "shard": ("data_pipeline.shard", "pack raw pairs into WebDataset shards (local or s3://)"),
     "verify": ("data_pipeline.verify", "check every shard of a dataset against sizes.json and its stats"),
+    "pretrain": ("pretrain.run", "pre-train with contrastive + masked objectives under DeepSpeed ZeRO (launch.nproc=N)"),
 }
 
 

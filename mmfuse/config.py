@@ -34,23 +34,32 @@ class ConfigError(ValueError):
     """A config the user wrote that cannot be used; the message names the key."""
 
 
-def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Build ``schema`` from defaults, then each YAML file in order, then ``key=value`` overrides."""
-    merged = OmegaConf.structured(schema)
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = (),
+                presets: dict[str, str] | None = None) -> T:
+    """Build ``schema`` from defaults, then each YAML file in order, then ``key=value`` overrides.
+
+    ``presets`` maps a key naming a preset (``"model.flavor"``) to a file pattern under ``configs/``
+    (``"model/{}.yaml"``): the chosen file is merged under the key's parent (``model``) right after the
+    defaults, so files and overrides still win over it (``model.flavor=tiny model.image.layers=4``).
+    """
     try:
-        for file in files:
-            path = Path(file)
+        merged = _merge(OmegaConf.structured(schema), files, overrides)
+        for key, pattern in (presets or {}).items():
+            name = OmegaConf.select(merged, key)
+            if not name:
+                continue
+            path = CONFIG_ROOT / pattern.format(name)
             if not path.is_file():
-                raise ConfigError(f"config file not found: {file}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"expected key=value, got {item!r}")
-            key, value = item.split("=", 1)
-            try:
-                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key.strip()}={value}"]))
-            except OmegaConfBaseException as err:
-                raise ConfigError(_explain(err, key.strip())) from None
+                known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+                raise ConfigError(f"{key}={name!r}: no such preset (known: {', '.join(known)})")
+            mount = key.rpartition(".")[0]
+            preset = OmegaConf.load(path)
+            for part in reversed(mount.split(".") if mount else []):
+                preset = OmegaConf.create({part: preset})
+            merged = _merge(OmegaConf.merge(OmegaConf.structured(schema), preset), files, overrides)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
@@ -60,7 +69,25 @@ def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overri
     return config
 
 
-def parse_args(schema: type[T], argv: list[str] | None, prog: str, description: str = "", positional: str | None = None) -> T:
+def _merge(merged, files, overrides):
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {file}")
+        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key.strip()}={value}"]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(_explain(err, key.strip())) from None
+    return merged
+
+
+def parse_args(schema: type[T], argv: list[str] | None, prog: str, description: str = "", positional: str | None = None,
+               presets: dict[str, str] | None = None) -> T:
     """Parse ``[--config FILE]... [key=value]...`` (and ``-h``) into ``schema``.
 
     ``positional`` names the key a bare argument fills (``mmfuse verify DIR`` → ``path=DIR``).
@@ -85,7 +112,7 @@ def parse_args(schema: type[T], argv: list[str] | None, prog: str, description: 
             overrides.append(f"{positional}={arg}")
         else:
             raise ConfigError(f"unexpected argument {arg!r}: use key=value, --config FILE.yaml or --help")
-    return load_config(schema, files, overrides)
+    return load_config(schema, files, overrides, presets)
 
 
 def to_dict(config: Any) -> dict:

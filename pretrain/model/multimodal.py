@@ -54,6 +54,12 @@ class MultimodalModel(nn.Module):
         encoders = {"image": self.encode_image, "text": self.encode_text, "audio": self.encode_audio}
         return self.project(modality, encoders[modality](inputs).pooled)
 
+    def loose_parameters(self) -> list[nn.Parameter]:
+        """Parameters used outside their own module's ``forward`` (class and position embeddings, projections,
+        temperatures): a partitioning engine (ZeRO-3) must gather them for the whole step."""
+        owners = [self, self.clip, self.clip.visual, self.audio, self.audio.vit]
+        return [p for owner in owners for p in owner.parameters(recurse=False)]
+
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale

@@ -8,6 +8,7 @@ global batch. At world size 1 everything here is the identity.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,9 @@ def gather_rows(x: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, int]:
     sizes = [int(s) for s in sizes]
     longest = max(sizes)
     padded = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])]) if x.shape[0] < longest else x
-    parts = dist_nn.all_gather(padded, group=ctx.group)
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private API with no autograd support on gloo yet; still the public way.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dist_nn.all_gather(padded, group=ctx.group)
     gathered = torch.cat([part[:n] for part, n in zip(parts, sizes)])
     return gathered, sum(sizes[: ctx.rank])

@@ -72,10 +72,13 @@ def mask_tokens(text: torch.Tensor, prob: float, vocab_size: int) -> tuple[torch
     return inputs, selected, use_mask
 
 
-def _token_loss(logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    # "+ 0 * logits.sum()" keeps the graph connected on a rank with nothing to predict this step.
-    total = F.cross_entropy(logits[selected], targets[selected], reduction="sum") + 0.0 * logits.sum()
-    return _global_mean(total, int(selected.sum()), ctx, logits.device)
+def _token_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+                ctx: DistContext) -> torch.Tensor:
+    """Cross-entropy at the selected positions only: the vocabulary head (49408 wide) runs on those alone."""
+    logits = head(hidden[selected])
+    # "+ 0 * hidden.sum()" keeps the graph connected on a rank with nothing to predict this step.
+    total = F.cross_entropy(logits, targets[selected], reduction="sum") + 0.0 * (hidden.sum() + logits.sum())
+    return _global_mean(total, int(selected.sum()), ctx, hidden.device)
 
 
 @register("masked_text")
@@ -87,7 +90,7 @@ class MaskedText:
         text = batch["text"][forward.rows("text")]
         inputs, selected, use_mask = mask_tokens(text, self.cfg.mask_prob, model.cfg.text.vocab_size)
         encoded = model.encode_text(inputs, causal=False, masked=use_mask)
-        return {"masked_text": _token_loss(model.text_mlm_head(encoded.tokens), text, selected, ctx)}
+        return {"masked_text": _token_loss(model.text_mlm_head, encoded.tokens, text, selected, ctx)}
 
 
 @register("cross_modal_masked")
@@ -117,4 +120,4 @@ class CrossModalMasked:
             contexts[modality] = tokens[usable]
             padding[modality] = (~present[usable]).unsqueeze(1).expand(-1, tokens.shape[1])
         fused = model.fusion(encoded.tokens, contexts, text_padding=text == 0, context_padding=padding)
-        return {"cross_modal_masked": _token_loss(model.mlm_head(fused), text, selected, ctx)}
+        return {"cross_modal_masked": _token_loss(model.mlm_head, fused, text, selected, ctx)}

@@ -1,0 +1,5 @@
+import sys
+
+from pretrain.run import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""One checkpoint manager for everything stateful: model, optimizer and scheduler (DeepSpeed, sharded per rank),
+step, samples seen, every rank's loader position and RNG state, the resolved config.
+
+Layout: ``RUN/checkpoints/step_000100/`` (DeepSpeed's files for that tag) plus ``COMMITTED`` in it, written by
+rank 0 after a barrier that follows every rank's save. DeepSpeed's own ``latest`` file is written before its final
+barrier, so it cannot mark a whole checkpoint; only ``COMMITTED`` does, and resume trusts nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+MARKER = "COMMITTED"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def committed_tags(root: Path) -> list[str]:
+    """Committed checkpoint tags, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
+    return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep, self.rank, self.world_size = max(1, keep), rank, world_size
+
+    def save(self, engine, step: int, client: dict, loader_state: dict) -> str:
+        """Every rank calls this at the same step. Returns the tag once it is committed."""
+        tag = tag_for(step)
+        per_rank = {"loader": loader_state, "rng": rng_state()}
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, per_rank)
+        client = {**client, "step": step, "ranks": gathered, "world_size": self.world_size,
+                  # The DeepSpeed converter to universal checkpoints (change of world size) needs this key.
+                  "universal_checkpoint_info": {}}
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client)
+        dist.barrier()
+        if self.rank == 0:
+            marker = self.root / tag / MARKER
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": self.world_size}))
+            os.replace(tmp, marker)
+            (self.root / "latest_committed.tmp").write_text(tag)
+            os.replace(self.root / "latest_committed.tmp", self.root / "latest_committed")
+            self._prune(tag)
+        dist.barrier()
+        return tag
+
+    def _prune(self, newest: str) -> None:
+        """Keep the newest ``keep`` committed checkpoints; drop uncommitted leftovers older than the newest."""
+        tags = committed_tags(self.root)
+        newest_step = int(_TAG.match(newest).group(1))
+        for tag in tags[: -self.keep]:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+        for path in self.root.iterdir():
+            match = _TAG.match(path.name)
+            if match and int(match.group(1)) < newest_step and not (path / MARKER).exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def resolve(self, resume: str) -> tuple[Path, str] | None:
+        """(folder, tag) to resume from: ``auto`` = newest committed here, ``none``, or a checkpoint folder."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            tags = committed_tags(self.root)
+            return (self.root, tags[-1]) if tags else None
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise ValueError(f"run.resume={resume!r} is not a committed checkpoint folder (no {MARKER} file in it)")
+        return path.parent, path.name
+
+    def load(self, engine, where: tuple[Path, str]) -> dict:
+        """Load model, optimizer and scheduler; return the client state with this rank's loader and RNG state."""
+        root, tag = where
+        _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+        if client["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint {tag} was written by {client['world_size']} ranks, this run has {self.world_size}; "
+                             "convert it with `mmfuse export` or a universal checkpoint")
+        mine = client["ranks"][self.rank]
+        set_rng_state(mine["rng"])
+        log.info("resumed from %s at step %d", root / tag, client["step"])
+        return {**client, "loader": mine["loader"]}

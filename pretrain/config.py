@@ -1,0 +1,129 @@
+"""Typed config of ``mmfuse pretrain``: model (a flavor), data, objectives, optimizer, engine, run, launch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_pipeline.config import LoaderConfig
+from mmfuse.config import MISSING, ConfigError
+from pretrain.model.config import ModelConfig
+from pretrain.objectives.config import ObjectivesConfig
+
+PRESETS = {"model.flavor": "model/{}.yaml"}
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("skip", "halt")
+
+
+@dataclass
+class PretrainDataConfig(LoaderConfig):
+    eval: str = ""
+    """Held-out dataset(s) for in-loop evaluation (zero-shot and retrieval); empty disables it."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.2
+    """AdamW weight decay; never applied to norms, biases, embeddings or temperatures."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr."""
+    schedule: str = "cosine"
+    """cosine (to min_lr_ratio x lr at the last step) or constant after warmup."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (ZeRO-Offload)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO-3 only)."""
+    precision: str = "auto"
+    """auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16 (with dynamic loss scaling)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. The contrastive negatives of each micro-step are its own global batch
+    (world_size x data.batch_size), not the accumulated one."""
+    gradient_checkpointing: bool = False
+    """Recompute tower activations in backward to save memory."""
+    extra: dict = field(default_factory=dict)
+    """Extra keys merged into the generated DeepSpeed config (escape hatch)."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+    """Run folder: config.yaml, checkpoints/, metrics.jsonl, tb/, logs/, release/."""
+    steps: int = 1000
+    """Optimizer steps to train."""
+    log_every: int = 10
+    """Steps between metric lines (console, metrics.jsonl, TensorBoard)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (0: only at the end and on signals)."""
+    keep: int = 3
+    """Committed checkpoints to keep (the newest good one is never deleted)."""
+    resume: str = "auto"
+    """auto (newest committed checkpoint in the run folder, if any), none, or a checkpoint folder."""
+    nonfinite: str = "skip"
+    """A non-finite loss or gradient: skip (no update, counted) or halt (checkpoint, exit non-zero)."""
+    deterministic: bool = True
+    """torch deterministic algorithms (bit-identical resume on CPU)."""
+    eval_every: int = 0
+    """Steps between in-loop evaluations (0: only at the end, when data.eval is set)."""
+    debug_nan_step: int = -1
+    """Testing the non-finite policy: make the loss of this step NaN (-1: never)."""
+
+
+@dataclass
+class LaunchConfig:
+    nproc: int = 0
+    """Spawn this many local processes (gloo on CPU, NCCL on GPU); 0 runs in this process, or under an external
+    launcher (torchrun, srun, the slurm launcher) when RANK/WORLD_SIZE are set."""
+    master_port: int = 0
+    """Port for a local spawn (0 picks a free one)."""
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-train the multimodal model with contrastive and masked objectives under DeepSpeed ZeRO."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    seed: int = 0
+    """Seeds model init, masking and dropout; the data order has its own data.seed."""
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        if not 0 <= self.engine.zero_stage <= 3:
+            raise ConfigError(f"engine.zero_stage must be 0-3, got {self.engine.zero_stage}")
+        if self.engine.offload_params and self.engine.zero_stage != 3:
+            raise ConfigError("engine.offload_params needs engine.zero_stage=3")
+        if self.engine.offload_optimizer and self.engine.zero_stage == 0:
+            raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
+        if self.engine.precision not in PRECISIONS:
+            raise ConfigError(f"engine.precision must be one of {PRECISIONS}, got {self.engine.precision!r}")
+        if self.engine.grad_accum < 1:
+            raise ConfigError("engine.grad_accum must be >= 1")
+        if self.optim.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.optim.schedule!r}")
+        if self.run.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"run.nonfinite must be one of {NONFINITE_POLICIES}, got {self.run.nonfinite!r}")
+        if self.run.steps < 1:
+            raise ConfigError("run.steps must be >= 1")
+        unknown = set(self.objectives.contrastive.pairs) - {"image_text", "audio_text", "image_audio"}
+        if unknown:
+            raise ConfigError(f"objectives.contrastive.pairs has unknown pairs {sorted(unknown)}")

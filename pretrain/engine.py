@@ -1,0 +1,136 @@
+"""DeepSpeed in one place: the process group, the generated DeepSpeed config, the optimizer and schedule.
+
+Users never write DeepSpeed JSON; ``deepspeed_config`` derives it from the typed config (``engine.extra`` is
+merged last as an escape hatch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.config import EngineConfig, OptimConfig, PretrainConfig
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Topology:
+    """Join the process group the standard launch variables describe (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*);
+    without them, a group of one. gloo on CPU, NCCL on GPU."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    return Topology(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank,
+                    torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolved_precision(cfg: EngineConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
+    engine = cfg.engine
+    precision = resolved_precision(engine)
+    if precision != "fp32" and not torch.cuda.is_available():
+        raise ValueError(f"engine.precision={precision} needs a GPU; on CPU use fp32 (or auto)")
+    zero: dict = {"stage": engine.zero_stage}
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if engine.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": engine.grad_accum,
+        "train_batch_size": cfg.data.batch_size * engine.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # mmfuse logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _deep_merge(config, engine.extra)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Norms, biases, embeddings (token, positional, class, mask) and temperatures are not decayed."""
+    lowered = name.lower()
+    return param.ndim < 2 or any(word in lowered for word in ("embedding", "logit_", "pos_embed", "cls_token", "position", "mask_token"))
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    decay, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (rest if no_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Linear warmup, then cosine to min_lr_ratio (or constant); a multiplier of the peak lr."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, world_size: int):
+    """(engine, optimizer, scheduler) from ``deepspeed.initialize``."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.run.steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size),
+        dist_init_required=False)
+    return engine, optimizer, scheduler

@@ -1,0 +1,34 @@
+"""``mmfuse pretrain --config configs/pretrain/tiny.yaml data.train=DATASET run.dir=RUN [launch.nproc=2]``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from mmfuse.config import parse_args
+from pretrain.config import PRESETS, PretrainConfig
+
+
+def run(cfg: PretrainConfig) -> dict:
+    from pretrain.trainer import Trainer
+
+    return Trainer(cfg).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(PretrainConfig, argv, prog="mmfuse pretrain", description=__doc__.strip(), presets=PRESETS)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if cfg.launch.nproc > 0:
+        from pretrain.launch import spawn_local
+
+        return spawn_local("pretrain", argv, cfg.launch.nproc, cfg.launch.master_port)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The pre-training loop, read top to bottom as a recipe; setup lives in named methods.
+
+Each rank: join the process group → build model, loader, objectives, DeepSpeed engine → resume if a committed
+checkpoint exists → for each step: batch, losses, backward, step; agree across ranks on non-finite losses and stop
+signals; log; checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data_pipeline.loader import Loader, build_loader
+from mmfuse.config import to_dict, to_yaml
+from pretrain.checkpoint import CheckpointManager
+from pretrain.config import PretrainConfig
+from pretrain.engine import Topology, build_engine, init_distributed
+from pretrain.logger import MetricsLogger
+from pretrain.model import MultimodalModel
+from pretrain.objectives import DistContext, Forward, build_objectives
+
+log = logging.getLogger("mmfuse.pretrain")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class PretrainStep(nn.Module):
+    """The whole training forward as one module, so DeepSpeed (ZeRO-3 included) sees a single ``forward``."""
+
+    def __init__(self, model: MultimodalModel, objectives: list, ctx: DistContext, weights: dict[str, float]):
+        super().__init__()
+        self.model, self.objectives, self.ctx, self.weights = model, objectives, ctx, weights
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        forward = Forward(self.model, batch)
+        losses: dict[str, torch.Tensor] = {}
+        for objective in self.objectives:
+            for name, value in objective(self.model, batch, forward, self.ctx).items():
+                losses[name] = value
+        return losses
+
+    def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[name.split("/")[0]] * value for name, value in losses.items())
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.topo: Topology = init_distributed()
+        self.run_dir = Path(cfg.run.dir)
+        self.setup_run_folder()
+        self.seed_everything(cfg.seed)
+        self.model = self.build_model()
+        self.loader = self.build_loader()
+        self.step_module = self.build_step()
+        self.engine, self.optimizer, self.scheduler = build_engine(self.step_module, cfg, self.topo.world_size)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.run.keep, self.topo.rank, self.topo.world_size)
+        self.metrics = MetricsLogger(self.run_dir, self.topo.is_main)
+        self.step, self.samples_seen, self.skipped_steps = 0, 0, 0
+        self.stop_requested = False
+        self.maybe_resume()
+        self.install_signal_handlers()
+
+    # ---- setup ----
+    def setup_run_folder(self) -> None:
+        if self.topo.is_main:
+            for sub in ("checkpoints", "logs", "release"):
+                (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        dist.barrier()
+
+    def seed_everything(self, seed: int) -> None:
+        # Same seed on every rank for the model init; masking differs per rank through the rank offset below.
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        if self.cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def build_model(self) -> MultimodalModel:
+        model = MultimodalModel(self.cfg.model)
+        torch.manual_seed(self.cfg.seed * 1000 + self.topo.rank + 1)  # per-rank masking/augmentation streams
+        return model
+
+    def build_loader(self) -> Loader:
+        import open_clip
+
+        model_cfg, data = self.cfg.model, self.cfg.data
+        # Derived values come from the model: the loader's audio shape is the audio tower's input.
+        audio = dataclasses.replace(data.audio, n_mels=model_cfg.audio.n_mels, frames=model_cfg.audio.frames)
+        loader_cfg = dataclasses.replace(data, audio=audio)
+        transform = open_clip.image_transform(model_cfg.image.image_size, is_train=True)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg.text.context_length)
+        return build_loader(loader_cfg, self.topo.rank, self.topo.world_size, transform, tokenizer, model_cfg.image.image_size)
+
+    def build_step(self) -> PretrainStep:
+        objectives_cfg = self.cfg.objectives
+        objectives = build_objectives(objectives_cfg)
+        weights = {name: getattr(objectives_cfg, name).weight for name in
+                   ("contrastive", "masked_image", "masked_audio", "masked_text", "cross_modal_masked")}
+        step = PretrainStep(self.model, objectives, DistContext(self.topo.rank, self.topo.world_size), weights)
+        if self.cfg.engine.zero_stage == 3:
+            import deepspeed
+
+            for param in self.model.loose_parameters():
+                deepspeed.zero.register_external_parameter(step, param)
+        return step
+
+    def maybe_resume(self) -> None:
+        where = self.checkpoints.resolve(self.cfg.run.resume)
+        if where is None:
+            return
+        client = self.checkpoints.load(self.engine, where)
+        self.step, self.samples_seen = client["step"], client["samples_seen"]
+        self.skipped_steps = client.get("skipped_steps", 0)
+        self.loader.load_state_dict(client["loader"])
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            log.warning("rank %d got signal %d: checkpointing at the next step boundary", self.topo.rank, signum)
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    # ---- the loop ----
+    def batches(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self.loader
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg.run
+        data = self.batches()
+        window_start, window_samples, wait_start = time.perf_counter(), 0, self.loader.wait_seconds
+        last: dict[str, float] = {}
+        while self.step < cfg.steps:
+            batch = next(data)
+            losses, nonfinite = self.train_step(batch)
+            self.step += 1
+            batch_size = len(batch["__key__"])
+            self.samples_seen += batch_size * self.topo.world_size
+            window_samples += batch_size
+            stop = self.agree(self.stop_requested)
+            if nonfinite:
+                self.handle_nonfinite(batch)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                last = self.log_metrics(losses, window_samples, elapsed, self.loader.wait_seconds - wait_start)
+                window_start, window_samples, wait_start = time.perf_counter(), 0, self.loader.wait_seconds
+            if stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
+                self.save()
+            if stop:
+                log.warning("stopping at step %d after a signal (checkpoint committed)", self.step)
+                break
+        self.metrics.close()
+        return last
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
+        batch = {k: v.to(self.topo.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        losses = self.engine(batch)
+        total = self.step_module.total(losses)
+        if self.cfg.run.debug_nan_step == self.step + 1:
+            total = total * float("nan")  # test hook: the non-finite policy must catch this step
+        if self.agree(not torch.isfinite(total).item()):
+            return {name: value.detach() for name, value in losses.items()}, True
+        self.engine.backward(total)
+        self.engine.step()
+        return {**{name: value.detach() for name, value in losses.items()}, "loss": total.detach()}, False
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if it is True on any rank."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.topo.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def handle_nonfinite(self, batch: dict[str, Any]) -> None:
+        keys = batch["__key__"][:8]
+        log.error("non-finite loss at step %d on some rank (rank %d keys %s)", self.step, self.topo.rank, keys)
+        self.skipped_steps += 1
+        if self.cfg.run.nonfinite == "halt":
+            self.save()
+            raise NonFiniteLoss(f"non-finite loss at step {self.step}; checkpoint saved, halting (run.nonfinite=halt)")
+
+    def log_metrics(self, losses: dict[str, torch.Tensor], samples: int, seconds: float, waited: float) -> dict[str, float]:
+        names = sorted(losses)
+        # Each rank's loss is world_size x its share of the global mean: the average over ranks is the global loss.
+        values = torch.stack([losses[n].float().reshape(()) for n in names]) if names else torch.zeros(0)
+        dist.all_reduce(values)
+        values /= self.topo.world_size
+        metrics = {f"loss/{n}" if n != "loss" else "loss": float(v) for n, v in zip(names, values)}
+        metrics.update({
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "samples_per_s": samples * self.topo.world_size / max(seconds, 1e-9),
+            "samples_per_s_per_device": samples / max(seconds, 1e-9),
+            "data_wait_fraction": min(1.0, waited / max(seconds, 1e-9)),
+            "samples_seen": self.samples_seen,
+            "skipped_steps": self.skipped_steps,
+            "logit_scale": float(self.model.logit_scale.detach().float().exp().mean()) if self.cfg.engine.zero_stage < 3 else float("nan"),
+            "rss_gb": _rss_gb(),
+        })
+        for reason, count in self.loader.metrics().items():
+            if reason not in ("samples", "wait_seconds"):
+                metrics[f"data_errors/{reason}"] = count
+        if torch.cuda.is_available():
+            metrics["gpu_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.metrics.log(self.step, metrics)
+        return metrics
+
+    def save(self) -> str:
+        client = {"samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps, "config": to_dict(self.cfg)}
+        return self.checkpoints.save(self.engine, self.step, client, self.loader.state_dict())
+
+
+def _rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
