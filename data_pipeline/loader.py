@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import time
+import zlib
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -85,6 +86,9 @@ class ShardStream(IterableDataset):
                 raw = next(samples)
                 if raw is None:
                     continue
+                # Augmentation is a pure function of (seed, epoch, sample): identical after a resume, whatever the
+                # number of workers and however many samples were skipped.
+                torch.manual_seed(zlib.crc32(f"{self.cfg.seed}/{self.epoch}/{raw.key}".encode()))
                 try:
                     decoded.append(self.decoder(raw))
                     counts["samples"] += 1
@@ -194,7 +198,10 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.epoch, self.dataset.start_step = self.epoch, self.step
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
+        # Its own generator: creating the iterator must not draw from the training process's global RNG (which
+        # drives masking), or a resumed run would mask differently from the uninterrupted one.
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100003 + self.epoch)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
                             prefetch_factor=self.cfg.prefetch_factor if self.cfg.workers else None)
         self._epoch_stats = {}
         iterator = iter(loader)

@@ -22,7 +22,8 @@ def spawn_local(module: str, argv: list[str], nproc: int, port: int = 0) -> int:
     port = port or free_port()
     procs = []
     for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+        # Like torchrun: one thread per rank unless told otherwise, so N ranks do not oversubscribe the cores.
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-m", module, *argv, "launch.nproc=0"], env=env))
 
