@@ -14,6 +14,7 @@ STAGES = {
     "shard": ("data_pipeline.shard", "pack raw pairs into WebDataset shards (local or s3://)"),
     "verify": ("data_pipeline.verify", "check every shard of a dataset against sizes.json and its stats"),
     "pretrain": ("pretrain.run", "pre-train with contrastive + masked objectives under DeepSpeed ZeRO (launch.nproc=N)"),
+    "export": ("pretrain.export", "consolidate a training checkpoint into a release folder (safetensors + open_clip export)"),
 }
 
 

@@ -102,3 +102,35 @@ def test_bad_config_fails_before_any_process_starts(shards, tmp_path):
     assert result.returncode != 0 and "engine.zero_stage" in result.stderr
     result = pretrain(shards, tmp_path / "bad", f"run.resume={tmp_path}/nowhere", "launch.nproc=0", check=False)
     assert result.returncode != 0 and "not a committed checkpoint" in result.stderr
+
+
+def test_export_from_zero3_loads_in_open_clip_with_identical_embeddings(shards, tmp_path):
+    import open_clip
+    import torch
+
+    from pretrain.release import load_release
+
+    run = tmp_path / "z3export"
+    pretrain(shards, run, "run.steps=2", "engine.zero_stage=3", "run.checkpoint_every=0", "launch.nproc=2")
+    assert cli(["export", str(run), f"output.path={tmp_path}/release"]) == 0
+    model, release = load_release(str(tmp_path / "release"))
+    assert release["source"]["checkpoint"] == "step_000002" and release["model"]["flavor"] == "tiny"
+    reference, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}/release")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path}/release")
+    images, text = torch.randn(3, 3, 64, 64), tokenizer(["a red circle", "two blue squares", "a green star"])
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.embed("image", images), torch.nn.functional.normalize(reference.encode_image(images), dim=-1), atol=1e-6)
+        assert torch.allclose(model.embed("text", text), torch.nn.functional.normalize(reference.encode_text(text), dim=-1), atol=1e-6)
+    assert reference.logit_scale.shape == ()
+    # The trained weights, not the initial ones (the trainer seeds with seed=0, then builds the model).
+    from pretrain.model import MultimodalModel
+    torch.manual_seed(0)
+    initial = MultimodalModel(model.cfg)
+    assert not torch.equal(initial.state_dict()["clip.visual.proj"], model.state_dict()["clip.visual.proj"])
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli(["export", str(tmp_path / "empty")]) == 1
+    assert "no committed checkpoint" in capsys.readouterr().err

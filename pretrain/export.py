@@ -1,0 +1,78 @@
+"""``mmfuse export RUN [output.path=RELEASE_DIR_OR_URL] [step=N]``: consolidate a ZeRO checkpoint (any stage, any
+number of ranks) into a release folder in one process."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmfuse.config import MISSING, parse_args
+from pretrain.checkpoint import MARKER, committed_tags, tag_for
+from pretrain.config import PretrainConfig
+from pretrain.release import save_release
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportOutput:
+    path: str = ""
+    """Release folder or object-store URL (default: RUN/release/step_NNNNNN)."""
+
+
+@dataclass
+class ExportConfig:
+    run: str = MISSING
+    """The run folder written by mmfuse pretrain."""
+    step: int = -1
+    """Checkpoint step to export (-1: the newest committed one)."""
+    output: ExportOutput = field(default_factory=ExportOutput)
+
+
+def consolidated_state(checkpoint_root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the trained model from a (sharded) DeepSpeed checkpoint."""
+    if zero_stage == 0:
+        # No partitioning: rank 0's model file holds the module. It is our own run's file (trusted), written by
+        # DeepSpeed with pickled client state, so it cannot be read with weights_only.
+        states = torch.load(checkpoint_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = states["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag)
+    # The engine wrapped the model in PretrainStep (attribute ``model``).
+    return {name.removeprefix("model."): tensor.float() for name, tensor in state.items() if name.startswith("model.")}
+
+
+def export(cfg: ExportConfig) -> str:
+    run = Path(cfg.run)
+    root = run / "checkpoints"
+    tags = committed_tags(root)
+    if not tags:
+        raise ValueError(f"{run} has no committed checkpoint to export")
+    tag = tags[-1] if cfg.step < 0 else tag_for(cfg.step)
+    if not (root / tag / MARKER).is_file():
+        raise ValueError(f"step {cfg.step} has no committed checkpoint in {run} (have: {', '.join(tags)})")
+    from mmfuse.config import load_config
+
+    train_cfg = load_config(PretrainConfig, [str(run / "config.yaml")])
+    state = consolidated_state(root, tag, train_cfg.engine.zero_stage)
+    output = cfg.output.path or str(run / "release" / tag)
+    save_release(state, train_cfg.model, output, {"run": str(run.resolve()), "checkpoint": tag})
+    log.info("exported %s to %s", tag, output)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(ExportConfig, argv, prog="mmfuse export", description=__doc__.strip(), positional="run")
+    print(export(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

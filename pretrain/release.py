@@ -1,0 +1,112 @@
+"""Release checkpoints: the format fine-tuning and open_clip load.
+
+A release folder (local or object store) holds:
+- ``model.safetensors``: every weight of the multimodal model;
+- ``config.json``: the model config and the preprocessing that goes with it (image size, mean/std, tokenizer,
+  audio features), plus where it came from;
+- ``open_clip_model.safetensors`` + ``open_clip_config.json``: the image-text part in open_clip's own format, so
+  ``open_clip.create_model_and_transforms("local-dir:RELEASE")`` loads it (temperatures squeezed back to 0-dim).
+
+Only safetensors and JSON: loading a release never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_pipeline.storage import commit_file, filesystem, is_local, join, redact
+from mmfuse.config import to_dict
+from pretrain.model import ModelConfig, MultimodalModel
+from pretrain.model.towers import open_clip_config
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+FILES = ("model.safetensors", "config.json", "open_clip_model.safetensors", "open_clip_config.json")
+
+
+def release_config(cfg: ModelConfig, source: dict) -> dict:
+    return {
+        "format": "mmfuse-release/1",
+        "model": to_dict(cfg),
+        "preprocess": {
+            "image_size": cfg.image.image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic",
+            "tokenizer": "open_clip.SimpleTokenizer", "context_length": cfg.text.context_length,
+            "audio": {"sample_rate": 16000, "n_mels": cfg.audio.n_mels, "frames": cfg.audio.frames,
+                      "n_fft": 400, "hop_length": 160},
+        },
+        "source": source,
+    }
+
+
+def open_clip_state_dict(model: MultimodalModel) -> dict[str, torch.Tensor]:
+    state = {name.removeprefix("clip."): tensor for name, tensor in model.state_dict().items() if name.startswith("clip.")}
+    state["logit_scale"] = state["logit_scale"].reshape(())
+    if "logit_bias" in state:
+        state["logit_bias"] = state["logit_bias"].reshape(())
+    return state
+
+
+def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, source: dict) -> None:
+    """Write a release from a full (consolidated) state dict of ``MultimodalModel``."""
+    model = MultimodalModel(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    contiguous = {k: v.contiguous() for k, v in model.state_dict().items()}
+    open_clip_cfg = {"model_cfg": open_clip_config(cfg),
+                     "preprocess_cfg": {"mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic", "resize_mode": "shortest"}}
+    with tempfile.TemporaryDirectory(prefix="mmfuse-release-") as tmp:
+        staged = Path(tmp)
+        save_file(contiguous, staged / "model.safetensors", metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in open_clip_state_dict(model).items()}, staged / "open_clip_model.safetensors",
+                  metadata={"format": "pt"})
+        (staged / "config.json").write_text(json.dumps(release_config(cfg, source), indent=1))
+        (staged / "open_clip_config.json").write_text(json.dumps(open_clip_cfg, indent=1))
+        fs, root = filesystem(output)
+        if is_local(output):
+            fs.makedirs(root, exist_ok=True)
+        # config.json last: a reader that finds it finds the weights too.
+        for name in ("model.safetensors", "open_clip_model.safetensors", "open_clip_config.json", "config.json"):
+            if is_local(output):
+                os.replace(staged / name, Path(root) / name)
+            else:
+                commit_file(str(staged / name), fs, join(root, name))
+
+
+def load_release(path: str) -> tuple[MultimodalModel, dict]:
+    """(model with weights, release config) from a release folder, local or on an object store."""
+    fs, root = filesystem(path)
+    if not fs.exists(join(root, "config.json")):
+        raise ValueError(f"{redact(path)!r} is not a release folder (no config.json)")
+    release = json.loads(fs.cat_file(join(root, "config.json")))
+    if not str(release.get("format", "")).startswith("mmfuse-release/"):
+        raise ValueError(f"{redact(path)!r}: config.json is not an mmfuse release config")
+    model = MultimodalModel(_model_config(release["model"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = join(root, "model.safetensors") if is_local(path) else _download(fs, join(root, "model.safetensors"), tmp)
+        state = load_file(local)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{redact(path)}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model, release
+
+
+def _model_config(values: dict) -> ModelConfig:
+    """The typed model config from a release's JSON (unknown keys are an error, as everywhere)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
+    cfg.validate()
+    return cfg
+
+
+def _download(fs, remote: str, folder: str) -> str:
+    local = os.path.join(folder, remote.rsplit("/", 1)[-1])
+    fs.get_file(remote, local)
+    return local
