@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from data_pipeline.config import LoaderConfig
 from mmfuse.config import MISSING, ConfigError
+from pretrain.evaluate import EvalConfig
 from pretrain.model.config import ModelConfig
 from pretrain.objectives.config import ObjectivesConfig
 
@@ -102,6 +103,7 @@ class PretrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     """Seeds model init, masking and dropout; the data order has its own data.seed."""
 

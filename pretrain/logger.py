@@ -33,7 +33,8 @@ class MetricsLogger:
                     self._tb.add_scalar(name, value, step)
         shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
                           if k.startswith(("loss", "lr", "samples_per_s", "data_wait")))
-        log.info("step %d  %s", step, shown)
+        if shown:
+            log.info("step %d  %s", step, shown)
 
     def close(self) -> None:
         if self._file:

@@ -7,6 +7,7 @@ signals; log; checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -159,6 +160,8 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 last = self.log_metrics(losses, window_samples, elapsed, self.loader.wait_seconds - wait_start)
                 window_start, window_samples, wait_start = time.perf_counter(), 0, self.loader.wait_seconds
+            if self.cfg.data.eval and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
+                last.update(self.evaluate())
             if stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
                 self.save()
             if stop:
@@ -216,6 +219,31 @@ class Trainer:
         if torch.cuda.is_available():
             metrics["gpu_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.log(self.step, metrics)
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        import open_clip
+
+        from pretrain.evaluate import evaluate
+
+        model_cfg = self.cfg.model
+        audio = dataclasses.replace(self.cfg.data.audio, n_mels=model_cfg.audio.n_mels, frames=model_cfg.audio.frames)
+        data = dataclasses.replace(self.cfg.data, train=self.cfg.data.eval, audio=audio)
+        transform = open_clip.image_transform(model_cfg.image.image_size, is_train=False)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg.text.context_length)
+        # Under ZeRO-3 the parameters are partitioned: gather them for the evaluation forward passes.
+        gathered = contextlib.nullcontext()
+        if self.cfg.engine.zero_stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        with gathered:
+            metrics = evaluate(self.model, data, self.cfg.eval, self.topo.rank, self.topo.world_size, self.topo.device,
+                               transform, tokenizer, model_cfg.image.image_size)
+        self.metrics.log(self.step, metrics)
+        if self.topo.is_main:
+            shown = {k.removeprefix("eval/"): round(v, 1) for k, v in metrics.items() if "R@1" in k or "top1" in k}
+            log.info("eval at step %d: %s", self.step, shown)
         return metrics
 
     def save(self) -> str:

@@ -1,0 +1,153 @@
+"""In-loop evaluation: zero-shot classification (image and audio) and cross-modal retrieval, across ranks.
+
+Each rank embeds its share of the held-out shards; the embeddings are gathered, de-duplicated by sample key and
+scored once, so the numbers do not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.config import LoaderConfig
+from data_pipeline.loader import build_loader
+from data_pipeline.sources import resolve_sources
+from data_pipeline.tarstream import iter_samples
+
+PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))
+
+
+@dataclass
+class EvalConfig:
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}.", "a {}.", "{}"])
+    """Prompt templates for zero-shot classifiers; the class embedding is the mean over templates."""
+    classnames: list[str] = field(default_factory=list)
+    """Class names in label order; empty = taken from the eval data's json label / label_name fields."""
+    batch_size: int = 64
+    """Samples per eval batch on each rank."""
+    max_samples: int = 0
+    """Evaluate at most this many samples (0 = all)."""
+
+
+def recall_at_k(similarity: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """Row i's match is column i. Returns R@k (in %) for each k."""
+    ranks = (similarity > similarity.diagonal().unsqueeze(1)).sum(dim=1)  # how many columns beat the match
+    return {f"R@{k}": float((ranks < k).float().mean() * 100) for k in ks}
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    top = logits.topk(max(ks), dim=1).indices
+    hits = top == labels.unsqueeze(1)
+    out = {f"top{k}": float(hits[:, :k].any(dim=1).float().mean() * 100) for k in ks}
+    recalls = [hits[labels == c, 0].float().mean() for c in labels.unique()]
+    out["mean_per_class_recall"] = float(torch.stack(recalls).mean() * 100)
+    return out
+
+
+def text_classifier(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
+    """``[C, D]``: mean of the normalised template embeddings per class, renormalised."""
+    rows = []
+    for name in classnames:
+        tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        rows.append(torch.nn.functional.normalize(model.embed("text", tokens).mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def evaluate(model, data_cfg: LoaderConfig, eval_cfg: EvalConfig, rank: int, world_size: int, device,
+             image_transform, tokenizer, image_size: int) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    cfg = dataclasses.replace(data_cfg, mode="exact", batch_size=eval_cfg.batch_size, require=[])
+    loader = build_loader(cfg, rank, world_size, image_transform, tokenizer, image_size)
+    local: dict[str, Any] = {"keys": [], "labels": []}
+    embeddings: dict[str, list] = {m: [] for m in ("image", "text", "audio")}
+    presence: dict[str, list] = {m: [] for m in ("image", "text", "audio")}
+    seen = 0
+    for batch in loader:
+        inputs = {"image": batch["image"], "text": batch["text"], "audio": batch["audio"]}
+        for modality, tensor in inputs.items():
+            has = batch[f"has_{modality}"]
+            out = torch.zeros(has.shape[0], model.cfg.embed_dim)
+            if has.any():
+                out[has] = model.embed(modality, tensor[has].to(device)).float().cpu()
+            embeddings[modality].append(out)
+            presence[modality].append(has)
+        local["keys"] += batch["__key__"]
+        local["labels"].append(batch["label"])
+        seen += len(batch["__key__"])
+        if eval_cfg.max_samples and seen * world_size >= eval_cfg.max_samples:
+            break
+    local_tensors = {m: torch.cat(v) if v else torch.zeros(0, model.cfg.embed_dim) for m, v in embeddings.items()}
+    local_presence = {m: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for m, v in presence.items()}
+    shard = (local["keys"], torch.cat(local["labels"]) if local["labels"] else torch.zeros(0, dtype=torch.long),
+             local_tensors, local_presence)
+    parts = [shard]
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, shard)
+    metrics: dict[str, float] = {}
+    if rank == 0:
+        metrics = _score(model, parts, eval_cfg, tokenizer, device, _classnames(eval_cfg, data_cfg))
+    if world_size > 1:
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    model.train(was_training)
+    return metrics
+
+
+def _classnames(eval_cfg: EvalConfig, data_cfg: LoaderConfig) -> list[str]:
+    if eval_cfg.classnames:
+        return list(eval_cfg.classnames)
+    # label → label_name from the eval data's json members (the shapes world and most labelled shards carry it).
+    names: dict[int, str] = {}
+    for source in resolve_sources(data_cfg.train):
+        for shard in source.shards:
+            for raw in iter_samples(shard.url, {"json"}, 1 << 20):
+                meta = json.loads(raw.members.get("json", b"{}"))
+                if isinstance(meta.get("label"), int) and meta.get("label_name"):
+                    names[meta["label"]] = meta["label_name"]
+    if not names:
+        return []
+    return [names.get(i, f"class {i}") for i in range(max(names) + 1)]
+
+
+def _score(model, parts, eval_cfg: EvalConfig, tokenizer, device, classnames: list[str]) -> dict[str, float]:
+    # Gather and de-duplicate by key (a sample is scored once, whichever rank saw it).
+    order: dict[str, tuple[int, int]] = {}
+    for p, (keys, _, _, _) in enumerate(parts):
+        for i, key in enumerate(keys):
+            order.setdefault(key, (p, i))
+    keys = sorted(order)
+    pick = lambda get: torch.stack([get(parts[p], i) for p, i in (order[k] for k in keys)]) if keys else torch.zeros(0)
+    labels = pick(lambda part, i: part[1][i])
+    embedded = {m: pick(lambda part, i, m=m: part[2][m][i]) for m in ("image", "text", "audio")}
+    present = {m: pick(lambda part, i, m=m: part[3][m][i]) for m in ("image", "text", "audio")}
+    metrics: dict[str, float] = {"eval/samples": float(len(keys))}
+    for a, b in PAIRS:
+        both = present[a] & present[b]
+        if both.sum() < 2:
+            continue
+        similarity = embedded[a][both] @ embedded[b][both].T
+        for name, value in recall_at_k(similarity).items():
+            metrics[f"eval/retrieval/{a}_to_{b}/{name}"] = value
+        for name, value in recall_at_k(similarity.T).items():
+            metrics[f"eval/retrieval/{b}_to_{a}/{name}"] = value
+    if classnames:
+        classifier = text_classifier(model, tokenizer, classnames, eval_cfg.templates, device).float().cpu()
+        for modality in ("image", "audio"):
+            rows = present[modality] & (labels >= 0)
+            if rows.sum() == 0:
+                continue
+            logits = embedded[modality][rows] @ classifier.T
+            ks = (1, 5) if len(classnames) >= 5 else (1,)
+            for name, value in topk_accuracy(logits, labels[rows], ks).items():
+                metrics[f"eval/zeroshot/{modality}/{name}"] = value
+        metrics["eval/zeroshot/chance_top1"] = 100.0 / len(classnames)
+    return metrics
