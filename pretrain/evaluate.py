@@ -35,7 +35,7 @@ class EvalConfig:
 
 
 def recall_at_k(similarity: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """Row i's match is column i. Returns R@k (in %) for each k."""
+    """Row i's match is column i. Returns R@k (in %) for each k; a tie with the match counts in its favour."""
     ranks = (similarity > similarity.diagonal().unsqueeze(1)).sum(dim=1)  # how many columns beat the match
     return {f"R@{k}": float((ranks < k).float().mean() * 100) for k in ks}
 
