@@ -13,6 +13,7 @@ import logging
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -83,6 +84,8 @@ class Trainer:
         dist.barrier()
 
     def seed_everything(self, seed: int) -> None:
+        # DeepSpeed's ZeRO step calls a deprecated torch collective every step; the warning says nothing to users.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         # Same seed on every rank for the model init; masking differs per rank through the rank offset below.
         random.seed(seed)
         np.random.seed(seed)
