@@ -94,7 +94,14 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
     def build_model(self) -> MultimodalModel:
+        from pretrain.model.pretrained import load_open_clip_weights
+
         model = MultimodalModel(self.cfg.model)
+        if self.cfg.model.init_open_clip:
+            load_open_clip_weights(model.clip, self.cfg.model.init_open_clip)
+        for tower in self.cfg.model.lock:
+            for param in model.tower_parameters(tower):
+                param.requires_grad_(False)
         torch.manual_seed(self.cfg.seed * 1000 + self.topo.rank + 1)  # per-rank masking/augmentation streams
         return model
 

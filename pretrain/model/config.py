@@ -78,6 +78,11 @@ class ModelConfig:
     """log(1/0.07), CLIP's initial temperature."""
     init_logit_bias: float = -10.0
     """SigLIP's initial bias."""
+    init_open_clip: str = ""
+    """An open_clip checkpoint (release file or trainer checkpoint, local or s3) to initialise the image and text
+    towers from; safetensors or weights_only loading only."""
+    lock: list[str] = field(default_factory=list)
+    """Towers to freeze (LiT / ImageBind-style), e.g. [image] or [image, text] to bind a new audio tower."""
     image: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
@@ -93,6 +98,9 @@ class ModelConfig:
         if a.n_mels % a.patch_size or a.frames % a.patch_size:
             raise ConfigError(f"model.audio.n_mels ({a.n_mels}) and model.audio.frames ({a.frames}) must be multiples of "
                               f"model.audio.patch_size ({a.patch_size})")
+        unknown = set(self.lock) - {"image", "text", "audio"}
+        if unknown:
+            raise ConfigError(f"model.lock lists unknown towers {sorted(unknown)}; use image, text, audio")
         for name in ("image", "text", "audio", "fusion", "decoder"):
             part = getattr(self, name)
             if part.width % part.heads:

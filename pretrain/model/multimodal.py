@@ -54,6 +54,15 @@ class MultimodalModel(nn.Module):
         encoders = {"image": self.encode_image, "text": self.encode_text, "audio": self.encode_audio}
         return self.project(modality, encoders[modality](inputs).pooled)
 
+    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+        """The parameters of one encoder tower (for locking and per-tower settings)."""
+        if tower == "image":
+            return list(self.clip.visual.parameters())
+        if tower == "audio":
+            return list(self.audio.parameters())
+        visual = {id(p) for p in self.clip.visual.parameters()}
+        return [p for name, p in self.clip.named_parameters() if id(p) not in visual and not name.startswith("logit_")]
+
     def loose_parameters(self) -> list[nn.Parameter]:
         """Parameters used outside their own module's ``forward`` (class and position embeddings, projections,
         temperatures): a partitioning engine (ZeRO-3) must gather them for the whole step."""

@@ -1,0 +1,48 @@
+"""``python -m pretrain.report RUN``: the last in-loop evaluation of a run as a table, next to chance."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def last_eval(run_dir: Path) -> dict[str, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if not evals:
+        raise ValueError(f"{run_dir} has no evaluation in metrics.jsonl (set data.eval)")
+    return evals[-1]
+
+
+def format_report(metrics: dict[str, float]) -> str:
+    samples = metrics.get("eval/samples", 0)
+    lines = [f"evaluation at step {metrics['step']} on {samples:.0f} held-out samples", ""]
+    chance = metrics.get("eval/zeroshot/chance_top1")
+    if chance is not None:
+        lines.append(f"{'zero-shot classification':<28}{'top-1 %':>9}{'chance %':>10}")
+        for modality in ("image", "audio"):
+            value = metrics.get(f"eval/zeroshot/{modality}/top1")
+            if value is not None:
+                lines.append(f"  {modality:<26}{value:>9.1f}{chance:>10.1f}")
+        lines.append("")
+    retrieval = sorted(k for k in metrics if k.startswith("eval/retrieval/") and k.endswith("R@1"))
+    if retrieval:
+        lines.append(f"{'retrieval':<28}{'R@1 %':>9}{'R@10 %':>9}{'chance R@1 %':>14}")
+        for key in retrieval:
+            pair = key.split("/")[2].replace("_to_", " → ")
+            lines.append(f"  {pair:<26}{metrics[key]:>9.1f}{metrics[key[:-1] + '10']:>9.1f}{100 / max(samples, 1):>14.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m pretrain.report RUN_DIR", file=sys.stderr)
+        return 2
+    print(format_report(last_eval(Path(argv[0]))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Loading open_clip checkpoints made by open_clip's own code, saved the ways its releases and trainer save them."""
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmfuse.config import load_config
+from pretrain.model import ModelConfig, MultimodalModel
+from pretrain.model.pretrained import load_open_clip_weights
+from pretrain.model.towers import open_clip_config
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"])
+    torch.manual_seed(3)
+    reference = open_clip.CLIP(**open_clip_config(cfg))  # open_clip's own model, own init
+    return cfg, reference
+
+
+def check_same_embeddings(cfg, reference, path):
+    model = MultimodalModel(cfg).eval()
+    load_open_clip_weights(model.clip, str(path))
+    images, text = torch.randn(2, 3, 64, 64), open_clip.tokenizer.SimpleTokenizer(context_length=32)(["a cat", "a dog"])
+    reference.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.embed("image", images), torch.nn.functional.normalize(reference.encode_image(images), dim=-1), atol=1e-6)
+        assert torch.allclose(model.embed("text", text), torch.nn.functional.normalize(reference.encode_text(text), dim=-1), atol=1e-6)
+    assert torch.allclose(model.logit_scale, reference.logit_scale.reshape(1))
+
+
+def test_release_safetensors(setup, tmp_path):
+    cfg, reference = setup
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    check_same_embeddings(cfg, reference, tmp_path / "open_clip_model.safetensors")
+
+
+def test_release_bin_and_trainer_checkpoint(setup, tmp_path):
+    cfg, reference = setup
+    torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    check_same_embeddings(cfg, reference, tmp_path / "open_clip_pytorch_model.bin")
+    trainer = {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()},
+               "optimizer": {"state": {}, "param_groups": []}}
+    torch.save(trainer, tmp_path / "epoch_3.pt")
+    check_same_embeddings(cfg, reference, tmp_path / "epoch_3.pt")
+
+
+def test_unsafe_pickle_is_refused(setup, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
+    model = MultimodalModel(setup[0])
+    with pytest.raises(ValueError, match="weights_only"):
+        load_open_clip_weights(model.clip, str(tmp_path / "evil.pt"))
+
+
+def test_mismatched_architecture_is_named(setup, tmp_path):
+    cfg, _ = setup
+    other = open_clip.CLIP(**open_clip_config(load_config(ModelConfig, ["configs/model/tiny.yaml"], ["embed_dim=32"])))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="text_projection|visual.proj"):
+        load_open_clip_weights(MultimodalModel(cfg).clip, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_open_clip_weights(MultimodalModel(cfg).clip, str(tmp_path / "nope.safetensors"))
+
+
+def test_lock_freezes_exactly_one_tower(setup):
+    model = MultimodalModel(setup[0])
+    image = {id(p) for p in model.tower_parameters("image")}
+    text = {id(p) for p in model.tower_parameters("text")}
+    audio = {id(p) for p in model.tower_parameters("audio")}
+    assert image and text and audio and not (image & text) and not (text & audio)
+    assert id(model.clip.logit_scale) not in text and id(model.clip.token_embedding.weight) in text
