@@ -34,7 +34,7 @@ def committed_tags(root: Path) -> list[str]:
     """Committed checkpoint tags, oldest first."""
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
+    tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]  # *_universal excluded
     return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
 
 
@@ -101,6 +101,29 @@ class CheckpointManager:
             raise ValueError(f"run.resume={resume!r} is not a committed checkpoint folder (no {MARKER} file in it)")
         return path.parent, path.name
 
+    @staticmethod
+    def saved_world_size(where: tuple[Path, str]) -> int:
+        root, tag = where
+        return int(json.loads((root / tag / MARKER).read_text())["world_size"])
+
+    def to_universal(self, where: tuple[Path, str]) -> tuple[Path, str]:
+        """Convert a checkpoint written at another world size into a DeepSpeed universal checkpoint (rank 0 does
+        the work once; the result sits beside it as ``<tag>_universal`` and is reused)."""
+        root, tag = where
+        target = root / f"{tag}_universal"
+        if self.rank == 0 and not (target / MARKER).is_file():
+            import subprocess
+            import sys
+
+            shutil.rmtree(target, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(root / tag), "--output_folder", str(target), "--num_extract_workers", "1",
+                            "--num_merge_workers", "1"], check=True, capture_output=True)
+            # The client state (step, loader, config) lives in the model-states file the converter copies.
+            (target / MARKER).write_text((root / tag / MARKER).read_text())
+        dist.barrier()
+        return root, target.name
+
     def load(self, engine, where: tuple[Path, str]) -> dict:
         """Load model, optimizer and scheduler; return the client state with this rank's loader and RNG state."""
         root, tag = where
@@ -108,8 +131,11 @@ class CheckpointManager:
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
         if client["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint {tag} was written by {client['world_size']} ranks, this run has {self.world_size}; "
-                             "convert it with `mmfuse export` or a universal checkpoint")
+            # Another world size: model and optimizer come from the universal checkpoint; per-rank loader and RNG
+            # states do not map onto the new ranks, so the data stream restarts its epoch with the new layout.
+            log.warning("resuming %d-rank checkpoint %s on %d ranks: data restarts epoch %d", client["world_size"], tag,
+                        self.world_size, client["ranks"][0]["loader"]["epoch"])
+            return {**client, "loader": None}
         mine = client["ranks"][self.rank]
         set_rng_state(mine["rng"])
         log.info("resumed from %s at step %d", root / tag, client["step"])

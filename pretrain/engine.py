@@ -63,7 +63,7 @@ def resolved_precision(cfg: EngineConfig) -> str:
     return "fp32"
 
 
-def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: PretrainConfig, world_size: int, load_universal: bool = False) -> dict:
     engine = cfg.engine
     precision = resolved_precision(engine)
     if precision != "fp32" and not torch.cuda.is_available():
@@ -86,6 +86,7 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,  # mmfuse logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
     }
     return _deep_merge(config, engine.extra)
 
@@ -123,14 +124,15 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, world_size: int):
-    """(engine, optimizer, scheduler) from ``deepspeed.initialize``."""
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, world_size: int, load_universal: bool = False):
+    """(engine, optimizer, scheduler) from ``deepspeed.initialize``; ``load_universal`` to resume a checkpoint
+    written at another world size (converted to a universal checkpoint first)."""
     import deepspeed
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.run.steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size),
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size, load_universal),
         dist_init_required=False)
     return engine, optimizer, scheduler

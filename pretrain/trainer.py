@@ -67,8 +67,12 @@ class Trainer:
         self.model = self.build_model()
         self.loader = self.build_loader()
         self.step_module = self.build_step()
-        self.engine, self.optimizer, self.scheduler = build_engine(self.step_module, cfg, self.topo.world_size)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.run.keep, self.topo.rank, self.topo.world_size)
+        self.resume_from = self.checkpoints.resolve(cfg.run.resume)
+        universal = self.resume_from is not None and self.checkpoints.saved_world_size(self.resume_from) != self.topo.world_size
+        if universal:
+            self.resume_from = self.checkpoints.to_universal(self.resume_from)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.step_module, cfg, self.topo.world_size, universal)
         self.metrics = MetricsLogger(self.run_dir, self.topo.is_main)
         self.step, self.samples_seen, self.skipped_steps = 0, 0, 0
         self.stop_requested = False
@@ -130,13 +134,15 @@ class Trainer:
         return step
 
     def maybe_resume(self) -> None:
-        where = self.checkpoints.resolve(self.cfg.run.resume)
-        if where is None:
+        if self.resume_from is None:
             return
-        client = self.checkpoints.load(self.engine, where)
+        client = self.checkpoints.load(self.engine, self.resume_from)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.skipped_steps = client.get("skipped_steps", 0)
-        self.loader.load_state_dict(client["loader"])
+        if client["loader"] is not None:
+            self.loader.load_state_dict(client["loader"])
+        else:
+            self.loader.epoch = client["ranks"][0]["loader"]["epoch"]
 
     def install_signal_handlers(self) -> None:
         def request_stop(signum, frame):

@@ -134,3 +134,17 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli(["export", str(tmp_path / "empty")]) == 1
     assert "no committed checkpoint" in capsys.readouterr().err
+
+
+def test_resume_at_another_world_size_two_to_one_to_two(shards, tmp_path):
+    run = tmp_path / "resize"
+    pretrain(shards, run, "run.steps=3", "run.checkpoint_every=0", "launch.nproc=2")
+    pretrain(shards, run, "run.steps=5", "run.checkpoint_every=0", "launch.nproc=1")
+    assert (run / "checkpoints" / "step_000003_universal").is_dir()
+    pretrain(shards, run, "run.steps=7", "run.checkpoint_every=0", "launch.nproc=2")
+    rows = metrics(run)
+    assert [m["step"] for m in rows] == list(range(1, 8))
+    assert all(m["loss"] == m["loss"] for m in rows)
+    # The optimizer and schedule carried over: samples seen keep counting across the resizes.
+    assert rows[3]["samples_seen"] > rows[2]["samples_seen"] and rows[5]["samples_seen"] > rows[4]["samples_seen"]
+    assert (run / "checkpoints" / "step_000007" / "COMMITTED").is_file()
