@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from pretrain.checkpoint import MARKER, CheckpointManager, committed_tags
+from pretrain.report import format_report, last_eval
+
+
+def make_tag(root, step, committed=True, world_size=2):
+    folder = root / "checkpoints" / f"step_{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"partial" if not committed else b"whole")
+    if committed:
+        (folder / MARKER).write_text(json.dumps({"step": step, "world_size": world_size}))
+
+
+def test_a_save_that_crashed_is_never_selected(tmp_path):
+    make_tag(tmp_path, 100)
+    make_tag(tmp_path, 200)
+    make_tag(tmp_path, 300, committed=False)  # the crash happened mid-save: no marker
+    (tmp_path / "checkpoints" / "latest").write_text("step_000300")  # DeepSpeed's own pointer is not trusted
+    manager = CheckpointManager(tmp_path, keep=3, rank=0, world_size=2)
+    assert committed_tags(tmp_path / "checkpoints") == ["step_000100", "step_000200"]
+    assert manager.resolve("auto") == (tmp_path / "checkpoints", "step_000200")
+    assert manager.saved_world_size(manager.resolve("auto")) == 2
+    assert manager.resolve("none") is None
+    with pytest.raises(ValueError, match="not a committed checkpoint"):
+        manager.resolve(str(tmp_path / "checkpoints" / "step_000300"))
+
+
+def test_prune_keeps_newest_and_drops_stale_partials(tmp_path):
+    for step in (10, 20, 30, 40):
+        make_tag(tmp_path, step)
+    make_tag(tmp_path, 35, committed=False)
+    make_tag(tmp_path, 50, committed=False)  # a save in flight after the newest: left alone
+    CheckpointManager(tmp_path, keep=2, rank=0, world_size=1)._prune("step_000040")
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["step_000030", "step_000040", "step_000050"]
+
+
+def test_report_shows_metrics_next_to_chance(tmp_path):
+    rows = [{"step": 5, "loss": 3.0},
+            {"step": 10, "eval/samples": 200.0, "eval/zeroshot/image/top1": 41.5, "eval/zeroshot/chance_top1": 3.3,
+             "eval/retrieval/image_to_text/R@1": 12.0, "eval/retrieval/image_to_text/R@10": 50.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    text = format_report(last_eval(tmp_path))
+    assert "step 10 on 200 held-out samples" in text
+    assert "image" in text and "41.5" in text and "3.3" in text
+    assert "image → text" in text and "12.0" in text and "0.50" in text  # chance R@1 = 1/200
