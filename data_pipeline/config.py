@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmfuse.config import MISSING, ConfigError
+from mmfuse.schema import MISSING, ConfigError
 
 RESIZE_MODES = ("keep_ratio", "center_crop", "border", "no")
 IMAGE_FORMATS = ("jpg", "webp", "png")

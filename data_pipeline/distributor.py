@@ -8,15 +8,21 @@ with large shards.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 from typing import Callable, Iterable, Iterator
 
 _counters: tuple | None = None  # (samples done, samples written), set in every worker process
 
 
-def _init(counters: tuple) -> None:
+def _init(counters: tuple, environ: dict | None = None) -> None:
     global _counters
     _counters = counters
+    if environ is not None:
+        # The fork server was started by the first pool of this process and kept that moment's environment;
+        # workers take the caller's current one (e.g. AWS_ENDPOINT_URL set since).
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def _count(success: bool) -> None:
@@ -36,7 +42,11 @@ def _call(worker: Callable, task) -> dict:
 def run_local(worker: Callable, tasks: Iterable, processes: int, on_tick: Callable[[int, int], None] | None = None) -> Iterator[dict]:
     """Yield each task's result as it finishes. ``on_tick(done, written)`` is called about 5 times a second."""
     tasks = list(tasks)
-    ctx = mp.get_context("spawn")
+    # forkserver: each worker forks from one server that imported the worker module once (spawn re-imports it
+    # in every process; plain fork would copy the parent's threads, s3fs's event loop and the ticker, in a
+    # locked state).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([type(worker).__module__])
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     stop = threading.Event()
     ticker = threading.Thread(target=_tick, args=(counters, on_tick, stop), daemon=True) if on_tick else None
@@ -48,9 +58,7 @@ def run_local(worker: Callable, tasks: Iterable, processes: int, on_tick: Callab
             for task in tasks:
                 yield _call(worker, task)
         else:
-            # spawn, not fork: the parent may hold threads (s3fs's event loop, the ticker) that fork would copy
-            # in a locked state.
-            with ctx.Pool(min(processes, len(tasks)), initializer=_init, initargs=(counters,), maxtasksperchild=None) as pool:
+            with ctx.Pool(min(processes, len(tasks)), initializer=_init, initargs=(counters, dict(os.environ)), maxtasksperchild=None) as pool:
                 yield from pool.imap_unordered(_PoolCall(worker), tasks)
     finally:
         stop.set()

@@ -8,12 +8,10 @@ Many fetches run concurrently per process (the worker's thread pool); each threa
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from urllib.parse import urlsplit
-
-import requests
-import urllib3
 
 from data_pipeline.config import FetchConfig
 from data_pipeline.errors import SampleError
@@ -44,7 +42,11 @@ class Fetcher:
         path = path.removeprefix("file://")
         try:
             with open(path, "rb") as f:
-                data = f.read(self.cfg.max_bytes + 1)
+                # Read exactly the file's size: a max_bytes-sized read buffer would cost an allocation per file.
+                size = os.fstat(f.fileno()).st_size
+                if size > self.cfg.max_bytes:
+                    raise SampleError("too_large", f"{size} bytes, more than {self.cfg.max_bytes}")
+                data = f.read(size + 1 if size else self.cfg.max_bytes + 1)
         except FileNotFoundError:
             raise SampleError("file_not_found", path) from None
         except PermissionError:
@@ -79,6 +81,8 @@ class Fetcher:
         return data
 
     def _session(self) -> requests.Session:
+        import requests  # imported on the http path only: local and object-store sharding never pay for it
+
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
@@ -99,6 +103,8 @@ class Fetcher:
         raise SampleError(reason, f"{detail} (after {self.cfg.retries + 1} tries)")
 
     def _http_once(self, url: str) -> bytes:
+        import requests
+
         timeout = self.cfg.timeout
         try:
             with self._session().get(url, timeout=(timeout, timeout), stream=True) as response:
@@ -150,6 +156,8 @@ def _causes(err: BaseException):
 
 
 def _caused_by_timeout(err: BaseException) -> bool:
+    import urllib3
+
     # Not urllib3's TimeoutError base: its NewConnectionError (connection refused) subclasses ConnectTimeoutError.
     return any(isinstance(e, (urllib3.exceptions.ReadTimeoutError, TimeoutError)) for e in _causes(err))
 

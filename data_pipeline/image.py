@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 
 import numpy as np
@@ -45,6 +46,22 @@ _ENCODE_ARGS = {
     "webp": lambda q: {"format": "WEBP", "quality": q, "method": 4},
     "png": lambda q: {"format": "PNG", "compress_level": 6},
 }
+
+
+def _keep_freed_image_memory() -> None:
+    """Let Pillow reuse the memory of freed images instead of returning it to malloc.
+
+    With a worker's many threads, glibc trims each thread's heap as soon as an image is freed, so the next image
+    faults its pages in again: ~340 page faults and ~15% more CPU per 1024x768 photo (bench/RESULTS.md). Pillow's
+    own cache (the PILLOW_BLOCKS_MAX / PILLOW_BLOCK_SIZE knobs) keeps up to 32 freed blocks of at most 1 MiB,
+    i.e. at most 32 MiB per process. Settings the user gave through those variables are left alone.
+    """
+    if "PILLOW_BLOCKS_MAX" not in os.environ and "PILLOW_BLOCK_SIZE" not in os.environ:
+        Image.core.set_block_size(1 << 20)
+        Image.core.set_blocks_max(32)
+
+
+_keep_freed_image_memory()
 
 
 def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, dict]:

@@ -20,7 +20,6 @@ from typing import Callable, Iterable, Iterator
 
 import pyarrow.parquet as pq
 
-from data_pipeline.audio import process_audio
 from data_pipeline.config import ShardConfig
 from data_pipeline.errors import SampleError
 from data_pipeline.fetchers import Fetcher
@@ -145,6 +144,8 @@ class ShardWorker:
             digest.update(b"text" + caption.encode())
             result.members["txt"] = caption.encode()
         if present["audio"]:
+            from data_pipeline.audio import process_audio  # soundfile + soxr: loaded by audio datasets only
+
             raw = fetch(row.audio)
             digest.update(b"audio" + hashlib.sha256(raw).digest())
             result.members["flac"], audio_meta = process_audio(raw, cfg.audio)

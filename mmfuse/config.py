@@ -22,16 +22,14 @@ import textwrap
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from mmfuse.schema import MISSING, ConfigError
 
 T = TypeVar("T")
 
 __all__ = ["MISSING", "ConfigError", "load_config", "parse_args", "to_yaml", "to_dict", "help_text"]
-
-
-class ConfigError(ValueError):
-    """A config the user wrote that cannot be used; the message names the key."""
 
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmfuse.config import ConfigError
+from mmfuse.schema import ConfigError
 
 CONTRASTIVE_KINDS = ("clip", "siglip")
 
