@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -142,8 +143,20 @@ def _json(data: bytes | None) -> dict:
 
 
 def _stack_or_zeros(values: list, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    out = torch.zeros((len(values), *shape), dtype=dtype)
+    size = (len(values), *shape)
+    if torch.utils.data.get_worker_info() is not None:
+        # In a loader worker, build the batch straight in shared memory (as torch's default_collate does): sending
+        # it to the training process then passes a file descriptor instead of copying the batch into a new segment.
+        storage = torch.UntypedStorage._new_shared(math.prod(size) * dtype.itemsize)
+        out = torch.empty(0, dtype=dtype).set_(storage).view(size)
+    else:
+        out = torch.empty(size, dtype=dtype)
+    present = [v for v in values if v is not None]
+    if present and len(present) == len(values):
+        return torch.stack(present, out=out)
     for i, value in enumerate(values):
-        if value is not None:
+        if value is None:
+            out[i].zero_()
+        else:
             out[i] = value
     return out

@@ -13,6 +13,7 @@ need no saving. Resuming skips already-consumed samples by walking tar headers, 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import math
@@ -49,6 +50,18 @@ class _RateLimitedLog:
             log.warning("loader: %s (%d so far): %s", reason, counts[reason], redact_text(detail))
 
 
+def _keep_freed_memory() -> None:
+    """glibc maps every ~600 KB image tensor fresh and unmaps it when freed, so each one costs ~150 page faults;
+    raising its mmap and trim thresholds in the worker keeps freed memory for reuse (the MALLOC_* setting that
+    DESIGN.md measured for the shard writer). Per worker, so the training process's allocator is left alone."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+
+
 class ShardStream(IterableDataset):
     """Yields whole batches; each DataLoader worker computes and reads only its own slot."""
 
@@ -73,6 +86,8 @@ class ShardStream(IterableDataset):
         return slot_plan(self.sources, cfg.mode, cfg.seed, self.epoch, slot, slots, cfg.batch_size, cfg.shuffle_window, cfg.samples_per_epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if get_worker_info() is not None:
+            _keep_freed_memory()
         slot, slots, worker, workers = self.slot()
         plan = self.plan(slot, slots)
         consumed = max(0, math.ceil((self.start_step - worker) / workers))  # this worker's batches already used
@@ -88,7 +103,9 @@ class ShardStream(IterableDataset):
                     continue
                 # Augmentation is a pure function of (seed, epoch, sample): identical after a resume, whatever the
                 # number of workers and however many samples were skipped.
-                torch.manual_seed(zlib.crc32(f"{self.cfg.seed}/{self.epoch}/{raw.key}".encode()))
+                # The CPU generator only (what CPU transforms draw from): torch.manual_seed also queues a lazy CUDA
+                # seed, formatting a stack trace each call, ~200 us per sample on a CUDA build.
+                torch.default_generator.manual_seed(zlib.crc32(f"{self.cfg.seed}/{self.epoch}/{raw.key}".encode()))
                 try:
                     decoded.append(self.decoder(raw))
                     counts["samples"] += 1

@@ -63,18 +63,22 @@ def resolved_precision(cfg: EngineConfig) -> str:
     return "fp32"
 
 
-def deepspeed_config(cfg: PretrainConfig, world_size: int, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: PretrainConfig, world_size: int, load_universal: bool = False, n_params: int = 0) -> dict:
     engine = cfg.engine
     precision = resolved_precision(engine)
     if precision != "fp32" and not torch.cuda.is_available():
         raise ValueError(f"engine.precision={precision} needs a GPU; on CPU use fp32 (or auto)")
-    zero: dict = {"stage": engine.zero_stage}
+    # DeepSpeed's default buckets (5e8 elements) are allocated per reduction; a bucket larger than the model only
+    # costs time (seconds per step for a small model on a CPU), so cap them at the parameter count.
+    bucket = (int(max(1e6, min(5e8, n_params))) // 64) * 64 if n_params else int(5e8)  # aligned for NCCL
+    zero: dict = {"stage": engine.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if engine.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if engine.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        zero["stage3_prefetch_bucket_size"] = bucket
     config = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": engine.grad_accum,
@@ -133,6 +137,6 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, world_size: int, l
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.run.steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size, load_universal),
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size, load_universal, sum(p.numel() for p in model.parameters())),
         dist_init_required=False)
     return engine, optimizer, scheduler
