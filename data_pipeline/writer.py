@@ -11,7 +11,6 @@ members, a sample's members adjacent): importing webdataset pulls in torch, two 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import tarfile
@@ -24,7 +23,8 @@ from data_pipeline.config import OutputConfig
 from data_pipeline.storage import commit_file, filesystem, is_local, join, write_bytes
 
 # Fixed tar metadata so the same samples always give the same bytes.
-_TAR_MTIME = 0.0
+_TAR_MTIME = 0
+_NUL = bytes(tarfile.RECORDSIZE)
 
 
 def shard_name(prefix: str, shard_id: int) -> str:
@@ -48,28 +48,39 @@ class ShardWriter:
         for stale in glob.glob(os.path.join(glob.escape(local_dir), f".{self.name}.*.tmp-*")):
             os.remove(stale)
         self._tmp = {ext: os.path.join(local_dir, f".{self.name}.{ext}.tmp-{os.getpid()}") for ext in ("tar", "parquet")}
-        self._tar = tarfile.open(self._tmp["tar"], "w", format=tarfile.USTAR_FORMAT)
+        self._tar = open(self._tmp["tar"], "wb")
         self.records: list[dict] = []
         self.written = 0
 
     def write(self, sample: dict) -> None:
-        """``sample``: ``__key__`` plus member extension → bytes."""
+        """``sample``: ``__key__`` plus member extension → bytes. One write per sample: header, data and padding of
+        every member (``tarfile.addfile`` makes three writes and a TarInfo copy per member, ~15% of a sample's cost)."""
         key = sample["__key__"]
+        chunks = []
         for ext, data in sample.items():
             if ext == "__key__":
                 continue
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
             info.uname = info.gname = "mmfuse"
-            self._tar.addfile(info, io.BytesIO(data))
+            chunks += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data, _NUL[: -len(data) % tarfile.BLOCKSIZE]]
+        self._tar.write(b"".join(chunks))
         self.written += 1
+
+    def _finish_tar(self) -> None:
+        """End-of-archive marker and record padding, as tarfile writes them."""
+        self._tar.write(_NUL[: 2 * tarfile.BLOCKSIZE])
+        remainder = self._tar.tell() % tarfile.RECORDSIZE
+        if remainder:
+            self._tar.write(bytes(tarfile.RECORDSIZE - remainder))
+        self._tar.close()
 
     def record(self, row: dict) -> None:
         """One parquet row per input row, whatever its status."""
         self.records.append(row)
 
     def close(self, stats: dict) -> dict:
-        self._tar.close()
+        self._finish_tar()
         stats["bytes"]["tar"] = os.path.getsize(self._tmp["tar"])
         pq.write_table(_records_table(self.records), self._tmp["parquet"])
         commit_file(self._tmp["tar"], self.fs, join(self.root, f"{self.name}.tar"), self.cfg.upload_retries)
@@ -81,10 +92,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the partial shard; nothing becomes visible."""
-        try:
-            self._tar.close()
-        except Exception:  # already broken; the partial file is removed below
-            pass
+        self._tar.close()
         for path in self._tmp.values():
             if os.path.exists(path):
                 os.remove(path)
