@@ -86,8 +86,8 @@ class RunConfig:
 @dataclass
 class LaunchConfig:
     nproc: int = 0
-    """Spawn this many local processes (gloo on CPU, NCCL on GPU); 0 runs in this process, or under an external
-    launcher (torchrun, srun, the slurm launcher) when RANK/WORLD_SIZE are set."""
+    """Spawn this many local processes (gloo on CPU, NCCL on GPU); 0 runs in this process. Ignored under an
+    external launcher (torchrun, srun, the slurm launcher): when WORLD_SIZE is set, this process is a rank."""
     master_port: int = 0
     """Port for a local spawn (0 picks a free one)."""
 

@@ -42,6 +42,10 @@ def init_distributed() -> Topology:
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        # torch's own env:// rendezvous: under torchrun it namespaces the store by restart, so ranks restarted
+        # after a failure never read the addresses of the processes they replace.
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method="env://")
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     return Topology(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank,
                     torch.device("cuda", local_rank) if cuda else torch.device("cpu"))

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    if cfg.launch.nproc > 0:
+    # Under an external launcher (torchrun, srun, the slurm launcher) this process already is a rank.
+    if cfg.launch.nproc > 0 and "WORLD_SIZE" not in os.environ:
         from pretrain.launch import spawn_local
 
         return spawn_local("pretrain", argv, cfg.launch.nproc, cfg.launch.master_port)
