@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 DEMO_STEPS ?= 300
 
-.PHONY: install test test-fast demo bench-shard clean
+.PHONY: install test test-fast demo bench-shard bench-load clean
 
 # The venv is (re)built when missing or when pyproject.toml is newer than the last install.
 $(STAMP): pyproject.toml
@@ -43,3 +43,6 @@ bench-shard: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+bench-load: $(STAMP)
+	$(PY) bench/load.py --audio
