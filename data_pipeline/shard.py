@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -116,6 +117,10 @@ def finalize(cfg: ShardConfig, tasks: list[ShardTask], seconds: float) -> dict:
         "shard_seconds": round(sum(s["seconds"] for s in stats), 2),
         "config": _public_config(cfg),
     }
+    if is_local(cfg.output.path):  # leftovers of a run killed while it finalized
+        for pattern in (".sizes.json.tmp-*", ".dataset.json.tmp-*"):
+            for stale in Path(root).glob(pattern):
+                stale.unlink()
     write_bytes(fs, join(root, "sizes.json"), json.dumps(sizes, indent=1).encode())
     write_bytes(fs, join(root, "dataset.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
     return summary

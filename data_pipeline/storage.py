@@ -83,7 +83,8 @@ def commit_file(local_path: str, fs: fsspec.AbstractFileSystem, remote_path: str
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, retries: int = 3) -> None:
     """Write a small file atomically (temp name + rename locally; one PUT on object stores)."""
     if _is_local_fs(fs):
-        tmp = f"{path}.tmp-{os.getpid()}"
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")  # hidden: never mistaken for a dataset file
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -45,8 +45,9 @@ class ShardWriter:
         local_dir = self.root if is_local(cfg.path) else tempfile.mkdtemp(prefix="mmfuse-shard-")
         self._local_dir = local_dir
         # Leftovers of this shard from a killed run go first (other shards' temp files may belong to live runs).
-        for stale in glob.glob(os.path.join(glob.escape(local_dir), f".{self.name}.*.tmp-*")):
-            os.remove(stale)
+        for pattern in (f".{self.name}.*.tmp-*", f".{self.name}_stats.json.tmp-*"):
+            for stale in glob.glob(os.path.join(glob.escape(local_dir), pattern)):
+                os.remove(stale)
         self._tmp = {ext: os.path.join(local_dir, f".{self.name}.{ext}.tmp-{os.getpid()}") for ext in ("tar", "parquet")}
         self._tar = open(self._tmp["tar"], "wb")
         self.records: list[dict] = []

@@ -45,6 +45,7 @@ def test_writer_abort_leaves_nothing(tmp_path):
 
 def test_writer_removes_its_own_stale_temp_files_only(tmp_path):
     (tmp_path / ".shard-000000.tar.tmp-999").write_bytes(b"partial")
+    (tmp_path / ".shard-000000_stats.json.tmp-999").write_bytes(b"{")
     (tmp_path / ".shard-000001.tar.tmp-999").write_bytes(b"another run's")
     ShardWriter(OutputConfig(path=str(tmp_path)), 0).abort()
     assert [p.name for p in tmp_path.iterdir()] == [".shard-000001.tar.tmp-999"]
