@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, 
         # config.json last: a reader that finds it finds the weights too.
         for name in ("model.safetensors", "open_clip_model.safetensors", "open_clip_config.json", "config.json"):
             if is_local(output):
-                os.replace(staged / name, Path(root) / name)
+                shutil.move(staged / name, Path(root) / name)  # a rename when /tmp and the output share a disk
             else:
                 commit_file(str(staged / name), fs, join(root, name))
 
