@@ -1,4 +1,4 @@
-"""Single-device model code: no torch.distributed, DeepSpeed or Accelerate here."""
+"""Single-device model code: no process groups, DeepSpeed or Accelerate in this package (parallelism is applied from outside)."""
 
 from pretrain.model.config import ModelConfig
 from pretrain.model.multimodal import MultimodalModel
