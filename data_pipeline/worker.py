@@ -88,12 +88,11 @@ class ShardWorker:
                 "written": writer.written,
                 "failed": dict(sorted(failed.items())),
                 "bytes": {"members": dict(sorted(sizes.items()))},
-                "seconds": 0.0,
+                "seconds": round(time.time() - started, 3),
                 "config_fingerprint": self.fingerprint,
                 "source": redact(task.source),
                 "row_range": [task.row_start, task.row_end],
             }
-            stats["seconds"] = round(time.time() - started, 3)
             return writer.close(stats)
         except BaseException:
             writer.abort()
