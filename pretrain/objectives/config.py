@@ -10,7 +10,8 @@ class ContrastiveConfig:
     weight: float = 1.0
     """Weight of the contrastive loss in the total (0 turns it off)."""
     pairs: dict[str, float] = field(default_factory=lambda: {"image_text": 1.0, "audio_text": 1.0, "image_audio": 1.0})
-    """Weight per modality pair; a pair is used only for samples that have both modalities."""
+    """Weight per modality pair; a pair is used only for samples that have both modalities. Switch one off with
+    objectives.contrastive.pairs.audio_text=0 (a whole-dict override merges into these defaults)."""
     use_masked_forward: bool = False
     """FLIP: feed the contrastive loss from the masked encoder pass (one pass per modality for both losses)."""
     mask_ratio: float = 0.5
