@@ -109,16 +109,21 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 1000 + self.topo.rank + 1)  # per-rank masking/augmentation streams
         return model
 
-    def build_loader(self) -> Loader:
+    def data_inputs(self, dataset: str, is_train: bool) -> tuple:
+        """(loader config for ``dataset``, image transform, tokenizer). Derived values come from the model: the
+        loader's audio shape is the audio tower's input, image size and context length are the towers'."""
         import open_clip
 
         model_cfg, data = self.cfg.model, self.cfg.data
-        # Derived values come from the model: the loader's audio shape is the audio tower's input.
         audio = dataclasses.replace(data.audio, n_mels=model_cfg.audio.n_mels, frames=model_cfg.audio.frames)
-        loader_cfg = dataclasses.replace(data, audio=audio)
-        transform = open_clip.image_transform(model_cfg.image.image_size, is_train=True)
+        transform = open_clip.image_transform(model_cfg.image.image_size, is_train=is_train)
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg.text.context_length)
-        return build_loader(loader_cfg, self.topo.rank, self.topo.world_size, transform, tokenizer, model_cfg.image.image_size)
+        return dataclasses.replace(data, train=dataset, audio=audio), transform, tokenizer
+
+    def build_loader(self) -> Loader:
+        loader_cfg, transform, tokenizer = self.data_inputs(self.cfg.data.train, is_train=True)
+        return build_loader(loader_cfg, self.topo.rank, self.topo.world_size, transform, tokenizer,
+                            self.cfg.model.image.image_size)
 
     def build_step(self) -> PretrainStep:
         objectives_cfg = self.cfg.objectives
@@ -238,15 +243,10 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        import open_clip
-
         from pretrain.evaluate import evaluate
 
         model_cfg = self.cfg.model
-        audio = dataclasses.replace(self.cfg.data.audio, n_mels=model_cfg.audio.n_mels, frames=model_cfg.audio.frames)
-        data = dataclasses.replace(self.cfg.data, train=self.cfg.data.eval, audio=audio)
-        transform = open_clip.image_transform(model_cfg.image.image_size, is_train=False)
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg.text.context_length)
+        data, transform, tokenizer = self.data_inputs(self.cfg.data.eval, is_train=False)
         # Under ZeRO-3 the parameters are partitioned: gather them for the evaluation forward passes.
         gathered = contextlib.nullcontext()
         if self.cfg.engine.zero_stage == 3:

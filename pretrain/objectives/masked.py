@@ -56,7 +56,7 @@ class MaskedAudio(_MaskedPatches):
     modality = "audio"
 
 
-def mask_tokens(text: torch.Tensor, prob: float, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mask_tokens(text: torch.Tensor, prob: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BERT masking of caption tokens (not start/end/padding). Returns (inputs, selected mask, replace-with-mask-embedding mask)."""
     maskable = (text != 0) & (text != START_OF_TEXT) & (text != END_OF_TEXT)
     selected = (torch.rand(text.shape, device=text.device) < prob) & maskable
@@ -88,7 +88,7 @@ class MaskedText:
 
     def __call__(self, model, batch, forward: Forward, ctx: DistContext) -> dict[str, torch.Tensor]:
         text = batch["text"][forward.rows("text")]
-        inputs, selected, use_mask = mask_tokens(text, self.cfg.mask_prob, model.cfg.text.vocab_size)
+        inputs, selected, use_mask = mask_tokens(text, self.cfg.mask_prob)
         encoded = model.encode_text(inputs, causal=False, masked=use_mask)
         return {"masked_text": _token_loss(model.text_mlm_head, encoded.tokens, text, selected, ctx)}
 
@@ -108,7 +108,7 @@ class CrossModalMasked:
         # Samples with text and at least one other modality.
         usable = has_text & (batch["has_image"] | batch["has_audio"])
         text = batch["text"][usable]
-        inputs, selected, use_mask = mask_tokens(text, self.cfg.mask_prob, model.cfg.text.vocab_size)
+        inputs, selected, use_mask = mask_tokens(text, self.cfg.mask_prob)
         encoded = model.encode_text(inputs, causal=False, masked=use_mask)
         contexts, padding = {}, {}
         for modality in ("image", "audio"):

@@ -41,7 +41,7 @@ def test_mask_tokens_never_touches_special_tokens():
     torch.manual_seed(0)
     text = torch.zeros(64, 12, dtype=torch.long)
     text[:, 0], text[:, 1:9], text[:, 9] = 49406, torch.randint(1, 1000, (64, 8)), 49407
-    inputs, selected, use_mask = mask_tokens(text, 0.15, 49408)
+    inputs, selected, use_mask = mask_tokens(text, 0.15)
     assert not selected[:, [0, 9, 10, 11]].any() and selected.any(dim=1).all()
     assert (use_mask <= selected).all()
     assert torch.equal(inputs[~selected], text[~selected])
