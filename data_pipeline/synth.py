@@ -2,7 +2,8 @@
 
 Each scene holds 1-3 coloured shapes. From one scene come a JPEG (shapes over a textured background), five
 reference captions, a FLAC clip that plays one tone per object (pitch = colour, timbre = shape, loudness = size),
-a class label (colour + shape of the largest object) and one VQA question with ten annotator answers.
+a class label (colour + shape of the largest object) and one VQA question with ten annotator answers. The same
+samples are also written as standard task files (COCO captions, VQA v2 questions + annotations, class folders).
 
 Everything is a pure function of (seed, index): each sample draws from its own ``np.random.default_rng([seed,
 index, stream])``, so any sample can be regenerated alone and two runs with one seed give identical bytes.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -312,12 +314,35 @@ def run(cfg: SynthConfig) -> Path:
         _write_atomic(out / row["audio"], _encode_flac(audio, cfg.audio_sample_rate))
         rows.append(row)
     _remove_stale(out, cfg.num_samples)
+    write_standard_files(out, rows)
     _write_atomic(out / "classes.json", json.dumps(CLASSES, indent=1).encode())
     _write_atomic(out / "synth.json", json.dumps(to_dict(cfg), indent=1).encode())
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buffer)
     _write_atomic(manifest, buffer.getvalue().to_pybytes())
     return manifest
+
+
+def write_standard_files(out: Path, rows: list[dict]) -> None:
+    """The same samples as the standard task files fine-tuning reads: COCO captions JSON, VQA v2 questions and
+    annotations JSON (with an ``images`` list naming the files), and a class-per-folder tree (hard links)."""
+    images = [{"id": int(r["id"]), "file_name": r["image"]} for r in rows]
+    coco = {"images": images, "annotations": [
+        {"id": int(r["id"]) * 10 + j, "image_id": int(r["id"]), "caption": c} for r in rows for j, c in enumerate(r["captions"])]}
+    questions = {"data_subtype": "shapes", "images": images, "questions": [
+        {"question_id": r["question_id"], "image_id": int(r["id"]), "question": r["question"]} for r in rows]}
+    annotations = {"data_subtype": "shapes", "annotations": [
+        {"question_id": r["question_id"], "image_id": int(r["id"]), "question_type": r["question_type"],
+         "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(r["answers"])]} for r in rows]}
+    for name, value in (("coco_captions.json", coco), ("vqa_questions.json", questions), ("vqa_annotations.json", annotations)):
+        _write_atomic(out / name, json.dumps(value).encode())
+    classes = out / "classes"
+    if classes.exists():
+        shutil.rmtree(classes)
+    for r in rows:
+        folder = classes / r["label_name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        os.link(out / r["image"], folder / f"{r['id']}.jpg")
 
 
 def _remove_stale(out: Path, num_samples: int) -> None:

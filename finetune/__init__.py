@@ -1,1 +1,5 @@
-"""finetune stage: lands with its issue (see docs/ and the issue tracker)."""
+"""Fine-tuning and evaluation of released checkpoints: zero-shot, retrieval, captioning, VQA, classification.
+
+``mmfuse finetune --config configs/finetune/<task>.yaml checkpoint=RELEASE data.train=... data.eval=... run.dir=RUN``
+trains and evaluates; ``mmfuse eval`` (same config) only evaluates. See docs/finetune.md.
+"""

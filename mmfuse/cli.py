@@ -15,6 +15,8 @@ STAGES = {
     "verify": ("data_pipeline.verify", "check every shard of a dataset against sizes.json and its stats"),
     "pretrain": ("pretrain.run", "pre-train with contrastive + masked objectives under DeepSpeed ZeRO (launch.nproc=N)"),
     "export": ("pretrain.export", "consolidate a training checkpoint into a release folder (safetensors + open_clip export)"),
+    "finetune": ("finetune.run", "fine-tune a release on zeroshot / retrieval / caption / vqa / classify, then evaluate"),
+    "eval": ("finetune.eval", "evaluate a release on one task without training (metrics.json + RESULTS.md)"),
 }
 
 

@@ -1,0 +1,294 @@
+"""Task data → batches in the loader's batch format, whatever the source.
+
+Shards (``mmfuse shard`` output, task fields in the json member) stream through the training loader itself. The
+standard files are read into records and decoded by the same ``Decoder``, so a batch always has ``image``,
+``text``, ``audio`` with ``has_*`` masks, ``__key__``, and the task fields (``label``, ``captions``,
+``question``, ``question_id``, ``answers``, ``image_id``):
+
+- COCO captions JSON (``images`` + ``annotations``) with an image folder: one sample per image, every reference
+  caption in ``captions``;
+- VQA v2 questions JSON + annotations JSON with an image folder (COCO file names, or an ``images`` list);
+- a class-per-folder image tree (``label`` = index of the sorted folder name);
+- a CSV / JSONL / parquet manifest (``image``, ``text``, ``audio`` columns; other columns pass through).
+
+Training order is a function of (seed, epoch); every rank gets the same number of batches; the position
+(epoch, batch) is the resume state. Evaluation gives each rank a disjoint share of the samples, each sample once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from data_pipeline.config import LoaderConfig
+from data_pipeline.decode import Decoder, decode_audio
+from data_pipeline.errors import SampleError
+from data_pipeline.storage import filesystem, redact
+from finetune.config import FinetuneConfig
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+TASK_FIELDS = ["label", "label_name", "question", "question_id", "question_type", "answers", "captions", "image_id"]
+
+
+@dataclass
+class Record:
+    """One sample of a standard file, before decoding."""
+
+    key: str
+    image: str | None = None
+    audio: str | None = None
+    text: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def detect_format(path: str, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    fs, inner = filesystem(path)
+    lower = inner.lower()
+    if lower.endswith(".tar") or "{" in lower:
+        return "shards"
+    if fs.isdir(inner):
+        return "shards" if fs.exists(posixpath.join(inner, "sizes.json")) else "folder"
+    if lower.endswith(".json"):
+        head = json.loads(fs.cat_file(inner))
+        if isinstance(head, dict) and "questions" in head:
+            return "vqa"
+        if isinstance(head, dict) and "annotations" in head and "images" in head:
+            return "coco"
+    if lower.endswith((".csv", ".tsv", ".jsonl", ".parquet", ".jsonl.gz", ".csv.gz")):
+        return "manifest"
+    raise ValueError(f"cannot tell the format of {redact(path)!r}; set data.format to shards, coco, vqa, folder or manifest")
+
+
+def read_records(path: str, fmt: str, images: str = "", annotations: str = "") -> list[Record]:
+    """The samples of a standard file, in a fixed order (sorted by key)."""
+    fs, inner = filesystem(path)
+    if not fs.exists(inner):
+        raise ValueError(f"data {redact(path)!r} does not exist")
+    base = images or posixpath.dirname(path)
+    if fmt == "coco":
+        records = _coco_records(json.loads(fs.cat_file(inner)), base)
+    elif fmt == "vqa":
+        if not annotations:
+            raise ValueError(f"VQA questions {redact(path)!r} need their annotations JSON (data.train_annotations / "
+                             "data.eval_annotations)")
+        afs, ainner = filesystem(annotations)
+        records = _vqa_records(json.loads(fs.cat_file(inner)), json.loads(afs.cat_file(ainner)), base)
+    elif fmt == "folder":
+        records = _folder_records(path)
+    elif fmt == "manifest":
+        records = _manifest_records(path, images)
+    else:
+        raise ValueError(f"read_records does not read format {fmt!r}")
+    if not records:
+        raise ValueError(f"data {redact(path)!r} ({fmt}) holds no samples")
+    return sorted(records, key=lambda r: r.key)
+
+
+def _join(base: str, name: str) -> str:
+    return name if "://" in name or name.startswith("/") else posixpath.join(base, name)
+
+
+def _coco_records(coco: dict, base: str) -> list[Record]:
+    captions: dict[Any, list[str]] = {}
+    for ann in coco["annotations"]:
+        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    records = []
+    for image in coco["images"]:
+        refs = captions.get(image["id"], [])
+        records.append(Record(key=str(image["id"]), image=_join(base, image["file_name"]), text=refs[0] if refs else None,
+                              meta={"image_id": image["id"], "captions": refs}))
+    return records
+
+
+def _vqa_records(questions: dict, annotations: dict, base: str) -> list[Record]:
+    answers = {a["question_id"]: a for a in annotations["annotations"]}
+    files = {img["id"]: img["file_name"] for img in questions.get("images", [])}
+    subtype = questions.get("data_subtype", "")
+    records = []
+    for q in questions["questions"]:
+        ann = answers.get(q["question_id"])
+        if ann is None:
+            raise ValueError(f"question {q['question_id']} has no annotation in the annotations JSON")
+        name = files.get(q["image_id"]) or f"{subtype}/COCO_{subtype}_{q['image_id']:012d}.jpg"
+        records.append(Record(key=str(q["question_id"]), image=_join(base, name), meta={
+            "question_id": q["question_id"], "image_id": q["image_id"], "question": q["question"],
+            "question_type": ann.get("question_type", ""), "answers": [a["answer"] for a in ann["answers"]]}))
+    return records
+
+
+def _folder_records(path: str) -> list[Record]:
+    fs, inner = filesystem(path)
+    root = inner.rstrip("/")
+    classes = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p))
+    if not classes:
+        raise ValueError(f"{redact(path)!r} has no class subfolders (expected ROOT/<class name>/<image>)")
+    protocol = path.split("://", 1)[0] + "://" if "://" in path else ""
+    records = []
+    for label, name in enumerate(classes):
+        for file in sorted(fs.find(f"{root}/{name}")):
+            if file.lower().endswith(IMAGE_SUFFIXES):
+                stem = file[len(root):].lstrip("/").rsplit(".", 1)[0]
+                records.append(Record(key=stem, image=protocol + file, meta={"label": label, "label_name": name}))
+    return records
+
+
+def _manifest_records(path: str, images: str) -> list[Record]:
+    from data_pipeline.config import InputConfig
+    from data_pipeline.readers import detect_format as manifest_format, load_rows
+
+    fmt = manifest_format(path, "auto")
+    rows = load_rows(path, fmt, InputConfig(path=path, pass_through=True))
+    records = []
+    for row in rows:
+        meta = dict(row.extra)
+        key = str(meta.pop("key", None) or meta.pop("id", None) or f"{row.index:09d}")
+        image = _join(images, posixpath.relpath(row.image, posixpath.dirname(path))) if images and row.image else row.image
+        text = row.text.decode() if isinstance(row.text, bytes) else row.text
+        records.append(Record(key=key, image=image, audio=row.audio, text=text, meta=meta))
+    return records
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """Records decoded by the loader's Decoder; a sample that fails to decode is counted and left out of its batch."""
+
+    def __init__(self, records: list[Record], decoder: Decoder):
+        self.records, self.decoder = records, decoder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.records[index]
+        sample: dict[str, Any] = {"__key__": record.key, "meta": record.meta}
+        try:
+            if record.image:
+                sample["image"] = self.decoder.decode_image(_read(record.image, self.decoder.cfg.max_member_bytes))
+            if record.audio:
+                sample["audio"] = decode_audio(_read(record.audio, self.decoder.cfg.max_member_bytes), self.decoder.cfg.audio)
+        except (SampleError, OSError, FileNotFoundError) as err:
+            return {"__error__": getattr(err, "reason", type(err).__name__), "__key__": record.key}
+        if record.text:
+            sample["text"] = record.text
+        return sample
+
+    def collate(self, samples: list[dict | None]) -> dict[str, Any]:
+        good = [s for s in samples if "__error__" not in s]
+        batch = self.decoder.collate(good)
+        batch["__errors__"] = [s["__error__"] for s in samples if "__error__" in s]
+        return batch
+
+
+def _read(location: str, limit: int) -> bytes:
+    fs, inner = filesystem(location)
+    if fs.size(inner) > limit:
+        raise SampleError("member_too_large")
+    return fs.cat_file(inner)
+
+
+class BatchPlan(torch.utils.data.Sampler):
+    """Batches of record indices for one rank: training shuffles by (seed, epoch) and pads by wrapping so every
+    rank gets the same number of full batches; evaluation takes every world_size-th sample, in order."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, train: bool):
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.train = n, batch_size, rank, world, seed, train
+        self.epoch, self.start = 0, 0
+
+    def indices(self) -> list[int]:
+        if not self.train:
+            return list(range(self.rank, self.n, self.world))
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        per_rank = -(-self.n // (self.world * self.batch_size)) * self.batch_size
+        order = np.resize(order, per_rank * self.world)  # wraps around: the last batches repeat early samples
+        return order[self.rank::self.world].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.indices()
+        batches = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        yield from batches[self.start:]
+
+    def __len__(self) -> int:
+        return -(-len(self.indices()) // self.batch_size)
+
+
+class TaskData:
+    """One split for one rank: ``for batch in data`` runs one epoch (training: from the resume position)."""
+
+    def __init__(self, cfg: FinetuneConfig, split: str, rank: int, world: int, transform, tokenizer, image_size: int,
+                 audio_shape: tuple[int, int]):
+        data = cfg.data
+        self.path = data.train if split == "train" else data.eval
+        self.train = split == "train"
+        self.format = detect_format(self.path, data.format)
+        loader_cfg = LoaderConfig(train=self.path, mode="exact", batch_size=data.batch_size, workers=data.workers,
+                                  seed=data.seed, shuffle_window=data.shuffle_window if self.train else 1,
+                                  members=dataclasses.replace(data.members, task_fields=TASK_FIELDS),
+                                  audio=dataclasses.replace(data.audio, n_mels=audio_shape[0], frames=audio_shape[1]))
+        decoder = Decoder(loader_cfg, transform, tokenizer, image_size)
+        self.epoch, self.step = 0, 0
+        if self.format == "shards":
+            from data_pipeline.loader import Loader
+
+            self.loader = Loader(loader_cfg, decoder, rank, world)
+            self.plan = None
+        else:
+            images = data.train_images if self.train else data.eval_images
+            annotations = data.train_annotations if self.train else data.eval_annotations
+            self.records = read_records(self.path, self.format, images, annotations)
+            dataset = RecordDataset(self.records, decoder)
+            self.plan = BatchPlan(len(self.records), data.batch_size, rank, world, data.seed, self.train)
+            self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.plan, collate_fn=dataset.collate,
+                                                      num_workers=data.workers, persistent_workers=False)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.plan is None:
+            for batch in self.loader:
+                self.epoch, self.step = self.loader.epoch, self.loader.step
+                yield batch
+            self.epoch, self.step = self.loader.epoch, self.loader.step
+            return
+        self.plan.epoch, self.plan.start = self.epoch, self.step
+        for batch in self.loader:
+            self.step += 1
+            yield batch
+        if self.train:
+            self.epoch, self.step = self.epoch + 1, 0
+
+    def forever(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.plan is None:
+            return {"loader": self.loader.state_dict()}
+        return {"epoch": self.epoch, "step": self.step, "samples": len(self.records)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.plan is None:
+            self.loader.load_state_dict(state["loader"])
+            return
+        if state["samples"] != len(self.records):
+            raise ValueError(f"cannot resume exactly: the training data had {state['samples']} samples, now {len(self.records)}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def metas(self) -> list[dict]:
+        """Every sample's task fields (class names, answer vocabularies), read without decoding any media."""
+        if self.plan is not None:
+            return [r.meta for r in self.records]
+        from data_pipeline.sources import resolve_sources
+        from data_pipeline.tarstream import iter_samples
+
+        found = []
+        for source in resolve_sources(self.path):
+            for shard in source.shards:
+                for raw in iter_samples(shard.url, {"json"}, 1 << 20):
+                    meta = json.loads(raw.members.get("json", b"{}"))
+                    found.append(meta if isinstance(meta, dict) else {})
+        return found

@@ -1,0 +1,47 @@
+"""``mmfuse finetune --config configs/finetune/<task>.yaml checkpoint=RELEASE data.train=... data.eval=... run.dir=RUN``
+(``mmfuse eval``: the same config, evaluation only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from mmfuse.config import parse_args
+from finetune.config import FinetuneConfig
+
+DESCRIPTION = {
+    "finetune": "Fine-tune a released checkpoint on one task (zeroshot, retrieval, caption, vqa, classify) and evaluate it.",
+    "eval": "Evaluate a released checkpoint on one task (zeroshot, retrieval, caption, vqa, classify) without training.",
+}
+
+
+def run(cfg: FinetuneConfig, train: bool = True) -> dict:
+    from finetune.trainer import Finetuner
+
+    return Finetuner(cfg, train=train).run()
+
+
+def main(argv: list[str] | None = None, stage: str = "finetune") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(FinetuneConfig, argv, prog=f"mmfuse {stage}", description=DESCRIPTION[stage])
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    # Everything that can be checked without the model fails here, before any process starts.
+    from finetune.checkpoint import check_checkpoint
+    from finetune.trainer import resolve_resume
+
+    check_checkpoint(cfg)
+    if stage == "finetune":
+        resolve_resume(cfg)
+    if cfg.launch.nproc > 0 and "WORLD_SIZE" not in os.environ:
+        from pretrain.launch import spawn_local
+
+        return spawn_local(f"finetune.{'run' if stage == 'finetune' else 'eval'}", argv, cfg.launch.nproc, cfg.launch.master_port)
+    run(cfg, train=stage == "finetune")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

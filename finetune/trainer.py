@@ -1,0 +1,321 @@
+"""The fine-tuning loop on Accelerate (DDP, or DeepSpeed ZeRO through its plugin), read top to bottom as a recipe.
+
+Each rank: load the checkpoint → build the task (heads on the backbone) and its data → freeze what does not train
+→ optimizer with layer-wise lr decay and a separate head lr → resume if a committed checkpoint exists → evaluate
+the untrained baseline / zero-shot retention if asked → train (loss, backward, clip, step; signals agreed across
+ranks; log; checkpoint) → evaluate → write metrics.json, predictions and the results card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from finetune.checkpoint import load_checkpoint
+from finetune.config import FinetuneConfig
+from finetune.data import TaskData
+from finetune.evaluation import evaluate
+from finetune.results import write_outputs
+from finetune.tasks import TaskContext, build_task
+from mmfuse.config import to_yaml
+from pretrain.logger import MetricsLogger
+
+log = logging.getLogger("mmfuse.finetune")
+logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one INFO line per saved file
+MARKER = "COMMITTED"
+_TAG = re.compile(r"^step_(\d+)$")
+_LAYER = re.compile(r"\.(?:resblocks|blocks)\.(\d+)\.")
+_EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "token_embedding", "patch_embed",
+               "cls_token", "pos_embed")
+_NO_DECAY = ("embedding", "cls_token", "pos_embed", "logit_scale", "logit_bias")
+
+
+def layer_scale(name: str, model_cfg, decay: float) -> float:
+    """lr multiplier of a backbone parameter: decay ** (layers + 1 - its depth); embeddings are depth 0."""
+    if decay == 1.0:
+        return 1.0
+    towers = (("backbone.clip.visual.", model_cfg.image.layers), ("backbone.audio.", model_cfg.audio.layers),
+              ("backbone.clip.", model_cfg.text.layers))
+    for prefix, layers in towers:
+        if name.startswith(prefix):
+            match = _LAYER.search(name)
+            if match:
+                depth = int(match.group(1)) + 1
+            elif any(f".{e}" in name for e in _EMBEDDINGS):
+                depth = 0
+            else:
+                depth = layers + 1
+            return decay ** (layers + 1 - depth)
+    return 1.0  # fusion encoder, temperatures: the top
+
+
+def param_groups(task, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW groups: (lr, weight decay) per parameter, merged by value."""
+    heads = {id(p) for p in task.head_parameters()}
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in task.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = cfg.optim.head_lr if id(param) in heads else cfg.optim.lr * layer_scale(name, task.backbone.cfg, cfg.optim.layer_decay)
+        decay = 0.0 if param.ndim < 2 or any(k in name for k in _NO_DECAY) else cfg.optim.weight_decay
+        groups.setdefault((lr, decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+
+
+def lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    warmup, total = cfg.optim.warmup_steps, max(1, cfg.run.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.optim.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Finetuner:
+    def __init__(self, cfg: FinetuneConfig, train: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.cfg, self.training = cfg, train and cfg.trains
+        plugin = None
+        if cfg.run.deepspeed_stage:
+            from accelerate.utils import DeepSpeedPlugin
+
+            plugin = DeepSpeedPlugin(zero_stage=cfg.run.deepspeed_stage, gradient_clipping=cfg.optim.grad_clip or None)
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.run.precision,
+                                       deepspeed_plugin=plugin,
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.run_dir = Path(cfg.run.dir)
+        if self.accelerator.is_main_process:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.accelerator.wait_for_everyone()
+        set_seed(cfg.seed)
+        backbone, self.checkpoint = load_checkpoint(cfg)
+        self.train_data, self.eval_data = self.build_data(backbone)
+        self.task = build_task(cfg, backbone, TaskContext(self.tokenizer, self.train_data, self.eval_data))
+        self.task.freeze_unused()
+        if hasattr(self.task, "remember_zero_shot"):
+            self.task.remember_zero_shot()
+        self.metrics = MetricsLogger(self.run_dir, self.accelerator.is_main_process)
+        self.step, self.stop_requested = 0, False
+        if self.training:
+            optimizer = torch.optim.AdamW(param_groups(self.task, cfg), betas=(0.9, 0.98), eps=1e-6)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+            self.model, self.optimizer = self.accelerator.prepare(self.task, optimizer)
+            self.accelerator.register_for_checkpointing(self.scheduler)
+            self.resume()
+        else:
+            self.model = self.task.to(self.accelerator.device)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGUSR1, self.request_stop)
+
+    # ---- setup ----
+    def build_data(self, backbone) -> tuple[TaskData | None, TaskData]:
+        import open_clip
+
+        mc = backbone.cfg
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=mc.text.context_length)
+        audio_shape = (mc.audio.n_mels, mc.audio.frames)
+        eval_transform = open_clip.image_transform(mc.image.image_size, is_train=False)
+        eval_data = TaskData(self.cfg, "eval", self.rank, self.world, eval_transform, self.tokenizer, mc.image.image_size,
+                             audio_shape)
+        train_data = None
+        if self.training:
+            if not self.cfg.data.train:
+                raise ValueError(f"task {self.cfg.task} trains for run.steps={self.cfg.run.steps} steps but data.train is empty")
+            train_transform = open_clip.image_transform(mc.image.image_size, is_train=True)
+            train_data = TaskData(self.cfg, "train", self.rank, self.world, train_transform, self.tokenizer,
+                                  mc.image.image_size, audio_shape)
+        self.retention_data = None
+        if self.cfg.retention.data:
+            retention_cfg = _with_eval_data(self.cfg, self.cfg.retention.data)
+            self.retention_data = TaskData(retention_cfg, "eval", self.rank, self.world, eval_transform, self.tokenizer,
+                                           mc.image.image_size, audio_shape)
+        return train_data, eval_data
+
+    def request_stop(self, signum, frame) -> None:
+        log.warning("rank %d got signal %d: checkpointing at the next step boundary", self.rank, signum)
+        self.stop_requested = True
+
+    # ---- the recipe ----
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        results: dict[str, Any] = {}
+        if self.retention_data is not None and self.step == 0:
+            results["retention/before"] = self.retention()
+        if cfg.run.baseline and self.training and self.step == 0:
+            results["baseline"], _ = self.evaluate()
+        if self.training:
+            self.train()
+        metrics, records = self.evaluate()
+        results["metrics"] = metrics
+        if self.training and cfg.task == "zeroshot" and cfg.zeroshot.wise_ft >= 0:
+            self.task.wise_ft(cfg.zeroshot.wise_ft)
+            results["wise_ft"], _ = self.evaluate()
+        if self.retention_data is not None:
+            results["retention/after"] = self.retention()
+        self.metrics.log(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+        self.metrics.close()
+        if self.accelerator.is_main_process:
+            write_outputs(self.run_dir, cfg, self.task, self.checkpoint, results, records, self.step)
+        self.accelerator.wait_for_everyone()
+        return results
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg.run
+        batches = self.train_data.forever()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"finetune {self.cfg.task}", unit="step",
+                   disable=not self.accelerator.is_main_process)
+        window_start, window_samples = time.perf_counter(), 0
+        self.model.train()
+        while self.step < cfg.steps:
+            batch = self.to_device(next(batches))
+            loss = self.model(batch)
+            self.accelerator.backward(loss)
+            if self.cfg.optim.grad_clip and not self.cfg.run.deepspeed_stage:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window_samples += len(batch["__key__"])
+            bar.update(1)
+            stop = self.agree(self.stop_requested)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                loss_value = self.accelerator.reduce(loss.detach().reshape(1), reduction="mean").item()
+                self.metrics.log(self.step, {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                                             "samples_per_s": window_samples * self.world / max(elapsed, 1e-9)})
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                window_start, window_samples = time.perf_counter(), 0
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                metrics, _ = self.evaluate()
+                self.metrics.log(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+            if stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
+                self.save()
+            if stop:
+                bar.close()
+                raise SystemExit(f"stopped at step {self.step} after a signal; checkpoint committed, rerun to resume")
+        bar.close()
+
+    def evaluate(self) -> tuple[dict[str, float], list]:
+        task = self.accelerator.unwrap_model(self.model)
+        metrics, records = evaluate(task, _OnDevice(self.eval_data, self), self.rank, self.world, self.cfg.data.max_eval_samples)
+        if self.accelerator.is_main_process:
+            log.info("eval at step %d: %s", self.step, {k: round(v, 2) for k, v in metrics.items()})
+        return metrics, records
+
+    def retention(self) -> dict[str, float]:
+        from finetune.tasks.zeroshot import classnames_from_metas, zero_shot_accuracy
+
+        ret = self.cfg.retention
+        classnames = classnames_from_metas(self.retention_data.metas())
+        backbone = self.accelerator.unwrap_model(self.model).backbone
+        was_training = backbone.training
+        backbone.eval()
+        metrics = zero_shot_accuracy(backbone, self.tokenizer, _OnDevice(self.retention_data, self), classnames,
+                                     list(ret.templates), ret.modality, self.rank, self.world)
+        backbone.train(was_training)
+        return metrics
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        device = self.accelerator.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def agree(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    # ---- checkpoints: accelerate's state + the loop's, trusted only with COMMITTED ----
+    def save(self) -> Path:
+        root = self.run_dir / "checkpoints"
+        folder = root / f"step_{self.step:06d}"
+        self.accelerator.save_state(str(folder))
+        states = [self.train_data.state_dict()]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, self.train_data.state_dict())
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (folder / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world,
+                                                                   "data": states}))
+            tmp = folder / (MARKER + ".tmp")
+            tmp.write_text(json.dumps({"step": self.step, "time": time.time()}))
+            os.replace(tmp, folder / MARKER)
+            for old in committed(root)[:-max(1, self.cfg.run.keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def resume(self) -> None:
+        folder = resolve_resume(self.cfg)
+        if folder is None:
+            return
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state["world_size"] != self.world:
+            raise ValueError(f"checkpoint {folder} was written by {state['world_size']} processes, this run has {self.world}: "
+                             "resume with the same launch.nproc")
+        self.accelerator.load_state(str(folder))
+        self.step = int(state["step"])
+        self.train_data.load_state_dict(state["data"][self.rank])
+        log.info("resumed from %s at step %d", folder, self.step)
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoint folders, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
+
+
+def resolve_resume(cfg: FinetuneConfig) -> Path | None:
+    """The checkpoint to resume from, checked before any work starts."""
+    resume = cfg.run.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = committed(Path(cfg.run.dir) / "checkpoints")
+        return found[-1] if found else None
+    folder = Path(resume)
+    if not (folder / MARKER).is_file():
+        raise ValueError(f"run.resume={resume!r} is not a committed fine-tuning checkpoint (no {MARKER} marker)")
+    return folder
+
+
+def _with_eval_data(cfg: FinetuneConfig, path: str) -> FinetuneConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=path, format="auto", eval_images="",
+                                                             eval_annotations=""))
+
+
+class _OnDevice:
+    """A TaskData whose batches are moved to the accelerator's device."""
+
+    def __init__(self, data: TaskData, trainer: Finetuner):
+        self.data, self.trainer = data, trainer
+
+    def __iter__(self):
+        for batch in self.data:
+            yield self.trainer.to_device(batch)
