@@ -128,3 +128,114 @@ def test_answer_vocab_is_most_frequent_normalised_with_alphabetical_ties():
     assert answer_vocab(iter(lists), top_k=1) == ["yes"]              # any iterable, read once
     with pytest.raises(ValueError):
         answer_vocab(lists, top_k=0)
+
+
+# --- Caption metrics ----------------------------------------------------------------------------------------------
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None,
+                                reason="java is not on PATH (pycocoevalcap's PTB tokenizer and METEOR are Java programs)")
+
+REFERENCES = {
+    3: ["A brown dog runs across a grassy field.", "A dog running on the grass.", "The brown dog is running outside.",
+        "A puppy sprints through a green field.", "A dog plays in a park on a sunny day."],
+    7: ["Two people ride bicycles down a city street.", "A pair of cyclists on a busy road.",
+        "Two bikers riding next to cars.", "People cycling along a street in town.", "Two men on bikes in traffic."],
+    11: ["A plate of pasta with tomato sauce.", "Spaghetti and sauce served on a white plate.",
+         "A bowl of noodles covered in red sauce.", "Pasta dinner on a table.", "A close-up of a spaghetti dish."],
+    12: ["A red bus parked at the curb.", "A double-decker bus on a London street.", "A big red bus waits for riders.",
+         "The bus is stopped by the sidewalk.", "A red passenger bus near a building."],
+    20: ["A cat sleeping on a couch.", "A grey cat naps on the sofa.", "The kitten is curled up on a cushion.",
+         "A cat lying on a living room couch.", "A sleepy cat resting on furniture."],
+    31: ["A man surfing a large wave.", "A surfer rides a wave in the ocean.", "Someone on a surfboard in the sea.",
+         "A person catching a wave on a board.", "A surfer in a wetsuit on a blue wave."],
+}
+PREDICTIONS = {
+    3: "a brown dog running across a field",
+    7: "Two people riding bikes on a street.",
+    11: "a plate of spaghetti with sauce",
+    12: "A red bus parked at the curb.",          # one of the references, word for word
+    20: "a dog sitting on a bed",                # mostly wrong
+    31: "",                                      # an empty caption (a decoder that ends at once)
+}
+
+
+def _children() -> set[int]:
+    """Pids of the live child processes of this process."""
+    import os
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid():
+                pids.add(int(entry))
+    return pids
+
+
+def _cocoevalcap(tmp_path, monkeypatch, predictions, references) -> dict[str, float]:
+    """pycocoevalcap's own evaluation: COCO objects from an annotation file and a results file, then COCOEvalCap
+    with SPICE replaced by a stub (it would download CoreNLP)."""
+    import pycocoevalcap.eval
+    from pycocoevalcap.eval import COCOEvalCap
+    from pycocotools.coco import COCO
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+        def method(self):
+            return "SPICE"
+
+    monkeypatch.setattr(pycocoevalcap.eval, "Spice", NoSpice)
+    annotations = {"info": {}, "licenses": [], "type": "captions",
+                   "images": [{"id": i} for i in references],
+                   "annotations": [{"image_id": i, "id": 100 * i + k, "caption": c}
+                                   for i, refs in references.items() for k, c in enumerate(refs)]}
+    (tmp_path / "captions.json").write_text(json.dumps(annotations))
+    (tmp_path / "results.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in predictions.items()]))
+    coco = COCO(str(tmp_path / "captions.json"))
+    evaluator = COCOEvalCap(coco, coco.loadRes(str(tmp_path / "results.json")))
+    evaluator.evaluate()
+    names = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4", "METEOR": "METEOR",
+             "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr"}
+    return {names[k]: v for k, v in evaluator.eval.items() if k in names}
+
+
+@needs_java
+def test_caption_scores_equal_pycocoevalcaps_own_evaluation(tmp_path, monkeypatch):
+    from finetune.metrics.caption import METRICS, caption_scores
+
+    before = _children()
+    ours = caption_scores(PREDICTIONS, REFERENCES)
+    assert _children() == before  # METEOR's Java process is stopped, not left for the garbage collector
+    reference = _cocoevalcap(tmp_path, monkeypatch, PREDICTIONS, REFERENCES)
+    assert list(ours) == METRICS and set(reference) == set(METRICS)
+    for name in METRICS:
+        assert ours[name] == pytest.approx(reference[name], abs=1e-9), name
+    assert 0.1 < ours["BLEU-1"] < 1 and 0 < ours["CIDEr"]  # a real score, not a degenerate 0 or 1
+
+
+@needs_java
+def test_a_right_caption_scores_higher_than_a_wrong_one():
+    from finetune.metrics.caption import caption_scores
+
+    ids = list(REFERENCES)
+    right = {i: REFERENCES[i][0] for i in ids}
+    # Each image gets the first reference of the next image.
+    wrong = {i: REFERENCES[ids[(k + 1) % len(ids)]][0] for k, i in enumerate(ids)}
+    good, bad = caption_scores(right, REFERENCES), caption_scores(wrong, REFERENCES)
+    for name in good:
+        assert good[name] > bad[name], name
+
+
+def test_caption_inputs_are_checked_and_results_are_in_coco_format():
+    from finetune.metrics.caption import caption_scores, coco_results
+
+    assert coco_results({7: "b", 3: "a"}) == [{"image_id": 3, "caption": "a"}, {"image_id": 7, "caption": "b"}]
+    with pytest.raises(ValueError, match="without a prediction: \\[7\\]"):
+        caption_scores({3: "a dog"}, {3: ["a dog"], 7: ["a cat"]})
+    with pytest.raises(ValueError, match="without reference captions: \\[3\\]"):
+        caption_scores({3: "a dog"}, {3: []})
