@@ -14,6 +14,8 @@ PRESETS = {"model.flavor": "model/{}.yaml"}
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("skip", "halt")
+TOWERS = ("image", "text", "audio")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -53,8 +55,15 @@ class EngineConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step. The contrastive negatives of each micro-step are its own global batch
     (world_size x data.batch_size), not the accumulated one."""
-    gradient_checkpointing: bool = False
-    """Recompute tower activations in backward to save memory."""
+    gradient_checkpointing: list[str] = field(default_factory=list)
+    """Towers (image, text, audio) whose transformer blocks recompute their activations in backward: less
+    activation memory for about one more forward pass of compute. Losses and gradients are unchanged."""
+    compile: list[str] = field(default_factory=list)
+    """Towers (image, text, audio) whose transformer blocks run through torch.compile (each block compiled in
+    place, one graph shared by all layers). The first steps pay the compilation (about a minute on a CPU for all
+    three tiny towers); not with zero_stage=3."""
+    compile_mode: str = "default"
+    """torch.compile mode for engine.compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
     extra: dict = field(default_factory=dict)
     """Extra keys merged into the generated DeepSpeed config (escape hatch)."""
 
@@ -118,6 +127,15 @@ class PretrainConfig:
             raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
         if self.engine.precision not in PRECISIONS:
             raise ConfigError(f"engine.precision must be one of {PRECISIONS}, got {self.engine.precision!r}")
+        for key in ("gradient_checkpointing", "compile"):
+            unknown = set(getattr(self.engine, key)) - set(TOWERS)
+            if unknown:
+                raise ConfigError(f"engine.{key} lists unknown towers {sorted(unknown)}; use {', '.join(TOWERS)}")
+        if self.engine.compile and self.engine.zero_stage == 3:
+            raise ConfigError("engine.compile needs engine.zero_stage <= 2 (ZeRO-3 gathers parameters in hooks inside "
+                              "the compiled blocks)")
+        if self.engine.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"engine.compile_mode must be one of {COMPILE_MODES}, got {self.engine.compile_mode!r}")
         if self.engine.grad_accum < 1:
             raise ConfigError("engine.grad_accum must be >= 1")
         if self.optim.schedule not in SCHEDULES:

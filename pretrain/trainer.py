@@ -106,6 +106,10 @@ class Trainer:
         for tower in self.cfg.model.lock:
             for param in model.tower_parameters(tower):
                 param.requires_grad_(False)
+        model.set_grad_checkpointing(self.cfg.engine.gradient_checkpointing)
+        if self.cfg.engine.compile:
+            model.compile_towers(self.cfg.engine.compile, self.cfg.engine.compile_mode)
+            log.info("compiling the blocks of the %s tower(s) on first use", ", ".join(self.cfg.engine.compile))
         torch.manual_seed(self.cfg.seed * 1000 + self.topo.rank + 1)  # per-rank masking/augmentation streams
         return model
 

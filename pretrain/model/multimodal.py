@@ -14,6 +14,8 @@ from pretrain.model.config import ModelConfig
 from pretrain.model.heads import FusionEncoder, PatchDecoder
 from pretrain.model.towers import AudioTower, Encoded, build_clip, encode_image, encode_text, project_image, project_text
 
+TOWERS = ("image", "text", "audio")
+
 
 class MultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -62,6 +64,28 @@ class MultimodalModel(nn.Module):
             return list(self.audio.parameters())
         visual = {id(p) for p in self.clip.visual.parameters()}
         return [p for name, p in self.clip.named_parameters() if id(p) not in visual and not name.startswith("logit_")]
+
+    def tower_blocks(self, tower: str) -> list[nn.Module]:
+        """The transformer blocks of one tower (where its compute and activation memory are)."""
+        if tower == "image":
+            return list(self.clip.visual.transformer.resblocks)
+        if tower == "text":
+            return list(self.clip.transformer.resblocks)
+        return list(self.audio.vit.blocks)
+
+    def set_grad_checkpointing(self, towers: list[str]) -> None:
+        """Recompute the block activations of ``towers`` in backward (open_clip's and timm's own switches)."""
+        self.clip.visual.set_grad_checkpointing("image" in towers)
+        self.clip.transformer.grad_checkpointing = "text" in towers
+        self.audio.vit.set_grad_checkpointing("audio" in towers)
+
+    def compile_towers(self, towers: list[str], mode: str = "default") -> None:
+        """``torch.compile`` each transformer block of ``towers`` in place (parameter names unchanged). Regional
+        compilation: the blocks of a tower share one forward, so one graph is compiled and reused by every layer,
+        and gradient checkpointing (which calls the blocks) still applies."""
+        for tower in towers:
+            for block in self.tower_blocks(tower):
+                block.compile(mode=mode)
 
     def loose_parameters(self) -> list[nn.Parameter]:
         """Parameters used outside their own module's ``forward`` (class and position embeddings, projections,

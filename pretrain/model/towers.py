@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import open_clip
 import timm
 import torch
+from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from pretrain.model.config import AudioTowerConfig, ModelConfig
@@ -131,6 +132,10 @@ class AudioTower(nn.Module):
         if keep is not None:
             x = _gather_tokens(x, keep)
         x = self.vit.norm_pre(x)
-        x = self.vit.blocks(x)
+        # timm's forward_features checkpoints the same way; this forward bypasses it, so honour the flag here.
+        if self.vit.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.vit.blocks, x, use_reentrant=False)
+        else:
+            x = self.vit.blocks(x)
         x = self.vit.norm(x)
         return Encoded(pooled=x[:, 0], tokens=x, keep=keep)

@@ -64,3 +64,69 @@ def test_bad_model_config_is_named():
     from mmfuse.config import ConfigError
     with pytest.raises(ConfigError, match="model.audio.n_mels"):
         load_config(ModelConfig, ["configs/model/tiny.yaml"], ["audio.frames=100"])
+
+
+def _loss_and_grads(model, batch):
+    from pretrain.objectives import DistContext, Forward, ObjectivesConfig, build_objectives
+
+    objectives = build_objectives(load_config(ObjectivesConfig, [], [
+        "masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1"]))
+    torch.manual_seed(3)  # the masking draws
+    forward, losses = Forward(model, batch), {}
+    for objective in objectives:
+        losses.update(objective(model, batch, forward, DistContext()))
+    total = sum(losses.values())
+    model.zero_grad()
+    total.backward()
+    return total.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_checkpointing_recomputes_the_blocks_and_changes_no_loss_or_gradient():
+    from tests.unit.test_objectives import make_batch
+
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"])
+    torch.manual_seed(0)
+    plain = MultimodalModel(cfg)
+    torch.manual_seed(0)
+    checkpointed = MultimodalModel(cfg)
+    checkpointed.set_grad_checkpointing(["image", "text", "audio"])
+    # Pre-hooks count block calls: a non-reentrant recomputation stops early, before the last forward hook.
+    calls = {"plain": [0, 0, 0], "checkpointed": [0, 0, 0]}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        for i, tower in enumerate(("image", "text", "audio")):
+            model.tower_blocks(tower)[0].register_forward_pre_hook(lambda *_, n=name, i=i: calls[n].__setitem__(i, calls[n][i] + 1))
+    batch = make_batch()
+    loss, grads = _loss_and_grads(plain, batch)
+    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, batch)
+    # Every block forward of a checkpointed tower runs again in backward.
+    assert calls["checkpointed"] == [2 * n for n in calls["plain"]] and min(calls["plain"]) >= 1
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 50
+    for name in grads:
+        assert torch.equal(grads[name], grads_ckpt[name]), name
+
+
+def test_compile_switch_wraps_only_the_named_towers_blocks():
+    torch.manual_seed(0)
+    model = MultimodalModel(load_config(ModelConfig, ["configs/model/tiny.yaml"]))
+    names = set(model.state_dict())
+    model.compile_towers(["image", "audio"])
+    assert all(block._compiled_call_impl is not None for block in model.tower_blocks("image") + model.tower_blocks("audio"))
+    assert all(block._compiled_call_impl is None for block in model.tower_blocks("text"))
+    assert set(model.state_dict()) == names  # checkpoints and exports keep their parameter names
+
+
+@pytest.mark.parametrize("override, key", [
+    ("engine.gradient_checkpointing=[image,vision]", "engine.gradient_checkpointing"),
+    ("engine.compile=[speech]", "engine.compile"),
+    ("engine.compile_mode=fastest", "engine.compile_mode"),
+])
+def test_bad_tower_switches_are_named(override, key):
+    from mmfuse.config import ConfigError
+    from pretrain.config import PretrainConfig
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(PretrainConfig, ["configs/pretrain/tiny.yaml"], ["run.dir=r", "data.train=d", override])
+    with pytest.raises(ConfigError, match="engine.compile needs engine.zero_stage"):
+        load_config(PretrainConfig, ["configs/pretrain/tiny.yaml"], ["run.dir=r", "data.train=d", "engine.compile=[image]",
+                                                                     "engine.zero_stage=3"])
