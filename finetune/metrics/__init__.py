@@ -1,1 +1,1 @@
-"""Task metrics that must match their official scripts: VQA accuracy (``vqa``) and COCO caption metrics (``caption``)."""
+"""Task metrics that must match their official scripts: VQA accuracy (``vqa``), COCO caption metrics (``caption``)."""

@@ -133,7 +133,7 @@ def test_answer_vocab_is_most_frequent_normalised_with_alphabetical_ties():
 # --- Caption metrics ----------------------------------------------------------------------------------------------
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
-                                reason="java is not on PATH (pycocoevalcap's PTB tokenizer and METEOR are Java programs)")
+                                reason="java is not on PATH (pycocoevalcap's tokenizer and METEOR are Java programs)")
 
 REFERENCES = {
     3: ["A brown dog runs across a grassy field.", "A dog running on the grass.", "The brown dog is running outside.",
