@@ -165,7 +165,10 @@ class RecordDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        seed, epoch, index = item
+        # Augmentation is a function of (seed, epoch, sample), not of which worker or resume saw it first.
+        torch.manual_seed(int(np.random.default_rng([seed, epoch, index]).integers(2**62)))
         record = self.records[index]
         sample: dict[str, Any] = {"__key__": record.key, "meta": record.meta}
         try:
@@ -209,8 +212,8 @@ class BatchPlan(torch.utils.data.Sampler):
         order = np.resize(order, per_rank * self.world)  # wraps around: the last batches repeat early samples
         return order[self.rank::self.world].tolist()
 
-    def __iter__(self) -> Iterator[list[int]]:
-        mine = self.indices()
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        mine = [(self.seed, self.epoch, i) for i in self.indices()]
         batches = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         yield from batches[self.start:]
 
@@ -254,6 +257,8 @@ class TaskData:
                 yield batch
             self.epoch, self.step = self.loader.epoch, self.loader.step
             return
+        if not self.train:
+            self.step = 0  # evaluation always covers the whole split
         self.plan.epoch, self.plan.start = self.epoch, self.step
         for batch in self.loader:
             self.step += 1

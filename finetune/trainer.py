@@ -32,7 +32,7 @@ from mmfuse.config import to_yaml
 from pretrain.logger import MetricsLogger
 
 log = logging.getLogger("mmfuse.finetune")
-logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one INFO line per saved file
+logging.getLogger("accelerate").setLevel(logging.WARNING)  # an INFO line per saved file
 MARKER = "COMMITTED"
 _TAG = re.compile(r"^step_(\d+)$")
 _LAYER = re.compile(r"\.(?:resblocks|blocks)\.(\d+)\.")
@@ -121,8 +121,7 @@ class Finetuner:
             self.resume()
         else:
             self.model = self.task.to(self.accelerator.device)
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGUSR1, self.request_stop)
+        self.previous_handlers = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     # ---- setup ----
     def build_data(self, backbone) -> tuple[TaskData | None, TaskData]:
@@ -154,6 +153,13 @@ class Finetuner:
 
     # ---- the recipe ----
     def run(self) -> dict[str, Any]:
+        try:
+            return self.run_stages()
+        finally:
+            for sig, handler in self.previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def run_stages(self) -> dict[str, Any]:
         cfg = self.cfg
         results: dict[str, Any] = {}
         if self.retention_data is not None and self.step == 0:
@@ -251,14 +257,15 @@ class Finetuner:
         root = self.run_dir / "checkpoints"
         folder = root / f"step_{self.step:06d}"
         self.accelerator.save_state(str(folder))
-        states = [self.train_data.state_dict()]
+        mine = {"data": self.train_data.state_dict(), "task_rng": self.task.generator.get_state().tolist()}
+        states = [mine]
         if self.world > 1:
             states = [None] * self.world
-            dist.all_gather_object(states, self.train_data.state_dict())
+            dist.all_gather_object(states, mine)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (folder / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world,
-                                                                   "data": states}))
+                                                                   "ranks": states}))
             tmp = folder / (MARKER + ".tmp")
             tmp.write_text(json.dumps({"step": self.step, "time": time.time()}))
             os.replace(tmp, folder / MARKER)
@@ -277,7 +284,9 @@ class Finetuner:
                              "resume with the same launch.nproc")
         self.accelerator.load_state(str(folder))
         self.step = int(state["step"])
-        self.train_data.load_state_dict(state["data"][self.rank])
+        mine = state["ranks"][self.rank]
+        self.train_data.load_state_dict(mine["data"])
+        self.task.generator.set_state(torch.tensor(mine["task_rng"], dtype=torch.uint8))
         log.info("resumed from %s at step %d", folder, self.step)
 
 

@@ -51,6 +51,10 @@ class Task(nn.Module):
     def __init__(self, cfg: FinetuneConfig, backbone, context: TaskContext):
         super().__init__()
         self.cfg, self.backbone, self.tokenizer = cfg, backbone, context.tokenizer
+        # The task's own random stream (reference choice, modality dropout, sampling), one per rank; its state is
+        # part of every checkpoint.
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     # ---- what trains ----
     def backbone_parts(self) -> list[str]:

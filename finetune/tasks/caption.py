@@ -41,7 +41,6 @@ class Captioner(Task):
         self.decoder = CaptionDecoder(mc.image.width, mc.text.width, mc.text.heads, cfg.caption.layers,
                                       self.context_length, mc.text.vocab_size)
         self.sot, self.eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
-        self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def backbone_parts(self) -> list[str]:
         return ["image", "text"]
@@ -71,15 +70,16 @@ class Captioner(Task):
             # Each partial sequence is start + its prefix + what was generated; padding after it does not change the
             # causal features at its last position.
             n, t = tokens.shape
-            full = torch.zeros(n, self.context_length, dtype=torch.long, device=tokens.device)
+            full = torch.zeros(n, self.context_length, dtype=torch.long)
             last = torch.empty(n, dtype=torch.long)
             for i, row in enumerate(rows.tolist()):
                 seq = [self.sot, *prefixes[row], *tokens[i, 1:].tolist()]
                 full[i, :len(seq)] = torch.tensor(seq)
                 last[i] = len(seq) - 1
-            text_tokens = self.backbone.encode_text(full, causal=True).tokens
-            logits = self.decoder(image_tokens[rows], text_tokens)
-            return logits[torch.arange(n), last].float()
+            text_tokens = self.backbone.encode_text(full.to(images.device), causal=True).tokens
+            logits = self.decoder(image_tokens[rows.to(images.device)], text_tokens)
+            # The search runs on the CPU (and its generator with it), whatever device the model is on.
+            return logits[torch.arange(n, device=images.device), last.to(images.device)].float().cpu()
 
         if cc.sampling:
             return sample(step, images.shape[0], self.sot, self.eot, max_len, top_p=cc.top_p, temperature=cc.temperature,

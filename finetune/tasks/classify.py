@@ -44,7 +44,6 @@ class Classify(Task):
             self.late = nn.ModuleDict({m: nn.Linear(dim, self.num_classes) for m in self.modalities})
         if self.fusion_kind == "cross_attention":
             self.cross = nn.Linear(backbone.cfg.fusion.width, self.num_classes)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def backbone_parts(self) -> list[str]:
         if self.fusion_kind == "cross_attention":
@@ -141,4 +140,5 @@ class Classify(Task):
                 "modality_dropout": self.cfg.classify.modality_dropout}
 
     def chance(self) -> dict[str, float]:
-        return {"accuracy": 100.0 / self.num_classes}
+        chance = 100.0 / self.num_classes
+        return {"accuracy": chance, **{f"without_{m}/accuracy": chance for m in self.modalities}}

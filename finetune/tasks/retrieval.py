@@ -79,6 +79,7 @@ class Retrieval(Task):
 
     def score(self, records: list[dict[str, Any]]) -> dict[str, float]:
         metrics: dict[str, float] = {"samples": float(len(records))}
+        self.scored = len(records)
         for a, b in self.pairs:
             both = [r for r in records if a in r and b in r]
             if len(both) < 2:
@@ -97,6 +98,9 @@ class Retrieval(Task):
                 metrics[f"{a}_to_{b}/{name}"] = value
             for name, value in recall_at_k(gallery, queries, to_a, chunk=chunk).items():
                 metrics[f"{b}_to_{a}/{name}"] = value
+        recalls = [v for k, v in metrics.items() if "/R@" in k]
+        if recalls:
+            metrics["mean_recall"] = sum(recalls) / len(recalls)  # RSUM / its count: one number per checkpoint
         return metrics
 
     def predictions(self, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,6 +115,11 @@ class Retrieval(Task):
             top = similarity.topk(min(10, len(keys)), dim=1).indices
             out[f"{a}_to_{b}"] = {keys[i]: [keys[j] for j in top[i].tolist()] for i in range(len(keys))}
         return out
+
+    def chance(self) -> dict[str, float]:
+        n = max(1, getattr(self, "scored", 1))
+        return {f"{a}_to_{b}/R@{k}": min(100.0, 100.0 * k / n) for a in ("image", "text", "audio")
+                for b in ("image", "text", "audio") if a != b for k in (1, 5, 10)}
 
     def card(self) -> dict[str, Any]:
         return {"pairs": [f"{a}_{b}" for a, b in self.pairs], "all_captions": self.cfg.retrieval.all_captions}

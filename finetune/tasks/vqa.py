@@ -112,6 +112,9 @@ class VqaClassifier(Task):
     def predictions(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"question_id": r["question_id"], "answer": r["answer"]} for r in records]
 
+    def chance(self) -> dict[str, float]:
+        return {"accuracy": 100.0 / len(self.vocab)}  # a uniformly random answer from the vocabulary, at best
+
     def card(self) -> dict[str, Any]:
         return {"mode": "classify", "answer_vocabulary": len(self.vocab),
                 "metric": "VQA accuracy (official normalisation, 10 leave-one-out annotator subsets)"}
@@ -149,7 +152,9 @@ class VqaGenerator(Captioner):
             return []
         prefixes = [self.tokenizer.encode(batch["question"][i]) for i in keep]
         generated = self.generate(batch["image"][keep], prefixes, max_len=self.max_answer_tokens)
-        return [_record(batch, i, self.text(ids)) for i, ids in zip(keep, generated)]
+        from finetune.metrics.vqa import normalize_answer
+
+        return [_record(batch, i, normalize_answer(self.text(ids))) for i, ids in zip(keep, generated)]
 
     def score(self, records: list[dict[str, Any]]) -> dict[str, float]:
         return score_records(records)

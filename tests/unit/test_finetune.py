@@ -1,0 +1,187 @@
+"""Fine-tuning building blocks: checkpoint loading (our releases and open_clip's own files, safely), the standard
+data formats, per-rank batch plans, retrieval recall with several captions, layer-wise lr decay, fusion heads."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from finetune.checkpoint import check_checkpoint, load_checkpoint, model_config_for_open_clip
+from finetune.config import FinetuneConfig
+from finetune.data import BatchPlan, detect_format, read_records
+from finetune.tasks.retrieval import recall_at_k
+from finetune.trainer import layer_scale, lr_factor
+from mmfuse.config import CONFIG_ROOT, ConfigError, load_config
+from pretrain.model import ModelConfig, MultimodalModel
+from pretrain.model.towers import open_clip_config
+
+
+def config(**values) -> FinetuneConfig:
+    cfg = load_config(FinetuneConfig, overrides=[f"{k}={v}" for k, v in
+                                                 {"task": "zeroshot", "checkpoint": "c", "data.eval": "x", "run.dir": "r",
+                                                  **values}.items()])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config(ModelConfig, [str(CONFIG_ROOT / "model" / "tiny.yaml")])
+
+
+@pytest.fixture(scope="module")
+def open_clip_files(tmp_path_factory, tiny):
+    """A tiny CLIP created and saved by open_clip's own code: release-style safetensors, a trainer checkpoint
+    (``module.`` prefixes), and its model config JSON."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("open-clip")
+    (root / "tiny-clip.json").write_text(json.dumps(open_clip_config(tiny)))
+    open_clip.add_model_config(root / "tiny-clip.json")
+    torch.manual_seed(1)
+    model = open_clip.create_model("tiny-clip")
+    state = model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, root / "open_clip_model.safetensors")
+    torch.save({"epoch": 3, "name": "tiny", "state_dict": {f"module.{k}": v for k, v in state.items()}, "optimizer": {}},
+               root / "epoch_3.pt")
+    return root, model
+
+
+@pytest.mark.parametrize("file", ["open_clip_model.safetensors", "epoch_3.pt"])
+def test_open_clip_checkpoint_made_by_open_clip_loads_with_identical_embeddings(open_clip_files, file):
+    root, reference = open_clip_files
+    cfg = config(checkpoint=str(root / file), open_clip_model=str(root / "tiny-clip.json"))
+    model, info = load_checkpoint(cfg)
+    assert info.kind == "open_clip" and len(info.sha256) == 64
+    reference.eval()
+    model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    text = torch.randint(1, 1000, (2, 32))
+    with torch.no_grad():
+        expected_image = torch.nn.functional.normalize(reference.encode_image(images), dim=-1)
+        expected_text = torch.nn.functional.normalize(reference.encode_text(text), dim=-1)
+        torch.testing.assert_close(model.embed("image", images), expected_image)
+        torch.testing.assert_close(model.embed("text", text), expected_text)
+
+
+def test_our_release_loads_and_refuses_a_mismatched_flavor(tmp_path, tiny):
+    from pretrain.release import save_release
+
+    torch.manual_seed(0)
+    original = MultimodalModel(tiny)
+    save_release(original.state_dict(), tiny, str(tmp_path / "release"), {})
+    model, info = load_checkpoint(config(checkpoint=str(tmp_path / "release"), flavor="tiny"))
+    assert info.kind == "release" and info.flavor == "tiny"
+    for name, value in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    with pytest.raises(ConfigError, match="'tiny' model, but flavor='small'"):
+        check_checkpoint(config(checkpoint=str(tmp_path / "release"), flavor="small"))
+
+
+def test_bad_checkpoints_are_refused_with_the_reason(tmp_path, open_clip_files):
+    root, _ = open_clip_files
+    with pytest.raises(ValueError, match="does not exist"):
+        check_checkpoint(config(checkpoint=str(tmp_path / "nothing.pt")))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="without config.json"):
+        check_checkpoint(config(checkpoint=str(tmp_path / "folder")))
+    with pytest.raises(ConfigError, match="set open_clip_model"):
+        check_checkpoint(config(checkpoint=str(root / "epoch_3.pt")))
+    with pytest.raises(ConfigError, match="not an open_clip model name"):
+        check_checkpoint(config(checkpoint=str(root / "epoch_3.pt"), open_clip_model="ViT-Nope-99"))
+    # Weights of one architecture with the config of another: the mismatch names the parameter.
+    with pytest.raises(ValueError, match="does not match"):
+        load_checkpoint(config(checkpoint=str(root / "open_clip_model.safetensors"), open_clip_model="ViT-B-32"))
+    # A pickle that holds anything but tensors is never unpickled.
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": {"x": Exploit()}}))
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        load_checkpoint(config(checkpoint=str(evil), open_clip_model=str(root / "tiny-clip.json")))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_open_clip_architecture_maps_onto_our_towers():
+    cfg = model_config_for_open_clip("ViT-B-16")
+    assert (cfg.image.width, cfg.image.layers, cfg.image.heads, cfg.image.patch_size) == (768, 12, 12, 16)
+    assert (cfg.text.width, cfg.text.layers, cfg.embed_dim, cfg.open_clip_name) == (512, 12, 512, "ViT-B-16")
+    assert cfg.audio.width == 768  # a new audio tower mirrors the image tower
+
+
+@pytest.fixture(scope="module")
+def synth_world(tmp_path_factory):
+    from mmfuse.cli import main as cli
+
+    root = tmp_path_factory.mktemp("synth")
+    assert cli(["synth", f"output.path={root}", "num_samples=7", "image_size=32", "seed=2"]) == 0
+    return root
+
+
+def test_standard_formats_read_the_same_samples(synth_world):
+    root = synth_world
+    coco = read_records(str(root / "coco_captions.json"), detect_format(str(root / "coco_captions.json"), "auto"))
+    assert len(coco) == 7 and all(len(r.meta["captions"]) == 5 and r.image.endswith(".jpg") for r in coco)
+    assert detect_format(str(root / "vqa_questions.json"), "auto") == "vqa"
+    vqa = read_records(str(root / "vqa_questions.json"), "vqa", annotations=str(root / "vqa_annotations.json"))
+    assert [len(r.meta["answers"]) for r in vqa] == [10] * 7 and all(r.meta["question"] for r in vqa)
+    with pytest.raises(ValueError, match="annotations JSON"):
+        read_records(str(root / "vqa_questions.json"), "vqa")
+    folder = read_records(str(root / "classes"), detect_format(str(root / "classes"), "auto"))
+    names = sorted({r.meta["label_name"] for r in folder})
+    assert len(folder) == 7 and all(names[r.meta["label"]] == r.meta["label_name"] for r in folder)
+    manifest = read_records(str(root / "manifest.parquet"), "manifest")
+    assert len(manifest) == 7 and all(r.audio and r.audio.endswith(".flac") and r.text for r in manifest)
+    assert {r.meta["question_id"] for r in manifest} == {r.meta["question_id"] for r in vqa}
+
+
+@pytest.mark.parametrize("n,batch,world", [(10, 3, 2), (7, 4, 3), (16, 4, 2)])
+def test_batch_plan_equal_batches_per_rank_and_eval_covers_each_sample_once(n, batch, world):
+    train = [BatchPlan(n, batch, rank, world, seed=0, train=True) for rank in range(world)]
+    counts = {len(list(plan)) for plan in train}
+    assert len(counts) == 1  # no rank waits for another
+    seen = {i for plan in train for b in plan for (_, _, i) in b}
+    assert seen == set(range(n))
+    plan = train[0]
+    first = list(plan)
+    plan.epoch = 1
+    assert list(plan) != first  # another order each epoch
+    evaluation = [BatchPlan(n, batch, rank, world, seed=0, train=False) for rank in range(world)]
+    keys = [i for plan in evaluation for b in plan for (_, _, i) in b]
+    assert sorted(keys) == list(range(n))
+
+
+def test_recall_with_several_captions_per_image():
+    # 2 images; captions 0,1 belong to image 0 and captions 2,3 to image 1.
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    captions = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.7, 0.3]])
+    to_text = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    # image 0: best caption is 0 (its own) → hit at 1; image 1: best own caption 2 (0.9) → rank 0.
+    assert recall_at_k(images, captions, to_text, ks=(1,)) == {"R@1": 100.0}
+    owner = [torch.tensor([0]), torch.tensor([0]), torch.tensor([1]), torch.tensor([1])]
+    # caption 1 prefers image 1 (0.8 > 0.2) and caption 3 prefers image 0: 2 of 4 hit at 1, all at 2.
+    assert recall_at_k(captions, images, owner, ks=(1, 2), chunk=3) == {"R@1": 50.0, "R@2": 100.0}
+
+
+def test_layer_decay_and_schedule(tiny):
+    assert layer_scale("backbone.clip.visual.transformer.resblocks.1.attn.in_proj_weight", tiny, 0.5) == 1.0 * 0.5 ** 1
+    assert layer_scale("backbone.clip.visual.conv1.weight", tiny, 0.5) == 0.5 ** 3
+    assert layer_scale("backbone.clip.visual.proj", tiny, 0.5) == 1.0
+    assert layer_scale("backbone.clip.token_embedding.weight", tiny, 0.5) == 0.5 ** 3
+    assert layer_scale("backbone.audio.vit.blocks.0.mlp.fc1.weight", tiny, 0.5) == 0.5 ** 2
+    assert layer_scale("backbone.fusion.query_in.weight", tiny, 0.5) == 1.0
+    cfg = config(**{"optim.warmup_steps": 4, "run.steps": 20})
+    factors = [lr_factor(s, cfg) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0 and factors[-1] < 0.02
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="classify.fusion"):
+        config(**{"classify.fusion": "mid"})
+    with pytest.raises(ConfigError, match="retrieval.pairs"):
+        config(**{"retrieval.pairs": "[image_smell]"})
+    with pytest.raises(ConfigError, match="zeroshot.wise_ft"):
+        config(**{"zeroshot.wise_ft": 1.5})
