@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import logging
 import math
+import signal
 import time
 import zlib
 from collections import Counter
@@ -48,6 +49,13 @@ class _RateLimitedLog:
         if now - self.last.get(reason, -math.inf) >= _LOG_EVERY_SECONDS:
             self.last[reason] = now
             log.warning("loader: %s (%d so far): %s", reason, counts[reason], redact_text(detail))
+
+
+def _leave_sigterm_to_the_trainer() -> None:
+    """SLURM stops a job (requeue, preemption, time limit) with SIGTERM to every process of each task, workers
+    included. A worker that died of it would make the training process raise before it reaches the step boundary
+    where it checkpoints; ignored here, the worker is shut down by the training process as usual afterwards."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _keep_freed_memory() -> None:
@@ -88,6 +96,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if get_worker_info() is not None:
             _keep_freed_memory()
+            _leave_sigterm_to_the_trainer()
         slot, slots, worker, workers = self.slot()
         plan = self.plan(slot, slots)
         consumed = max(0, math.ceil((self.start_step - worker) / workers))  # this worker's batches already used

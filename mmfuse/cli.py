@@ -17,6 +17,7 @@ STAGES = {
     "export": ("pretrain.export", "consolidate a training checkpoint into a release folder (safetensors + open_clip export)"),
     "finetune": ("finetune.run", "fine-tune a release on zeroshot / retrieval / caption / vqa / classify, then evaluate"),
     "eval": ("finetune.eval", "evaluate a release on one task without training (metrics.json + RESULTS.md)"),
+    "submit": ("slurm.submit", "run any stage on SLURM (submitit): multi-node, job arrays, preemption -> requeue"),
 }
 
 

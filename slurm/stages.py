@@ -1,0 +1,53 @@
+"""The stages ``mmfuse submit`` can launch: a small explicit registry (adding a stage is adding an entry).
+
+Each entry names the stage's config schema and its ``run(cfg)``, where its run folder is, and, for stages that
+checkpoint on SIGTERM/SIGUSR1 (pretrain), how to tell that the work is finished. No stage imports ``slurm``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    schema: str
+    """``module:Class`` of the stage's root config dataclass."""
+    runner: str
+    """Module exposing ``run(cfg)``."""
+    run_dir: Callable[[Any], str]
+    """The stage's run folder for a resolved config (the launcher's files go in ``<run_dir>/slurm``)."""
+    finished: Callable[[Any], bool] | None = None
+    """For stages that checkpoint when signalled: True once the work is done (so a late signal does not requeue)."""
+    presets: dict[str, str] = field(default_factory=dict)
+    array: bool = False
+    """Split over a job array (``slurm.array_size``) instead of one multi-task job."""
+
+    def load_schema(self) -> type:
+        module, _, name = self.schema.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def run(self, cfg: Any) -> Any:
+        return importlib.import_module(self.runner).run(cfg)
+
+
+def _pretrain_finished(cfg) -> bool:
+    from pretrain.checkpoint import committed_tags
+
+    tags = committed_tags(Path(cfg.run.dir) / "checkpoints")
+    return bool(tags) and int(tags[-1].removeprefix("step_")) >= cfg.run.steps
+
+
+def _shard_run_dir(cfg) -> str:
+    name = cfg.output.path.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+    return str(Path("runs") / "shard" / name)
+
+
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage("pretrain.config:PretrainConfig", "pretrain.run", lambda cfg: cfg.run.dir, _pretrain_finished,
+                      presets={"model.flavor": "model/{}.yaml"}),
+    "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard", _shard_run_dir, array=True),
+}
