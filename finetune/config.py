@@ -154,7 +154,7 @@ class RunConfig:
     precision: str = "no"
     """Accelerate mixed precision: no, bf16 or fp16."""
     deepspeed_stage: int = 0
-    """0: DDP; 1-3: DeepSpeed ZeRO through Accelerate's plugin (large models)."""
+    """0: DDP; 1 or 2: DeepSpeed ZeRO (optimizer state / gradients sharded over ranks) through Accelerate's plugin."""
     baseline: bool = False
     """Also evaluate before training (the untrained baseline: new heads at their initialisation)."""
 
@@ -233,8 +233,9 @@ class FinetuneConfig:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.optim.layer_decay}")
         if self.run.precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"run.precision must be no, bf16 or fp16, got {self.run.precision!r}")
-        if not 0 <= self.run.deepspeed_stage <= 3:
-            raise ConfigError(f"run.deepspeed_stage must be 0-3, got {self.run.deepspeed_stage}")
+        if not 0 <= self.run.deepspeed_stage <= 2:
+            raise ConfigError(f"run.deepspeed_stage must be 0 (DDP), 1 or 2, got {self.run.deepspeed_stage} (ZeRO-3 would "
+                              "partition the weights the evaluation and the heads read directly)")
         if self.data.batch_size < 1 or self.data.workers < 0:
             raise ConfigError("data.batch_size must be >= 1 and data.workers >= 0")
         if self.run.steps < 0:

@@ -90,13 +90,21 @@ class Finetuner:
 
         self.cfg, self.training = cfg, train and cfg.trains
         plugin = None
-        if cfg.run.deepspeed_stage:
+        if cfg.run.deepspeed_stage and self.training:
             from accelerate.utils import DeepSpeedPlugin
 
-            plugin = DeepSpeedPlugin(zero_stage=cfg.run.deepspeed_stage, gradient_clipping=cfg.optim.grad_clip or None)
+            # Accelerate takes the DeepSpeed path only in a distributed environment with this flag; a single process
+            # gets the environment of a world of one.
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            if "WORLD_SIZE" not in os.environ:
+                from pretrain.launch import free_port
+
+                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(free_port()))
+            plugin = DeepSpeedPlugin(zero_stage=cfg.run.deepspeed_stage, gradient_clipping=cfg.optim.grad_clip or 0.0)
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.run.precision,
-                                       deepspeed_plugin=plugin,
+        self.accelerator = Accelerator(cpu=plugin is None and not torch.cuda.is_available(),
+                                       mixed_precision=cfg.run.precision, deepspeed_plugin=plugin,
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.run_dir = Path(cfg.run.dir)

@@ -185,3 +185,44 @@ def test_config_errors_name_the_key():
         config(**{"retrieval.pairs": "[image_smell]"})
     with pytest.raises(ConfigError, match="zeroshot.wise_ft"):
         config(**{"zeroshot.wise_ft": 1.5})
+
+
+class _Data:
+    def __init__(self, metas):
+        self._metas = metas
+
+    def metas(self):
+        return self._metas
+
+
+@pytest.mark.parametrize("fusion", ["early", "late", "hybrid", "cross_attention"])
+def test_every_fusion_classifies_with_any_modality_missing(tiny, fusion):
+    import open_clip
+
+    from finetune.tasks import TaskContext, build_task
+
+    torch.manual_seed(0)
+    cfg = config(task="classify", **{"classify.fusion": fusion, "classify.modality_dropout": 0.5})
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=tiny.text.context_length)
+    metas = [{"label": i % 4, "label_name": f"c{i % 4}"} for i in range(8)]
+    task = build_task(cfg, MultimodalModel(tiny), TaskContext(tokenizer, _Data(metas), _Data(metas)))
+    task.freeze_unused()
+    b = 6
+    batch = {"__key__": [str(i) for i in range(b)], "label": torch.tensor([0, 1, 2, 3, 0, -1]),
+             "image": torch.randn(b, 3, 64, 64), "audio": torch.randn(b, 64, 192) - 8,
+             "text": tokenizer([f"caption {i}" for i in range(b)]),
+             "has_image": torch.tensor([1, 1, 0, 0, 1, 1], dtype=torch.bool),
+             "has_text": torch.tensor([1, 0, 1, 0, 1, 1], dtype=torch.bool),
+             "has_audio": torch.tensor([0, 1, 1, 1, 1, 1], dtype=torch.bool)}
+    loss = task(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    heads = [p for p in task.head_parameters() if p.grad is not None]
+    assert heads and all(torch.isfinite(p.grad).all() for p in heads)
+    records = task.predict(batch)
+    assert [r["label"] for r in records] == [0, 1, 2, 3, 0, -1]
+    assert all(0 <= r["prediction"] < 4 for r in records)
+    # Removing audio leaves sample 3 (audio only) with nothing: it is not scored rather than guessed.
+    assert records[3]["without_audio"] == -1 and records[0]["without_audio"] >= 0
+    dropped = task.drop_modalities(task.present(batch))
+    assert torch.stack(list(dropped.values())).any(0).all()  # never every modality of a sample
