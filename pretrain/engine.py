@@ -43,12 +43,33 @@ def init_distributed() -> Topology:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        # torch's own env:// rendezvous: under torchrun it namespaces the store by restart, so ranks restarted
-        # after a failure never read the addresses of the processes they replace.
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+        _init_process_group("nccl" if cuda else "gloo")
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     return Topology(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank,
                     torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def _init_process_group(backend: str) -> None:
+    """torch's env:// rendezvous, except after a torchrun restart.
+
+    torchrun's default (static) rendezvous keeps one store for the whole job, and its workers use it unprefixed
+    (torch >= 2.4 dropped the per-attempt prefix, assuming a new store per attempt). Restarted ranks would then
+    read the addresses the killed attempt's ranks published (gloo: "connectFullMesh failed ... Connection
+    refused"; NCCL: a stale unique id). Namespacing the keys by attempt, as torch < 2.4 did, gives every attempt
+    its own rendezvous. TORCHELASTIC_RESTART_COUNT is the same on every rank of one agent (one node); across
+    nodes it is as consistent as the agents' restart counts.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        torch.distributed.init_process_group(backend, init_method="env://")
+        return
+    from torch.distributed.constants import default_pg_timeout
+
+    agent_store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                             is_master=False, timeout=default_pg_timeout)
+    store = torch.distributed.PrefixStore(f"mmfuse/attempt_{attempt}", agent_store)
+    torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                         world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def _free_port() -> int:
