@@ -30,12 +30,18 @@ def tag_for(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def tag_step(name: str) -> int | None:
+    """The step of a checkpoint tag (``step_000100`` → 100); None for any other name."""
+    match = _TAG.match(name)
+    return int(match.group(1)) if match else None
+
+
 def committed_tags(root: Path) -> list[str]:
     """Committed checkpoint tags, oldest first."""
     if not root.is_dir():
         return []
     tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]  # *_universal excluded
-    return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
+    return sorted(tags, key=tag_step)
 
 
 def rng_state() -> dict:
@@ -52,9 +58,14 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int):
+    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, sync_url: str = ""):
         self.root = Path(run_dir) / "checkpoints"
         self.keep, self.rank, self.world_size = max(1, keep), rank, world_size
+        self.sync = None
+        if sync_url:
+            from pretrain.sync import CheckpointSync
+
+            self.sync = CheckpointSync(sync_url)
 
     def save(self, engine, step: int, client: dict, loader_state: dict) -> str:
         """Every rank calls this at the same step. Returns the tag once it is committed."""
@@ -75,8 +86,23 @@ class CheckpointManager:
             (self.root / "latest_committed.tmp").write_text(tag)
             os.replace(self.root / "latest_committed.tmp", self.root / "latest_committed")
             self._prune(tag)
+            self._upload(tag)
         dist.barrier()
         return tag
+
+    def _upload(self, tag: str) -> None:
+        """Mirror a committed checkpoint to ``run.checkpoint_sync``. A failed upload costs the remote copy of this
+        checkpoint, not the run: it is logged (redacted) and training goes on."""
+        if self.sync is None:
+            return
+        try:
+            self.sync.upload(self.root / tag, tag)
+            self.sync.prune(self.keep)
+        except Exception as err:  # network and object-store errors come in many types
+            from data_pipeline.storage import redact, redact_text
+
+            log.error("could not sync checkpoint %s to %s: %s (it stays committed locally)", tag,
+                      redact(self.sync.url), redact_text(str(err)) or type(err).__name__)
 
     def _prune(self, newest: str) -> None:
         """Keep the newest ``keep`` committed checkpoints; drop uncommitted leftovers older than the newest."""
@@ -95,6 +121,13 @@ class CheckpointManager:
             return None
         if resume == "auto":
             tags = committed_tags(self.root)
+            if not tags and self.sync is not None:
+                # Nothing here (a new machine, a lost disk): the newest committed checkpoint in object storage.
+                if self.rank == 0:
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    self.sync.download_newest(self.root)
+                dist.barrier()
+                tags = committed_tags(self.root)
             return (self.root, tags[-1]) if tags else None
         path = Path(resume)
         if not (path / MARKER).is_file():

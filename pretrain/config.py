@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from data_pipeline.config import LoaderConfig
 from mmfuse.config import MISSING, ConfigError
@@ -81,7 +82,11 @@ class RunConfig:
     keep: int = 3
     """Committed checkpoints to keep (the newest good one is never deleted)."""
     resume: str = "auto"
-    """auto (newest committed checkpoint in the run folder, if any), none, or a checkpoint folder."""
+    """auto (newest committed checkpoint in the run folder, if any, else in run.checkpoint_sync), none, or a
+    checkpoint folder."""
+    checkpoint_sync: str = ""
+    """Object-store URL (s3://bucket/prefix, any fsspec URL) that every committed checkpoint is uploaded to (its
+    COMMITTED marker last; the newest run.keep kept). Credentials come from the environment, never the URL."""
     nonfinite: str = "skip"
     """A non-finite loss or gradient: skip (no update, counted) or halt (checkpoint, exit non-zero)."""
     deterministic: bool = True
@@ -144,6 +149,10 @@ class PretrainConfig:
             raise ConfigError(f"run.nonfinite must be one of {NONFINITE_POLICIES}, got {self.run.nonfinite!r}")
         if self.run.steps < 1:
             raise ConfigError("run.steps must be >= 1")
+        sync = urlsplit(self.run.checkpoint_sync)
+        if self.run.checkpoint_sync and ("@" in sync.netloc or sync.query):
+            raise ConfigError("run.checkpoint_sync must not carry credentials (user:password@ or a signed query); "
+                              "give them through the environment (AWS_ACCESS_KEY_ID, ...)")
         unknown = set(self.objectives.contrastive.pairs) - {"image_text", "audio_text", "image_audio"}
         if unknown:
             raise ConfigError(f"objectives.contrastive.pairs has unknown pairs {sorted(unknown)}")

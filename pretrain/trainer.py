@@ -67,7 +67,8 @@ class Trainer:
         self.model = self.build_model()
         self.loader = self.build_loader()
         self.step_module = self.build_step()
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.run.keep, self.topo.rank, self.topo.world_size)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.run.keep, self.topo.rank, self.topo.world_size,
+                                             cfg.run.checkpoint_sync)
         self.resume_from = self.checkpoints.resolve(cfg.run.resume)
         universal = self.resume_from is not None and self.checkpoints.saved_world_size(self.resume_from) != self.topo.world_size
         if universal:
