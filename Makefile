@@ -21,6 +21,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The local SLURM cluster tests/slurm submit to (root; installs slurm-wlm + munge when missing; idempotent). The
+# tests start it themselves when they can; without it they are skipped, saying why. Stop: cluster.py stop.
+slurm-cluster:
+	python3 slurm/local_cluster/cluster.py start
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 

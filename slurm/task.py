@@ -36,19 +36,41 @@ class RequeueLimit(RuntimeError):
 
 
 class StageTask(submitit.helpers.Checkpointable):
-    """``StageTask("pretrain", cfg, max_requeue)()``: picklable, holds only the stage name and resolved configs."""
+    """``StageTask("pretrain", cfg, max_requeue)()``: picklable, holds only the stage name and resolved configs.
+
+    It pickles its config as YAML, so unpickling it in a fresh task imports neither the stage nor torch: the
+    task's signal handlers are in place within a second of its start, not after the stage's imports (a time-limit
+    signal can come early; before any handler it would kill the task).
+    """
 
     def __init__(self, stage: str, cfg: Any, max_requeue: int, requeues: int = 0):
-        self.stage, self.cfg, self.max_requeue, self.requeues = stage, cfg, max_requeue, requeues
+        self.stage, self.max_requeue, self.requeues = stage, max_requeue, requeues
+        self._cfg, self._yaml = cfg, None
+
+    def __getstate__(self) -> dict:
+        from mmfuse.config import to_yaml
+
+        return {"stage": self.stage, "max_requeue": self.max_requeue, "requeues": self.requeues,
+                "_cfg": None, "_yaml": self._yaml if self._cfg is None else to_yaml(self._cfg)}
+
+    @property
+    def cfg(self) -> Any:
+        if self._cfg is None:
+            from omegaconf import OmegaConf
+
+            # Already resolved and validated at submission: rebuild the dataclass, nothing is merged over it.
+            schema = STAGES[self.stage].load_schema()
+            self._cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(self._yaml)))
+        return self._cfg
 
     def __call__(self) -> Any:
+        spec = STAGES[self.stage]
+        stops = StopSignals() if spec.finished else None  # first: from here on no stop signal is lost
         env = torch_env(os.environ)
         os.environ.update(env)
         rank = int(env["RANK"])
         setup_logging(rank)
-        spec = STAGES[self.stage]
         link_rank_log(Path(spec.run_dir(self.cfg)), rank)
-        stops = StopSignals() if spec.finished else None
         log.info("%s: rank %s of %s, master %s:%s", self.stage, rank, env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"])
         result = spec.run(self.cfg)
         if stops is None:

@@ -64,11 +64,12 @@ def test_requeued_job_checkpoints_resumes_and_finishes_the_same_steps(slurm_clus
 
 def test_time_limit_checkpoints_requeues_resumes_until_max_requeue(slurm_cluster, tiny_shards, tmp_path, capsys):
     run = tmp_path / "run"
-    # A 1-minute limit with the checkpoint signal due 50 s before it: each allocation trains a little, checkpoints
-    # and requeues itself; the second signal finds max_requeue=1 used up and the job ends (FAILED, checkpoint kept).
+    # A 2-minute limit with the checkpoint signal due 60 s before it (SLURM looks every 30 s: it comes 30-60 s into
+    # each allocation): each allocation trains a little, checkpoints and requeues itself; the second signal finds
+    # max_requeue=1 used up and the job ends (FAILED, checkpoint kept) before its time limit.
     job_id = submit(capsys, "pretrain", *TINY, "--slurm", "configs/slurm/local.yaml", f"data.train={tiny_shards}",
-                    f"run.dir={run}", "run.steps=100000", "run.checkpoint_every=0", "slurm.time=1",
-                    "slurm.signal_delay_s=50", "slurm.max_requeue=1")
+                    f"run.dir={run}", "run.steps=100000", "run.checkpoint_every=0", "slurm.time=2",
+                    "slurm.signal_delay_s=60", "slurm.max_requeue=1")
     states = wait(job_id, 600)
     info = job(job_id)
     rank0 = logs(run, job_id)[0]

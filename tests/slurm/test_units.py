@@ -97,3 +97,31 @@ def test_array_split_is_contiguous_and_balanced():
     assert parts == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
     assert split(list(range(3)), 8) == [[0], [1], [2]]  # never an empty array task
     assert sum(split(list(range(1001)), 7), []) == list(range(1001))
+
+
+STOP_SIGNALS_SCRIPT = r"""
+import os, signal, time
+from slurm.task import StopSignals
+
+stops = StopSignals()
+os.kill(os.getpid(), signal.SIGUSR2)       # the time-limit signal, before the stage installed its handlers: held
+time.sleep(0.3)
+got = []
+signal.signal(signal.SIGTERM, lambda *a: got.append("TERM"))   # the stage's handlers (pretrain: stop at the next step)
+signal.signal(signal.SIGUSR1, lambda *a: got.append("USR1"))
+deadline = time.time() + 10
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+os.kill(os.getpid(), signal.SIGUSR2)       # now handed straight to the stage's SIGUSR1 handler
+time.sleep(0.2)
+print(got, sorted(stops.close()))
+"""
+
+
+def test_stop_signals_reach_the_stage_even_before_it_is_ready():
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", STOP_SIGNALS_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    # Both reached the stage as SIGUSR1 (the held one re-sent as such); both are on record for the requeue decision.
+    assert out.stdout.strip() == "['USR1', 'USR1'] [10, 12]"
