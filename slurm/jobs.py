@@ -49,8 +49,9 @@ def wait(job_id: str, timeout: float, poll: float = 1.0) -> list[str]:
     raise TimeoutError(f"job {job_id} still {job_states(job_id)} after {timeout:.0f} s")
 
 
-def follow(job_id: str, log: Path, out: TextIO = sys.stdout, poll: float = 1.0, done=None) -> None:
+def follow(job_id: str, log: Path, out: TextIO | None = None, poll: float = 1.0, done=None) -> None:
     """Print ``log`` as it grows until the job has ended (``done()``, default: SLURM says so), then the rest."""
+    out = out or sys.stdout
     done = done or (lambda: not is_active(job_id))
     offset = 0
     while True:

@@ -1,13 +1,14 @@
 """The stages ``mmfuse submit`` can launch: a small explicit registry (adding a stage is adding an entry).
 
-Each entry names the stage's config schema and its ``run(cfg)``, where its run folder is, and, for stages that
-checkpoint on SIGTERM/SIGUSR1 (pretrain), how to tell that the work is finished. No stage imports ``slurm``.
+Each entry names the stage's config schema (its module's ``PRESETS`` apply) and its ``run(cfg)``, where its run
+folder is, and, for stages that checkpoint on SIGTERM/SIGUSR1 (pretrain), how to tell that the work is finished.
+No stage imports ``slurm``.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +23,9 @@ class Stage:
     """The stage's run folder for a resolved config (the launcher's files go in ``<run_dir>/slurm``)."""
     finished: Callable[[Any], bool] | None = None
     """For stages that checkpoint when signalled: True once the work is done (so a late signal does not requeue)."""
-    presets: dict[str, str] = field(default_factory=dict)
+    check: Callable[[Any, Any], None] | None = None
+    """``check(cfg, slurm_cfg)`` at submission: combinations that cannot work under the launcher (ConfigError),
+    and paths made absolute (the tasks start in the submission directory, but the run folder is printed)."""
     array: bool = False
     """Split over a job array (``slurm.array_size``) instead of one multi-task job."""
 
@@ -32,6 +35,16 @@ class Stage:
 
     def run(self, cfg: Any) -> Any:
         return importlib.import_module(self.runner).run(cfg)
+
+
+def _pretrain_check(cfg, slurm) -> None:
+    from mmfuse.schema import ConfigError
+
+    if "://" not in cfg.run.dir:
+        cfg.run.dir = str(Path(cfg.run.dir).absolute())
+    if cfg.run.resume != "auto" and slurm.max_requeue:
+        raise ConfigError(f"run.resume={cfg.run.resume!r} with slurm.max_requeue={slurm.max_requeue}: a requeued job must "
+                          "resume from its own checkpoints (run.resume=auto), or set slurm.max_requeue=0")
 
 
 def _pretrain_finished(cfg) -> bool:
@@ -48,6 +61,6 @@ def _shard_run_dir(cfg) -> str:
 
 STAGES: dict[str, Stage] = {
     "pretrain": Stage("pretrain.config:PretrainConfig", "pretrain.run", lambda cfg: cfg.run.dir, _pretrain_finished,
-                      presets={"model.flavor": "model/{}.yaml"}),
+                      check=_pretrain_check),
     "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard", _shard_run_dir, array=True),
 }

@@ -99,14 +99,10 @@ def load(stage: str, args: Arguments) -> Plan:
         raise ConfigError(f"slurm.array_size={slurm.array_size}: job arrays are for sharding; {stage} runs as one job "
                           "(use slurm.nodes and slurm.tasks_per_node)")
     if spec.array and slurm.nodes * slurm.ntasks_per_node() > 1:
-        raise ConfigError(f"{stage} runs one process per array task (it uses processes={cfg.processes} cores); "
+        raise ConfigError(f"{stage} runs one process per array task (with its own worker processes); "
                           "set slurm.array_size instead of slurm.nodes/tasks_per_node")
-    if stage == "pretrain":
-        if "://" not in cfg.run.dir:
-            cfg.run.dir = str(Path(cfg.run.dir).absolute())
-        if cfg.run.resume not in ("auto",) and slurm.max_requeue:
-            raise ConfigError(f"run.resume={cfg.run.resume!r} with slurm.max_requeue={slurm.max_requeue}: a requeued job "
-                              "must resume from its own checkpoints (run.resume=auto), or set slurm.max_requeue=0")
+    if spec.check:
+        spec.check(cfg, slurm)
     run_dir = Path(spec.run_dir(cfg)).absolute()
     folder = Path(slurm.folder).absolute() if slurm.folder else run_dir / "slurm"
     return Plan(stage, spec, cfg, slurm, run_dir, folder, slurm.job_name or f"mmfuse-{stage}")
@@ -120,8 +116,9 @@ def prepare(plan: Plan, create_output: bool) -> None:
         tasks, todo, fingerprint = plan_array(plan.cfg, create_output)
         slices = split(todo, plan.slurm.array_size or 1) if todo else []
         plan.callables = [ShardSlice(plan.cfg, fingerprint, part, len(tasks)) for part in slices]
+        sizes = [len(part) for part in slices] or [0]
         plan.summary = (f"{len(todo)} of {len(tasks)} shards to write, over {len(slices)} array task(s) "
-                        f"of {min(len(s) for s in slices) if slices else 0}-{max(len(s) for s in slices) if slices else 0} shards")
+                        f"of {min(sizes)}-{max(sizes)} shards")
     else:
         from slurm.task import StageTask
 
@@ -214,7 +211,7 @@ def submit(plan: Plan) -> list:
     return jobs
 
 
-def rank0_log(plan: Plan, jobs: list) -> Path:
+def rank0_log(jobs: list) -> Path:
     return Path(jobs[0].paths.stdout)
 
 
@@ -223,11 +220,11 @@ def follow(plan: Plan, jobs: list) -> int:
 
     job_id = jobs[0].job_id.split("_")[0]
     if plan.slurm.executor == "local":
-        follow_log(job_id, rank0_log(plan, jobs), done=lambda: all(job.done() for job in jobs))
+        follow_log(job_id, rank0_log(jobs), done=lambda: all(job.done() for job in jobs))
         failed = [job.job_id for job in jobs if job.exception() is not None]
         print(f"mmfuse submit: local job(s) {'failed: ' + ', '.join(failed) if failed else 'finished'}", file=sys.stderr)
         return 1 if failed else 0
-    follow_log(job_id, rank0_log(plan, jobs))
+    follow_log(job_id, rank0_log(jobs))
     states = job_states(job_id)
     print(f"mmfuse submit: job {job_id} ended: {', '.join(sorted(set(states))) or 'unknown'}", file=sys.stderr)
     return 0 if states and all(state == "COMPLETED" for state in states) else 1
@@ -273,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"submitted job {job_id}: {stage}, {plan.summary}, {where}")
     print(f"run folder: {plan.run_dir}")
     print(f"logs:       {plan.folder / 'jobs'}/{job_id}{'_<array task>' if len(jobs) > 1 else ''}_<task>_log.out"
-          f"  (rank 0: {rank0_log(plan, jobs)})")
+          f"  (rank 0: {rank0_log(jobs)})")
     sys.stdout.flush()
     if args.follow:
         return follow(plan, jobs)

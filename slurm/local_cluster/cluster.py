@@ -233,8 +233,17 @@ def stop_daemons() -> None:
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
     for path, pid in pids:
-        if pid is not None:
-            _wait(lambda: _pid(path) is None, 30, f"{path.name} did not stop")
+        if pid is not None:  # the process itself, not its pid file (removed before the daemon has finished)
+            _wait(lambda: not _alive(pid), 30, f"{path.name} (pid {pid}) did not stop")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")  # a zombie has exited
 
 
 # ---- two-node networking ----

@@ -81,6 +81,7 @@ def next_job_id() -> str:
     (["slurm.nodes=3"], 1, "partition 'local' has 1 node(s)"),
     (["slurm.gpu_per_node=1"], 2, "unknown config key 'gpu_per_node'"),
     (["engine.zero_stage=5"], 2, "engine.zero_stage"),
+    (["run.resume=none"], 2, "run.resume='none' with slurm.max_requeue=3"),
     (["--slurm", "configs/slurm/nosuch.yaml"], 2, "config file not found: configs/slurm/nosuch.yaml"),
 ])
 def test_bad_config_fails_before_any_sbatch_call(slurm_cluster, tmp_path, capsys, args, code, message):

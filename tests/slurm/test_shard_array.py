@@ -9,9 +9,8 @@ from data_pipeline.config import ShardConfig
 from data_pipeline.readers import _cached_rows
 from mmfuse.cli import main as cli
 from mmfuse.config import load_config
-from slurm.jobs import wait
+from slurm.jobs import job_states
 from slurm.shard_array import ShardSlice, plan_array
-from tests.slurm.conftest import submit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(600)]
 SHARD = ["--config", "configs/data/shapes.yaml", "output.samples_per_shard=10", "image.size=64", "progress=false"]
@@ -45,16 +44,28 @@ def assert_same_dataset(ours: Path, reference: Path) -> None:
 
 def test_job_array_shards_equal_a_local_run(slurm_cluster, raw, reference, tmp_path, capsys):
     out = tmp_path / "shards"
-    job_id = submit(capsys, "shard", *SHARD, f"input.path={raw}", f"output.path={out}", "processes=1",
-                    "--slurm", "configs/slurm/local.yaml", "slurm.tasks_per_node=1", "slurm.array_size=3",
-                    "slurm.array_parallelism=2", f"slurm.folder={tmp_path}/job")
-    script = next((tmp_path / "job" / "jobs").glob(f"{job_id}_submission.sh")).read_text()
+    command = ["submit", "shard", *SHARD, f"input.path={raw}", f"output.path={out}", "processes=1",
+               "--slurm", "configs/slurm/local.yaml", "slurm.tasks_per_node=1", "slurm.array_size=3",
+               "slurm.array_parallelism=2", f"slurm.folder={tmp_path}/job"]
+    capsys.readouterr()
+    assert cli([*command, "--follow"]) == 0  # returns once every array task has COMPLETED
+    followed = capsys.readouterr()
+    job_id = followed.out.split("submitted job ", 1)[1].split(":")[0]
+    assert "of this task's 2 shards to write" in followed.out  # array task 0's log, streamed
+    assert f"job {job_id} ended: COMPLETED" in followed.err
+    script = (tmp_path / "job" / "jobs" / f"{job_id}_submission.sh").read_text()
     assert "#SBATCH --array=0-2%2" in script
-    assert wait(job_id, 300) == ["COMPLETED"] * 3
+    assert job_states(job_id) == ["COMPLETED"] * 3
     assert_same_dataset(out, reference)
     logs = {p.name: p.read_text() for p in (tmp_path / "job" / "jobs").glob(f"{job_id}_*_0_log.out")}
     assert len(logs) == 3 and all("2 of this task's 2 shards to write" in text for text in logs.values())
     assert sum("wrote sizes.json and dataset.json" in text for text in logs.values()) >= 1
+
+    # Submitting again finds every shard written: no job, the totals are (re)written from the stats files.
+    (out / "sizes.json").unlink()
+    assert cli(command) == 0
+    assert "every shard is already written" in capsys.readouterr().err
+    assert (out / "sizes.json").read_bytes() == (reference / "sizes.json").read_bytes()
 
 
 def test_local_executor_shards_equal_a_local_run(raw, reference, tmp_path, capsys):
