@@ -201,9 +201,8 @@ def submit(plan: Plan) -> list:
         else:
             with executor.batch():
                 jobs = [executor.submit(task) for task in plan.callables]
-    except (submitit.core.utils.FailedSubmissionError, subprocess.CalledProcessError) as err:
-        detail = getattr(err, "stderr", None) or getattr(err, "output", None) or err
-        raise ValueError(f"sbatch refused the job: {detail.decode() if isinstance(detail, bytes) else detail}") from None
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
+        raise ValueError(f"sbatch refused the job: {err}") from None
     main_id = jobs[0].job_id.split("_")[0]
     with open(plan.folder / "jobs.jsonl", "a") as history:
         history.write(json.dumps({"job_id": main_id, "executor": plan.slurm.executor, "tasks": len(jobs),

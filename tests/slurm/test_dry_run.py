@@ -98,3 +98,12 @@ def test_bad_config_fails_before_any_sbatch_call(slurm_cluster, tmp_path, capsys
 def test_unknown_stage_names_the_submittable_ones(capsys):
     assert cli(["submit", "frobnicate"]) == 2
     assert "submittable: pretrain, shard" in capsys.readouterr().err
+
+
+def test_what_only_sbatch_can_refuse_is_a_clear_error(slurm_cluster, tmp_path, capsys):
+    capsys.readouterr()
+    assert cli(["submit", "pretrain", "--config", "configs/pretrain/tiny.yaml", "--slurm", "configs/slurm/local.yaml",
+                "data.train=/nowhere", f"run.dir={tmp_path}/run", "slurm.mem=999999G"]) == 1
+    err = capsys.readouterr().err
+    assert "mmfuse submit: error: sbatch refused the job:" in err and "Memory specification can not be satisfied" in err
+    assert not (tmp_path / "run" / "slurm" / "jobs.jsonl").exists()  # no job on record
