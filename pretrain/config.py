@@ -65,6 +65,8 @@ class EngineConfig:
     three tiny towers); not with zero_stage=3."""
     compile_mode: str = "default"
     """torch.compile mode for engine.compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOPS of one device for the mfu metric; 0 looks the GPU up by name (H100, A100, L4, ...)."""
     extra: dict = field(default_factory=dict)
     """Extra keys merged into the generated DeepSpeed config (escape hatch)."""
 

@@ -27,6 +27,7 @@ from mmfuse.config import to_dict, to_yaml
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import PretrainConfig
 from pretrain.engine import Topology, build_engine, init_distributed
+from pretrain.flops import peak_tflops, train_flops_per_sample
 from pretrain.logger import MetricsLogger
 from pretrain.model import MultimodalModel
 from pretrain.objectives import DistContext, Forward, build_objectives
@@ -75,6 +76,8 @@ class Trainer:
             self.resume_from = self.checkpoints.to_universal(self.resume_from)
         self.engine, self.optimizer, self.scheduler = build_engine(self.step_module, cfg, self.topo.world_size, universal)
         self.metrics = MetricsLogger(self.run_dir, self.topo.is_main)
+        self.flops_per_sample = train_flops_per_sample(cfg.model, cfg.objectives)
+        self.peak_flops = self.device_peak_flops()
         self.step, self.samples_seen, self.skipped_steps = 0, 0, 0
         self.stop_requested = False
         self.maybe_resume()
@@ -153,6 +156,17 @@ class Trainer:
             self.loader.load_state_dict(client["loader"])
         else:
             self.loader.epoch = client["ranks"][0]["loader"]["epoch"]
+
+    def device_peak_flops(self) -> float | None:
+        if self.cfg.engine.peak_tflops > 0:
+            return self.cfg.engine.peak_tflops * 1e12
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name(self.topo.device)
+        peak = peak_tflops(name)
+        if peak is None and self.topo.is_main:
+            log.warning("no peak FLOPS known for %r: no mfu metric (set engine.peak_tflops)", name)
+        return peak * 1e12 if peak else None
 
     def install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
@@ -233,6 +247,7 @@ class Trainer:
             "lr": float(self.scheduler.get_last_lr()[0]),
             "samples_per_s": samples * self.topo.world_size / max(seconds, 1e-9),
             "samples_per_s_per_device": samples / max(seconds, 1e-9),
+            "tflops_per_device": samples * self.flops_per_sample / max(seconds, 1e-9) / 1e12,
             "data_wait_fraction": min(1.0, waited / max(seconds, 1e-9)),
             "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps,
@@ -242,6 +257,8 @@ class Trainer:
         for reason, count in self.loader.metrics().items():
             if reason not in ("samples", "wait_seconds"):
                 metrics[f"data_errors/{reason}"] = count
+        if self.peak_flops:
+            metrics["mfu"] = metrics["tflops_per_device"] * 1e12 / self.peak_flops
         if torch.cuda.is_available():
             metrics["gpu_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.log(self.step, metrics)

@@ -39,16 +39,21 @@ def test_sigkill_one_rank_under_torchrun_restarts_from_the_last_commit(shards, t
     log = tmp_path / "torchrun.log"  # a file, not a pipe: nobody reads a pipe while the job runs
     with log.open("w") as stderr:
         proc = subprocess.Popen(torchrun + command(shards, run, *STEPS)[1:], stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.time() + 300
-    while time.time() < deadline and (not (run / "metrics.jsonl").exists() or len(metrics(run)) < 4):
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.2)
-    victim = rank_pid(proc.pid, 1)
-    assert victim is not None
-    workers = psutil.Process(victim).children()  # its DataLoader workers: they must not outlive the job
-    os.kill(victim, signal.SIGKILL)
-    assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
-    stderr = log.read_text()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and (not (run / "metrics.jsonl").exists() or len(metrics(run)) < 4):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        victim = rank_pid(proc.pid, 1)
+        assert victim is not None
+        workers = psutil.Process(victim).children()  # its DataLoader workers: they must not outlive the job
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+        stderr = log.read_text()
+    finally:
+        if proc.poll() is None:  # a failed test must not leave a hung job behind (torchrun stops its ranks)
+            proc.terminate()
+            proc.wait(timeout=60)
 
     # Steps 1..k from the first attempt, then the restart's rows from the step after the checkpoint it loaded.
     rows = metrics(run)

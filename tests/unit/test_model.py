@@ -130,3 +130,38 @@ def test_bad_tower_switches_are_named(override, key):
     with pytest.raises(ConfigError, match="engine.compile needs engine.zero_stage"):
         load_config(PretrainConfig, ["configs/pretrain/tiny.yaml"], ["run.dir=r", "data.train=d", "engine.compile=[image]",
                                                                      "engine.zero_stage=3"])
+
+
+@pytest.mark.parametrize("objectives, tolerance", [
+    (["contrastive.pairs.audio_text=0", "contrastive.pairs.image_audio=0"], 0.05),  # open_clip's image + text
+    (["masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1"], 0.15),
+])
+def test_flops_estimate_agrees_with_torchs_flop_counter(objectives, tolerance):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pretrain.flops import train_flops_per_sample
+    from pretrain.objectives import DistContext, Forward, ObjectivesConfig, build_objectives
+
+    cfg = load_config(ModelConfig, ["configs/model/small.yaml"])  # big enough that the blocks dominate, as at ViT-B
+    objectives_cfg = load_config(ObjectivesConfig, [], objectives)
+    torch.manual_seed(0)
+    model, n = MultimodalModel(cfg), 2
+    text = torch.zeros(n, cfg.text.context_length, dtype=torch.long)
+    text[:, 0], text[:, 1:20], text[:, 20] = 49406, 5, 49407
+    present = torch.ones(n, dtype=torch.bool)
+    batch = {"image": torch.randn(n, 3, 128, 128), "text": text, "audio": torch.randn(n, 64, 512),
+             "has_image": present, "has_text": present, "has_audio": present}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward = Forward(model, batch)
+        for objective in build_objectives(objectives_cfg):
+            objective(model, batch, forward, DistContext())
+    counted = counter.get_total_flops() / n
+    assert counted == pytest.approx(train_flops_per_sample(cfg, objectives_cfg) / 3, rel=tolerance)
+
+
+def test_peak_flops_by_device_name():
+    from pretrain.flops import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("NVIDIA A10") == 125.0
+    assert peak_tflops("Some Future GPU") is None

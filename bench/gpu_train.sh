@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One accelerator, under 5 minutes: ViT-B/16 image tower + 12-layer text tower (configs/model/vit-b-16.yaml, the
+# open_clip ViT-B-16 architecture), bf16, ZeRO-2, image-text contrastive, on synthetic shards; prints samples/s and
+# MFU (model FLOPs from pretrain/flops.py over the device's dense bf16 peak, pretrain/flops.py:PEAK_TFLOPS).
+#
+#   bash bench/gpu_train.sh                       # STEPS=300 BATCH=128 WORKERS=12 SAMPLES=2048 by default
+#   STEPS=500 BATCH=256 COMPILE='[image,text]' bash bench/gpu_train.sh
+#
+# Not part of CI. Record what it prints (and the GPU name) in bench/RESULTS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-.venv/bin/python}
+WORK=${WORK:-bench/_work/gpu_train}
+STEPS=${STEPS:-300}
+WARMUP=${WARMUP:-50}          # steps left out of the averages (allocator warm-up, loader start)
+BATCH=${BATCH:-128}
+WORKERS=${WORKERS:-12}
+SAMPLES=${SAMPLES:-2048}      # the synthetic world is small; the loader goes round it as often as needed
+COMPILE=${COMPILE:-[]}
+LOG_EVERY=10
+
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this benchmark needs a GPU")'
+"$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
+
+start=$(date +%s)
+if [ ! -f "$WORK/shards/sizes.json" ]; then
+    "$PY" -m mmfuse.cli synth output.path="$WORK/raw" num_samples="$SAMPLES" image_size=224 seed=0
+    "$PY" -m mmfuse.cli shard input.path="$WORK/raw/manifest.parquet" output.path="$WORK/shards" \
+        output.samples_per_shard=256 image.size=224 image.resize_mode=center_crop progress=false
+fi
+echo "data ready after $(( $(date +%s) - start )) s"
+
+rm -rf "$WORK/run"
+"$PY" -m mmfuse.cli pretrain --config configs/pretrain/tiny.yaml model.flavor=vit-b-16 \
+    data.train="$WORK/shards" run.dir="$WORK/run" data.batch_size="$BATCH" data.workers="$WORKERS" \
+    data.shuffle_window=1024 data.members.audio="''" \
+    objectives.masked_image.weight=0 objectives.masked_audio.weight=0 objectives.masked_text.weight=0 \
+    objectives.cross_modal_masked.weight=0 objectives.contrastive.pairs.audio_text=0 \
+    objectives.contrastive.pairs.image_audio=0 \
+    model.lock="[audio]" engine.zero_stage=2 engine.precision=bf16 engine.compile="$COMPILE" run.deterministic=false \
+    run.steps="$STEPS" run.log_every="$LOG_EVERY" run.checkpoint_every=0 optim.warmup_steps=20 launch.nproc=1
+
+"$PY" - "$WORK/run/metrics.jsonl" "$WARMUP" <<'EOF'
+import json, sys
+
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+rows = [r for r in rows if "samples_per_s" in r and r["step"] > int(sys.argv[2])]
+if not rows:
+    sys.exit("no metric windows after the warm-up steps: raise STEPS")
+# Equal-sample windows: the harmonic mean of the window rates is samples / time.
+rate = len(rows) / sum(1 / r["samples_per_s"] for r in rows)
+tflops = len(rows) / sum(1 / r["tflops_per_device"] for r in rows)
+mfu = [r["mfu"] for r in rows if "mfu" in r]
+print(f"steps {rows[0]['step'] - 9}-{rows[-1]['step']}: {rate:.0f} samples/s, {tflops:.0f} model TFLOPS/device, "
+      + (f"MFU {len(mfu) / sum(1 / m for m in mfu):.1%}" if mfu else "MFU n/a (unknown GPU: set engine.peak_tflops)")
+      + f", data wait {sum(r['data_wait_fraction'] for r in rows) / len(rows):.0%}, "
+      + f"peak GPU memory {max(r.get('gpu_allocated_gb', 0) for r in rows):.1f} GB, loss {rows[-1]['loss']:.3f}")
+EOF
+echo "total $(( $(date +%s) - start )) s"

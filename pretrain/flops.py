@@ -1,0 +1,74 @@
+"""Model FLOPs per training sample (for MFU) from the tower configs and the objectives a step runs.
+
+Counted: the matmuls of every transformer pass a step makes (QKV, attention output, MLP, and the two attention
+products), the MAE decoders, the fusion encoder and the vocabulary heads on ``mask_prob x context_length`` tokens
+(an upper bound: captions are shorter than the context); forward + backward = 3 x forward. Left out: patch embeddings, norms, softmax, losses (a few percent at ViT-B size). Every sample is
+assumed to carry every modality, and 2 FLOPs per multiply-add, as in the PaLM paper's MFU.
+"""
+
+from __future__ import annotations
+
+from pretrain.model.config import ModelConfig
+from pretrain.objectives.config import ObjectivesConfig
+
+# Dense 16-bit tensor-core peak per device, TFLOPS (vendor datasheets, no sparsity). First match by name wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0), ("H200", 989.0),
+               ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("V100", 125.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((peak for name, peak in PEAK_TFLOPS if name in device_name), None)
+
+
+def stack_flops(tokens: int, width: int, layers: int, mlp_ratio: float = 4.0, context: int = 0) -> float:
+    """Forward FLOPs of ``layers`` pre-norm blocks on one sequence of ``tokens``; ``context`` > 0 adds a
+    cross-attention to that many memory tokens per block (the fusion encoder)."""
+    matmuls = 2 * tokens * (4 + 2 * mlp_ratio) * width**2
+    attention = 4 * tokens * tokens * width
+    if context:
+        matmuls += 2 * (2 * tokens + 2 * context) * width**2
+        attention += 4 * tokens * context * width
+    return layers * (matmuls + attention)
+
+
+def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> float:
+    """Forward + backward FLOPs of one sample through the passes one training step runs."""
+    image_patches = (model.image.image_size // model.image.patch_size) ** 2
+    audio_patches = (model.audio.n_mels // model.audio.patch_size) * (model.audio.frames // model.audio.patch_size)
+    contrastive = objectives.contrastive
+    pairs = {name for name, weight in contrastive.pairs.items() if weight > 0} if contrastive.weight > 0 else set()
+    passes: set[tuple[str, float]] = set()  # (modality, mask ratio): each tower pass runs once (shared, FLIP)
+    for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):
+        if any(modality in pair.split("_") for pair in pairs):
+            ratio = (masked.mask_ratio if masked.weight > 0 else contrastive.mask_ratio) if contrastive.use_masked_forward else 0.0
+            passes.add((modality, ratio))
+        if masked.weight > 0:
+            passes.add((modality, masked.mask_ratio))
+    if objectives.cross_modal_masked.weight > 0:
+        for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):
+            passes.add((modality, masked.mask_ratio if masked.weight > 0 else 0.0))
+
+    towers = {"image": (image_patches, model.image), "audio": (audio_patches, model.audio)}
+    kept = {}
+    flops = 0.0
+    for modality, ratio in passes:
+        patches, tower = towers[modality]
+        tokens = 1 + max(1, round(patches * (1 - ratio)))
+        kept[modality] = max(kept.get(modality, 0), tokens)
+        flops += stack_flops(tokens, tower.width, tower.layers, tower.mlp_ratio)
+    text = model.text
+    text_passes = (1 if any("text" in pair.split("_") for pair in pairs) else 0) + \
+        (objectives.masked_text.weight > 0) + (objectives.cross_modal_masked.weight > 0)
+    flops += text_passes * stack_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
+    decoder = model.decoder
+    for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):
+        if masked.weight > 0:
+            flops += stack_flops(1 + towers[modality][0], decoder.width, decoder.layers)
+    # The vocabulary heads run on the selected tokens only.
+    if objectives.masked_text.weight > 0:
+        flops += 2 * objectives.masked_text.mask_prob * text.context_length * text.width * text.vocab_size
+    if objectives.cross_modal_masked.weight > 0:
+        fusion, selected = model.fusion, objectives.cross_modal_masked.mask_prob * text.context_length
+        flops += stack_flops(text.context_length, fusion.width, fusion.layers, 4.0, sum(kept.values()))
+        flops += 2 * selected * fusion.width * text.vocab_size
+    return 3 * flops
