@@ -11,7 +11,7 @@ EXECUTORS = ("slurm", "local")
 # Directives the launcher writes itself; setting them through `extra` would contradict the typed fields.
 MANAGED_DIRECTIVES = frozenset({
     "job-name", "partition", "time", "nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node", "mem", "qos",
-    "account", "constraint", "exclusive", "output", "error", "open-mode", "signal", "array", "requeue", "wckey",
+    "account", "constraint", "exclusive", "output", "error", "open-mode", "signal", "array", "requeue",
 })
 # NAME=value where NAME looks like a secret (AWS_SECRET_ACCESS_KEY=..., HF_TOKEN=...).
 _SECRET = re.compile(r"\b\w*(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|_KEY)\w*\s*=", re.IGNORECASE)

@@ -22,6 +22,7 @@ def sbatch_parameters(cfg: SlurmConfig, job_name: str, array_tasks: int = 1) -> 
         "cpus_per_task": cfg.cpus_per_task,
         "signal_delay_s": cfg.signal_delay_s,
         "stderr_to_stdout": True,
+        "wckey": None,  # submitit's default ("submitit") would be rejected where wckeys are enforced; extra.wckey sets one
         # --requeue: scontrol requeue must work even where the cluster's default is JobRequeue=0.
         "additional_parameters": {"requeue": True, **{k: (v if v != "" else True) for k, v in cfg.extra.items()}},
     }
