@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 DEMO_STEPS ?= 300
 
-.PHONY: install test test-fast demo bench-shard bench-load clean
+.PHONY: install test test-fast demo demo-finetune bench-shard bench-load clean
 
 # The venv is (re)built when missing or when pyproject.toml is newer than the last install.
 $(STAMP): pyproject.toml
@@ -42,6 +42,31 @@ demo: $(STAMP)
 		run.dir=$(DEMO)/run run.steps=$(DEMO_STEPS) run.eval_every=100
 	$(MMFUSE) export $(DEMO)/run output.path=$(DEMO)/release
 	$(PY) -m pretrain.report $(DEMO)/run
+	$(MAKE) --no-print-directory demo-finetune
+
+# Fine-tuning and evaluation of the demo's release: zero-shot (image, audio) and retrieval without training, short
+# caption and VQA fine-tunes (VQA also reports zero-shot retention), and the four fusion strategies of multimodal
+# classification over frozen towers (only the fusion differs); one table at the end.
+FT := $(MMFUSE) finetune checkpoint=$(DEMO)/release run.baseline=true launch.nproc=2
+EV := $(MMFUSE) eval checkpoint=$(DEMO)/release launch.nproc=2
+SHARDS := data.train=$(DEMO)/shards data.eval=$(DEMO)/eval_shards
+FT_STEPS ?= 150
+demo-finetune: $(STAMP)
+	$(EV) --config configs/finetune/zeroshot.yaml data.eval=$(DEMO)/eval_shards run.dir=$(DEMO)/finetune/zeroshot-image
+	$(EV) --config configs/finetune/zeroshot.yaml data.eval=$(DEMO)/eval_shards zeroshot.modality=audio \
+		run.dir=$(DEMO)/finetune/zeroshot-audio
+	$(EV) --config configs/finetune/retrieval.yaml data.eval=$(DEMO)/eval_shards run.dir=$(DEMO)/finetune/retrieval
+	$(FT) --config configs/finetune/caption.yaml data.train=$(DEMO)/raw/coco_captions.json \
+		data.eval=$(DEMO)/raw_eval/coco_captions.json run.steps=$(FT_STEPS) run.dir=$(DEMO)/finetune/caption
+	$(FT) --config configs/finetune/vqa.yaml run.steps=$(FT_STEPS) run.dir=$(DEMO)/finetune/vqa retention.data=$(DEMO)/eval_shards \
+		data.train=$(DEMO)/raw/vqa_questions.json data.train_annotations=$(DEMO)/raw/vqa_annotations.json \
+		data.eval=$(DEMO)/raw_eval/vqa_questions.json data.eval_annotations=$(DEMO)/raw_eval/vqa_annotations.json
+	for fusion in early late hybrid cross_attention; do \
+		$(FT) --config configs/finetune/classify.yaml $(SHARDS) classify.fusion=$$fusion run.steps=$(FT_STEPS) \
+			"freeze=[image,text,audio]" run.dir=$(DEMO)/finetune/classify-$$fusion || exit 1; \
+	done
+	$(PY) -m finetune.report $(DEMO)/finetune/zeroshot-image $(DEMO)/finetune/zeroshot-audio $(DEMO)/finetune/retrieval \
+		$(DEMO)/finetune/caption $(DEMO)/finetune/vqa $(DEMO)/finetune/classify-*
 
 bench-shard: $(STAMP)
 	$(PY) bench/shard.py

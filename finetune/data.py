@@ -52,7 +52,11 @@ def detect_format(path: str, configured: str) -> str:
         return configured
     fs, inner = filesystem(path)
     lower = inner.lower()
-    if lower.endswith(".tar") or "{" in lower:
+    if "{" in lower or "::" in lower:
+        return "shards"
+    if not fs.exists(inner):
+        raise ValueError(f"data {redact(path)!r} does not exist")
+    if lower.endswith(".tar"):
         return "shards"
     if fs.isdir(inner):
         return "shards" if fs.exists(posixpath.join(inner, "sizes.json")) else "folder"
@@ -65,6 +69,20 @@ def detect_format(path: str, configured: str) -> str:
     if lower.endswith((".csv", ".tsv", ".jsonl", ".parquet", ".jsonl.gz", ".csv.gz")):
         return "manifest"
     raise ValueError(f"cannot tell the format of {redact(path)!r}; set data.format to shards, coco, vqa, folder or manifest")
+
+
+def check_data(cfg: FinetuneConfig, train: bool) -> None:
+    """Every data path of the run exists and has a readable format (before any process starts)."""
+    data = cfg.data
+    paths = [data.eval] + ([data.train] if train and data.train else []) + ([cfg.retention.data] if cfg.retention.data else [])
+    for path in paths:
+        fmt = detect_format(path, data.format if path in (data.train, data.eval) else "auto")
+        if fmt == "vqa":
+            annotations = data.train_annotations if path == data.train else data.eval_annotations
+            if not annotations:
+                raise ValueError(f"VQA questions {redact(path)!r} need their annotations JSON (data.train_annotations / "
+                                 "data.eval_annotations)")
+            detect_format(annotations, "manifest")  # exists
 
 
 def read_records(path: str, fmt: str, images: str = "", annotations: str = "") -> list[Record]:

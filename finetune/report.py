@@ -20,22 +20,27 @@ def rows(run_dir: Path) -> list[tuple[str, str, float | None, float, float | Non
     summary = json.loads((run_dir / "metrics.json").read_text())
     settings = summary.get("settings", {})
     label = run_dir.name
-    if summary["task"] == "classify":
+    if summary["task"] == "classify" and settings.get("fusion") not in label:
         label += f" ({settings.get('fusion')})"
     out = []
     for metric in HEADLINE[summary["task"]]:
         if metric in summary["metrics"]:
             out.append((label, metric, summary.get("baseline", {}).get(metric), summary["metrics"][metric],
                         summary.get("chance", {}).get(metric)))
+    if "retention/before" in summary:  # zero-shot classification before (untrained column) and after fine-tuning
+        before, after = summary["retention/before"], summary.get("retention/after", {})
+        if "top1" in before and "top1" in after:
+            out.append((label, "zero-shot retention top1", before["top1"], after["top1"], None))
     return out
 
 
 def format_table(run_dirs: list[Path]) -> str:
     cell = lambda v: f"{v:>10.2f}" if v is not None else f"{'-':>10}"
-    lines = [f"{'run':<28}{'metric':<26}{'untrained':>10}{'result':>10}{'chance':>10}"]
-    for run_dir in run_dirs:
-        for label, metric, baseline, value, chance in rows(run_dir):
-            lines.append(f"{label:<28}{metric:<26}{cell(baseline)}{cell(value)}{cell(chance)}")
+    table = [row for run_dir in run_dirs for row in rows(run_dir)]
+    width = max([len(r[0]) for r in table] + [3]) + 2
+    lines = [f"{'run':<{width}}{'metric':<26}{'untrained':>10}{'result':>10}{'chance':>10}"]
+    for label, metric, baseline, value, chance in table:
+        lines.append(f"{label:<{width}}{metric:<26}{cell(baseline)}{cell(value)}{cell(chance)}")
     lines.append("(percentages, except caption metrics on pycocoevalcap's 0-1 scale (CIDEr 0-10); untrained = new "
                  "heads at their initialisation; '-' = not applicable)")
     return "\n".join(lines)

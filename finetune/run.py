@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None, stage: str = "finetune") -> int:
     from finetune.checkpoint import check_checkpoint
     from finetune.trainer import resolve_resume
 
+    from finetune.data import check_data
+
     check_checkpoint(cfg)
+    check_data(cfg, train=stage == "finetune" and cfg.trains)
     if stage == "finetune":
         resolve_resume(cfg)
     if cfg.launch.nproc > 0 and "WORLD_SIZE" not in os.environ:

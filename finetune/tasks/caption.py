@@ -18,17 +18,23 @@ from finetune.tasks.base import Task, TaskContext, register
 
 
 class CaptionDecoder(nn.Module):
-    """Image tokens (projected to the text width) + the text tower's causal token features → next-token logits."""
+    """Image tokens (projected to the text width) + the text tower's causal token features → hidden states, and
+    ``logits`` of the positions that need them: projecting every position onto a 49k vocabulary would cost more
+    than the whole decoder (at generation time only the last position is needed)."""
 
     def __init__(self, image_width: int, text_width: int, heads: int, layers: int, context_length: int, vocab_size: int):
         super().__init__()
         self.image_in = nn.Linear(image_width, text_width)
         self.decoder = MultimodalTransformer(width=text_width, layers=layers, heads=heads, context_length=context_length,
                                              output_dim=vocab_size)
-        nn.init.normal_(self.decoder.text_projection, std=text_width ** -0.5)  # open_clip leaves it uninitialised
+        self.decoder.text_projection = None  # applied by ``logits`` to the selected positions only
+        self.to_vocab = nn.Parameter(torch.randn(text_width, vocab_size) * text_width ** -0.5)
 
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.image_in(image_tokens), text_tokens)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.to_vocab
 
 
 class Captioner(Task):
@@ -49,10 +55,10 @@ class Captioner(Task):
         """Mean next-token cross-entropy over non-padding targets (``weight`` [B, T-1] selects which count)."""
         image_tokens = self.backbone.encode_image(images).tokens
         text_tokens = self.backbone.encode_text(tokens, causal=True).tokens
-        logits = self.decoder(image_tokens, text_tokens)[:, :-1]
+        hidden = self.decoder(image_tokens, text_tokens)[:, :-1]
         targets = tokens[:, 1:]
         mask = (targets != 0) if weight is None else weight
-        return F.cross_entropy(logits[mask], targets[mask])
+        return F.cross_entropy(self.decoder.logits(hidden[mask]), targets[mask])
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prefixes: list[list[int]] | None = None, max_len: int | None = None) -> list[list[int]]:
@@ -77,9 +83,10 @@ class Captioner(Task):
                 full[i, :len(seq)] = torch.tensor(seq)
                 last[i] = len(seq) - 1
             text_tokens = self.backbone.encode_text(full.to(images.device), causal=True).tokens
-            logits = self.decoder(image_tokens[rows.to(images.device)], text_tokens)
+            hidden = self.decoder(image_tokens[rows.to(images.device)], text_tokens)
+            logits = self.decoder.logits(hidden[torch.arange(n, device=images.device), last.to(images.device)])
             # The search runs on the CPU (and its generator with it), whatever device the model is on.
-            return logits[torch.arange(n, device=images.device), last.to(images.device)].float().cpu()
+            return logits.float().cpu()
 
         if cc.sampling:
             return sample(step, images.shape[0], self.sot, self.eot, max_len, top_p=cc.top_p, temperature=cc.temperature,

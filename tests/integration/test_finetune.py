@@ -76,6 +76,9 @@ def test_task_beats_its_untrained_baseline(world, tmp_path, case):
     assert result["metrics"][metric] > result["baseline"][metric], (metric, result["baseline"], result["metrics"])
     card = (run_dir / "RESULTS.md").read_text()
     assert result["checkpoint"]["sha256"] in card and f"| {metric} |" in card
+    from finetune.report import format_table
+
+    assert metric in format_table([run_dir])
     predictions = run_dir / result_file(task)
     assert predictions.stat().st_size > 10
     if task == "zeroshot":
@@ -133,14 +136,16 @@ def test_resume_mid_run_continues_bit_identically(world, tmp_path):
                 out[record["step"]] = record["loss"]
         return out
 
-    base = [f"data.train={world}/raw/coco_captions.json", f"data.eval={world}/raw_eval/coco_captions.json", "run.steps=8", "run.log_every=1", "data.max_eval_samples=16"]
+    # Classification from the manifest: the record reader's batch plan, per-sample augmentation seeds and the
+    # task's own random stream (modality dropout) all have to come back exactly.
+    base = [f"data.train={world}/raw/manifest.parquet", f"data.eval={world}/raw_eval/manifest.parquet", "run.steps=8", "run.log_every=1", "data.max_eval_samples=16"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert cli(["finetune", *common(world, straight, "caption", *base)]) == 0
+    assert cli(["finetune", *common(world, straight, "classify", *base)]) == 0
     # A run that checkpointed at step 4 and died before its step-8 checkpoint: rerunning resumes from step 4.
-    assert cli(["finetune", *common(world, resumed, "caption", *base, "run.checkpoint_every=4", "run.keep=3")]) == 0
+    assert cli(["finetune", *common(world, resumed, "classify", *base, "run.checkpoint_every=4", "run.keep=3")]) == 0
     shutil.rmtree(resumed / "checkpoints" / "step_000008")
     (resumed / "metrics.jsonl").unlink()
-    assert cli(["finetune", *common(world, resumed, "caption", *base, "run.checkpoint_every=4", "run.keep=3")]) == 0
+    assert cli(["finetune", *common(world, resumed, "classify", *base, "run.checkpoint_every=4", "run.keep=3")]) == 0
     expected, got = losses(straight), losses(resumed)
     assert sorted(got) == [5, 6, 7, 8]
     assert all(got[s] == expected[s] for s in got), (expected, got)
