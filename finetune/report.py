@@ -9,7 +9,7 @@ from pathlib import Path
 
 HEADLINE = {
     "zeroshot": ("top1", "top5"),
-    "retrieval": ("image_to_text/R@1", "text_to_image/R@1", "audio_to_text/R@1", "text_to_audio/R@1"),
+    "retrieval": ("mean_recall", "image_to_text/R@1", "text_to_image/R@1", "audio_to_text/R@1", "text_to_audio/R@1"),
     "caption": ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
     "vqa": ("accuracy",),
     "classify": ("accuracy", "without_image/accuracy", "without_text/accuracy", "without_audio/accuracy"),

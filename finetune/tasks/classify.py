@@ -51,17 +51,17 @@ class Classify(Task):
         return list(self.modalities)
 
     def logits(self, batch: dict[str, Any], present: dict[str, torch.Tensor]) -> torch.Tensor:
-        size = len(batch["__key__"])
+        size, device = len(batch["__key__"]), batch["label"].device
         if self.fusion_kind == "cross_attention":
             return self.cross_attention_logits(batch, present)
         embedded = {}
         for m in self.modalities:
-            out = torch.zeros(size, self.backbone.cfg.embed_dim)
+            out = torch.zeros(size, self.backbone.cfg.embed_dim, device=device)
             keep = present[m].nonzero().squeeze(1)
             if keep.numel():
                 out = out.index_put((keep,), self.backbone.embed(m, batch[m][keep]).to(out.dtype))
             embedded[m] = out
-        logits = torch.zeros(size, self.num_classes)
+        logits = torch.zeros(size, self.num_classes, device=device)
         if self.fusion_kind in ("early", "hybrid"):
             flags = torch.stack([present[m].float() for m in self.modalities], dim=1)
             logits = logits + self.early(torch.cat([*embedded.values(), flags], dim=1))
@@ -74,7 +74,7 @@ class Classify(Task):
     def cross_attention_logits(self, batch: dict[str, Any], present: dict[str, torch.Tensor]) -> torch.Tensor:
         size = len(batch["__key__"])
         text = batch["text"]
-        has_text = present.get("text", torch.zeros(size, dtype=torch.bool))
+        has_text = present.get("text", torch.zeros(size, dtype=torch.bool, device=text.device))
         if not has_text.all():  # an absent caption is the empty caption (start and end tokens only)
             empty = self.tokenizer([""]).to(text.device).expand(size, -1)
             text = torch.where(has_text.unsqueeze(1), text, empty)
@@ -86,7 +86,7 @@ class Classify(Task):
                 padding[m] = (~present[m]).unsqueeze(1).expand(-1, contexts[m].shape[1])
         if not contexts:
             contexts = {"image": query.new_zeros(size, 1, self.backbone.cfg.image.width)}
-            padding = {"image": torch.ones(size, 1, dtype=torch.bool)}
+            padding = {"image": torch.ones(size, 1, dtype=torch.bool, device=text.device)}
         fused = self.backbone.fusion(query, contexts, text_padding=text == 0, context_padding=padding)
         return self.cross(tokens_of(fused, text))
 
@@ -98,7 +98,7 @@ class Classify(Task):
         if p <= 0 or len(self.modalities) < 2:
             return present
         stacked = torch.stack([present[m] for m in self.modalities], dim=1)
-        dropped = stacked & (torch.rand(stacked.shape, generator=self.generator) >= p)
+        dropped = stacked & (torch.rand(stacked.shape, generator=self.generator) >= p).to(stacked.device)
         # Never drop every modality of a sample: keep the original when nothing would remain.
         dropped = torch.where(dropped.any(dim=1, keepdim=True), dropped, stacked)
         return {m: dropped[:, i] for i, m in enumerate(self.modalities)}

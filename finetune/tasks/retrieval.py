@@ -52,7 +52,7 @@ class Retrieval(Task):
         total = self.backbone.logit_scale.sum() * 0.0  # a tensor even when no pair is present
         for a, b in self.pairs:
             both = (batch[f"has_{a}"] & batch[f"has_{b}"]).nonzero().squeeze(1)
-            if ctx.all_sum(torch.tensor(float(both.numel()))).item() == 0:
+            if ctx.all_sum(torch.tensor(float(both.numel()), device=both.device)).item() == 0:
                 continue  # no rank has this pair in this batch
             ea, eb = (self.backbone.embed(m, batch[m][both]) for m in (a, b))
             if self.backbone.logit_bias is not None:

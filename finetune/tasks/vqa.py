@@ -141,8 +141,8 @@ class VqaGenerator(Captioner):
             starts.append(len(self.tokenizer.encode(batch["question"][i])) + 1)  # + the start token
         tokens = self.tokenizer(texts).to(batch["image"].device)
         # Loss on the answer tokens (and the end token) only: target position j predicts token j + 1.
-        positions = torch.arange(tokens.shape[1] - 1).unsqueeze(0)
-        weight = (positions >= torch.tensor(starts).unsqueeze(1) - 1) & (tokens[:, 1:] != 0)
+        positions = torch.arange(tokens.shape[1] - 1, device=tokens.device).unsqueeze(0)
+        weight = (positions >= torch.tensor(starts, device=tokens.device).unsqueeze(1) - 1) & (tokens[:, 1:] != 0)
         return self.teacher_forcing_loss(batch["image"][keep], tokens, weight)
 
     @torch.no_grad()

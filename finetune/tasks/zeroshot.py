@@ -130,12 +130,13 @@ def zero_shot_accuracy(backbone, tokenizer, data, classnames: list[str], templat
     """Zero-shot top-1/top-5 of ``backbone`` on ``data`` (a TaskData), gathered over ranks (zero-shot retention)."""
     from finetune.evaluation import gather_records
 
-    classifier = text_classifier(backbone, tokenizer, classnames, templates, torch.device("cpu"))
+    device = next(backbone.parameters()).device
+    classifier = text_classifier(backbone, tokenizer, classnames, templates, device)
     records = []
     for batch in data:
         keep = rows(batch, modality)
         if keep.numel():
-            logits = backbone.embed(modality, batch[modality][keep]).float() @ classifier.T
+            logits = (backbone.embed(modality, batch[modality][keep]).float() @ classifier.float().T).cpu()
             records += [{"key": batch["__key__"][i], "label": int(batch["label"][i]), "logits": logits[j]}
                         for j, i in enumerate(keep.tolist())]
     records = [r for r in gather_records(records, rank, world) if r["label"] >= 0]
