@@ -226,3 +226,32 @@ def test_every_fusion_classifies_with_any_modality_missing(tiny, fusion):
     assert records[3]["without_audio"] == -1 and records[0]["without_audio"] >= 0
     dropped = task.drop_modalities(task.present(batch))
     assert torch.stack(list(dropped.values())).any(0).all()  # never every modality of a sample
+
+
+@pytest.mark.integration
+def test_release_on_object_storage_loads(tmp_path, tiny, s3_server):
+    from pretrain.release import save_release
+
+    torch.manual_seed(0)
+    original = MultimodalModel(tiny)
+    url = f"{s3_server['url']}/releases/tiny"
+    save_release(original.state_dict(), tiny, url, {})
+    model, info = load_checkpoint(config(checkpoint=url))
+    assert info.kind == "release" and len(info.sha256) == 64
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.state_dict().items())
+    with pytest.raises(ValueError, match="does not exist"):
+        check_checkpoint(config(checkpoint=f"{s3_server['url']}/releases/missing.safetensors"))
+
+
+def test_classnames_from_a_file_or_the_data(tmp_path):
+    from finetune.tasks.zeroshot import load_classnames
+
+    (tmp_path / "names.txt").write_text("cat\n\ndog\n")
+    (tmp_path / "names.json").write_text('["cat", "dog", "eel"]')
+    assert load_classnames([], str(tmp_path / "names.txt"), []) == ["cat", "dog"]
+    assert load_classnames([], str(tmp_path / "names.json"), []) == ["cat", "dog", "eel"]
+    assert load_classnames(["a"], str(tmp_path / "names.txt"), []) == ["a"]
+    metas = [{"label": 2, "label_name": "eel"}, {"label": 0, "label_name": "cat"}]
+    assert load_classnames([], "", metas) == ["cat", "class 1", "eel"]
+    with pytest.raises(ConfigError, match="needs class names"):
+        load_classnames([], "", [{"label": 1}])
