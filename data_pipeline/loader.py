@@ -19,6 +19,7 @@ import logging
 import math
 import signal
 import time
+import weakref
 import zlib
 from collections import Counter
 from typing import Any, Callable, Iterator
@@ -56,6 +57,33 @@ def _leave_sigterm_to_the_trainer() -> None:
     included. A worker that died of it would make the training process raise before it reaches the step boundary
     where it checkpoints; ignored here, the worker is shut down by the training process as usual afterwards."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_worker_processes: "weakref.WeakSet" = weakref.WeakSet()
+_reaper_registered = False
+
+
+def _reap_workers_at_exit() -> None:
+    """Workers ignore SIGTERM (above), so the standard library's exit hook, which terminates daemonic children
+    with SIGTERM and then joins them, would wait forever for a worker of a loader that was still iterating when
+    the training process exited (an exception, a halt). Registered after that hook, this runs before it and
+    kills such workers outright: at exit nothing they hold is needed."""
+    for worker in list(_worker_processes):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def _track_workers(iterator) -> None:
+    """Remember this iterator's worker processes for the exit hook (registered once, after multiprocessing's)."""
+    global _reaper_registered
+    _worker_processes.update(getattr(iterator, "_workers", []))
+    if not _reaper_registered:
+        import atexit
+        import multiprocessing.util  # noqa: F401  (registers its exit hook first, so ours runs before it)
+
+        atexit.register(_reap_workers_at_exit)
+        _reaper_registered = True
 
 
 def _keep_freed_memory() -> None:
@@ -231,6 +259,7 @@ class Loader:
                             prefetch_factor=self.cfg.prefetch_factor if self.cfg.workers else None)
         self._epoch_stats = {}
         iterator = iter(loader)
+        _track_workers(iterator)
         while True:
             started = time.perf_counter()
             try:
