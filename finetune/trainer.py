@@ -29,12 +29,11 @@ from finetune.evaluation import evaluate
 from finetune.results import write_outputs
 from finetune.tasks import TaskContext, build_task
 from mmfuse.config import to_yaml
+from pretrain.checkpoint import MARKER, committed_tags, tag_for
 from pretrain.logger import MetricsLogger
 
 log = logging.getLogger("mmfuse.finetune")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # an INFO line per saved file
-MARKER = "COMMITTED"
-_TAG = re.compile(r"^step_(\d+)$")
 _LAYER = re.compile(r"\.(?:resblocks|blocks)\.(\d+)\.")
 _EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "token_embedding", "patch_embed",
                "cls_token", "pos_embed")
@@ -263,7 +262,7 @@ class Finetuner:
     # ---- checkpoints: accelerate's state + the loop's, trusted only with COMMITTED ----
     def save(self) -> Path:
         root = self.run_dir / "checkpoints"
-        folder = root / f"step_{self.step:06d}"
+        folder = root / tag_for(self.step)
         self.accelerator.save_state(str(folder))
         mine = {"data": self.train_data.state_dict(), "task_rng": self.task.generator.get_state().tolist()}
         states = [mine]
@@ -277,8 +276,8 @@ class Finetuner:
             tmp = folder / (MARKER + ".tmp")
             tmp.write_text(json.dumps({"step": self.step, "time": time.time()}))
             os.replace(tmp, folder / MARKER)
-            for old in committed(root)[:-max(1, self.cfg.run.keep)]:
-                shutil.rmtree(old, ignore_errors=True)
+            for old in committed_tags(root)[:-max(1, self.cfg.run.keep)]:
+                shutil.rmtree(root / old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -298,22 +297,15 @@ class Finetuner:
         log.info("resumed from %s at step %d", folder, self.step)
 
 
-def committed(root: Path) -> list[Path]:
-    """Committed checkpoint folders, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
-
-
 def resolve_resume(cfg: FinetuneConfig) -> Path | None:
     """The checkpoint to resume from, checked before any work starts."""
     resume = cfg.run.resume
     if resume == "none":
         return None
     if resume == "auto":
-        found = committed(Path(cfg.run.dir) / "checkpoints")
-        return found[-1] if found else None
+        root = Path(cfg.run.dir) / "checkpoints"
+        found = committed_tags(root)
+        return root / found[-1] if found else None
     folder = Path(resume)
     if not (folder / MARKER).is_file():
         raise ValueError(f"run.resume={resume!r} is not a committed fine-tuning checkpoint (no {MARKER} marker)")
