@@ -5,12 +5,26 @@ picklable ``ShardWorker`` over it on its own cores (the embedded distributor). A
 whole and its stats file is the commit marker, so a requeued or resubmitted task skips finished shards. The task
 that finds every planned shard finished (each task looks after its own last shard) writes ``sizes.json`` and then
 ``dataset.json``; if two finish together both write the same totals.
+
+When an allocation ends early a task stops at once, since a shard it leaves open is simply written again:
+
+- the checkpoint signal (SIGUSR2, ``slurm.signal_delay_s`` before the time limit or by hand; SIGUSR1 too): submitit's
+  handler requeues the task (``scontrol requeue JOB_TASK``; the local executor restarts it) and the task exits;
+- SIGTERM (preemption with PreemptMode=REQUEUE, ``scontrol requeue``, ``scancel``): the task exits and SLURM
+  decides whether it comes back. submitit itself ignores SIGTERM, which would leave the task writing shards
+  until ``KillWait`` runs out.
+
+Either way it exits without unwinding (``exit_now``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import submitit
@@ -48,18 +62,27 @@ def split(tasks: list, parts: int) -> list[list]:
 
 
 class ShardSlice(submitit.helpers.Checkpointable):
-    """One array task: write these shards, then finalize if every planned shard is done. On the preemption
-    signal submitit requeues it as is (``checkpoint()`` resubmits the same slice; finished shards are skipped)."""
+    """One array task: write these shards, then finalize if every planned shard is done. On the checkpoint signal
+    submitit requeues it as is (``checkpoint()`` resubmits the same slice; finished shards are skipped); on SIGTERM
+    it exits and SLURM decides."""
 
     def __init__(self, cfg: ShardConfig, fingerprint: str, tasks: list[ShardTask], total_shards: int):
         self.cfg, self.fingerprint, self.tasks, self.total_shards = cfg, fingerprint, tasks, total_shards
 
     def __call__(self) -> dict[str, Any]:
+        setup_logging(0)  # one process per array task (its shard workers are its own)
+        previous = stop_on_signals()
+        try:
+            return self._run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _run(self) -> dict[str, Any]:
         from data_pipeline.distributor import run_local
         from data_pipeline.shard import finalize, pending_tasks
         from data_pipeline.worker import ShardWorker
 
-        setup_logging(0)  # one process per array task (its shard workers are its own)
         started = time.time()
         todo = pending_tasks(self.cfg, self.tasks, self.fingerprint)
         log.info("%d of this task's %d shards to write (shards %d-%d of %d)", len(todo), len(self.tasks),
@@ -74,6 +97,85 @@ class ShardSlice(submitit.helpers.Checkpointable):
             log.info("every shard is done: wrote sizes.json and dataset.json")
             result["finalized"] = True
         return result
+
+
+def stop_on_signals() -> dict[int, Any]:
+    """Install the array task's handlers (see the module docstring); returns the ones they replace."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    requeue = previous[signal.SIGUSR2]  # submitit's checkpoint-and-requeue handler, inside a submitit job
+
+    def requeue_and_exit(signum: int, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ``scontrol requeue`` SIGTERMs this very task
+        try:
+            requeue(signum, frame)
+        except SystemExit as done:  # requeued: submitit's exit (the local executor's restart code included)
+            exit_now(done.code)
+        except Exception:  # not requeued (submitit logged why, e.g. timed out too often): the task ends all the same
+            exit_now(1)
+
+    def stop(signum: int, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # srun forwards it too: one is enough
+        log.warning("got SIGTERM (preempted, requeued or cancelled): stopping; the committed shards are kept, an "
+                    "open one is written again if SLURM brings this task back")
+        exit_now(0)
+
+    if callable(requeue):
+        signal.signal(signal.SIGUSR1, requeue_and_exit)
+        signal.signal(signal.SIGUSR2, requeue_and_exit)
+    signal.signal(signal.SIGTERM, stop)
+    return previous
+
+
+def exit_now(code: Any) -> None:
+    """Leave without unwinding: nothing open needs saving (an open shard is written again), while unwinding would
+    close the shard pool, and SLURM signals every process of the task, so a pool worker killed holding the pool's
+    queue lock makes that close wait forever (until SIGKILL, ``KillWait`` later). In-flight fetches are not waited
+    for either. What this task started goes with it: the pool, its forkserver (which a signal may have made the pool
+    start afresh) and its workers, which nothing else ends (the local executor signals the task only;
+    ``proctrack/linuxproc`` loses track of orphans)."""
+    kill_descendants()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process below this one, stopping them first so none forks another in between."""
+    import multiprocessing
+
+    stopped: set[int] = set()
+    while found := set(descendants(os.getpid())) - stopped:
+        for pid in found:
+            _signal(pid, signal.SIGSTOP)
+        stopped |= found
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+    for child in multiprocessing.active_children():  # where there is no /proc
+        child.kill()
+
+
+def descendants(root: int) -> list[int]:
+    """Processes below ``root``, from ``/proc/*/stat`` (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def shard_ids(count: int) -> list[ShardTask]:

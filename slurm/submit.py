@@ -220,9 +220,18 @@ def follow(plan: Plan, jobs: list) -> int:
     job_id = jobs[0].job_id.split("_")[0]
     if plan.slurm.executor == "local":
         follow_log(job_id, rank0_log(jobs), done=lambda: all(job.done() for job in jobs))
-        failed = [job.job_id for job in jobs if job.exception() is not None]
-        print(f"mmfuse submit: local job(s) {'failed: ' + ', '.join(failed) if failed else 'finished'}", file=sys.stderr)
-        return 1 if failed else 0
+        # A job stopped by SIGTERM leaves rank 0 no result file; asking submitit for its outcome would wait 15 s per
+        # task for one (its grace period for slow shared file systems).
+        stopped = [job.job_id for job in jobs if not (job.paths.folder / f"{job.job_id}_0_result.pkl").exists()]
+        failed = [job.job_id for job in jobs if job.job_id not in stopped and job.exception() is not None]
+        if stopped:
+            print(f"mmfuse submit: local job(s) {', '.join(stopped)} stopped before finishing; what they committed is "
+                  "kept: submit the same command to go on", file=sys.stderr)
+        if failed:
+            print(f"mmfuse submit: local job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        if not stopped and not failed:
+            print("mmfuse submit: local job(s) finished", file=sys.stderr)
+        return 1 if failed or stopped else 0
     follow_log(job_id, rank0_log(jobs))
     states = job_states(job_id)
     print(f"mmfuse submit: job {job_id} ended: {', '.join(sorted(set(states))) or 'unknown'}", file=sys.stderr)

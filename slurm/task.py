@@ -11,6 +11,11 @@ end of an allocation:
   ``slurm.max_requeue`` times.
 - SIGTERM (``scontrol requeue``, preemption with PreemptMode=REQUEUE, ``scancel``, the time limit itself): the
   stage checkpoints and the task exits; SLURM decides whether the job comes back.
+
+Under submitit's local executor the same holds: its controller sends SIGUSR2 to every task ``signal_delay_s``
+before its time limit (or send it by hand to the tasks, the controller's children), rank 0 exits with submitit's
+requeue code and the controller starts the tasks again (at most ``slurm.max_requeue`` times, and at most 5: the
+controller's own limit). SIGTERM to the controller (the job id) is passed on to the tasks: they checkpoint and the job ends.
 """
 
 from __future__ import annotations
@@ -79,7 +84,9 @@ class StageTask(submitit.helpers.Checkpointable):
         if not seen or spec.finished(self.cfg):
             return result
         if signal.SIGTERM in seen:
-            log.warning("stopped by SIGTERM with a committed checkpoint; SLURM decides whether the job is requeued")
+            decides = ("submit the same command to resume" if submitit.JobEnvironment().cluster == "local"
+                       else "SLURM decides whether the job is requeued")  # the local executor never restarts on SIGTERM
+            log.warning("stopped by SIGTERM with a committed checkpoint; %s", decides)
             raise SystemExit(0)  # no result file: the job did not finish
         if rank == 0:
             self.requeue()
