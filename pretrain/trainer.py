@@ -138,6 +138,7 @@ class Trainer:
         objectives = build_objectives(objectives_cfg)
         weights = {name: getattr(objectives_cfg, name).weight for name in
                    ("contrastive", "masked_image", "masked_audio", "masked_text", "cross_modal_masked")}
+        self.freeze_untrained_parts(objectives)
         step = PretrainStep(self.model, objectives, DistContext(self.topo.rank, self.topo.world_size), weights)
         if self.cfg.engine.zero_stage == 3:
             import deepspeed
@@ -145,6 +146,19 @@ class Trainer:
             for param in self.model.loose_parameters():
                 deepspeed.zero.register_external_parameter(step, param)
         return step
+
+    def freeze_untrained_parts(self, objectives: list) -> None:
+        """Parts no enabled objective reads (a contrastive-only run's audio tower and heads) stay out of the
+        optimizer: no Adam update, no gradient buffers, no weight decay pulling them towards 0."""
+        from pretrain.model.multimodal import PARTS
+
+        trained = set().union(*(objective.parts for objective in objectives))
+        idle = [part for part in PARTS if part not in trained]
+        for part in idle:
+            for param in self.model.part_parameters(part):
+                param.requires_grad_(False)
+        if idle and self.topo.is_main:
+            log.info("not read by any enabled objective, so frozen: %s", ", ".join(idle))
 
     def maybe_resume(self) -> None:
         if self.resume_from is None:
@@ -188,12 +202,11 @@ class Trainer:
         last: dict[str, float] = {}
         while self.step < cfg.steps:
             batch = next(data)
-            losses, nonfinite = self.train_step(batch)
+            losses, nonfinite, stop = self.train_step(batch)
             self.step += 1
             batch_size = len(batch["__key__"])
             self.samples_seen += batch_size * self.topo.world_size
             window_samples += batch_size
-            stop = self.agree(self.stop_requested)
             if nonfinite:
                 self.handle_nonfinite(batch)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -210,23 +223,27 @@ class Trainer:
         self.metrics.close()
         return last
 
-    def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
+    def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool, bool]:
+        """(losses, non-finite on some rank: skipped, a stop signal reached some rank: stop after this step)."""
         batch = {k: v.to(self.topo.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         losses = self.engine(batch)
         total = self.step_module.total(losses)
         if self.cfg.run.debug_nan_step == self.step + 1:
             total = total * float("nan")  # test hook: the non-finite policy must catch this step
-        if self.agree(not torch.isfinite(total).item()):
-            return {name: value.detach() for name, value in losses.items()}, True
+        # One collective per step settles both questions for every rank.
+        nonfinite, stop = self.agree(not torch.isfinite(total).item(), self.stop_requested)
+        detached = {name: value.detach() for name, value in losses.items()}
+        if nonfinite:
+            return detached, True, stop
         self.engine.backward(total)
         self.engine.step()
-        return {**{name: value.detach() for name, value in losses.items()}, "loss": total.detach()}, False
+        return {**detached, "loss": total.detach()}, False, stop
 
-    def agree(self, flag: bool) -> bool:
-        """True on every rank if it is True on any rank."""
-        value = torch.tensor([1.0 if flag else 0.0], device=self.topo.device)
+    def agree(self, *flags: bool) -> list[bool]:
+        """Each flag True on every rank if it is True on any rank."""
+        value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=self.topo.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return [bool(v) for v in value.tolist()]
 
     def handle_nonfinite(self, batch: dict[str, Any]) -> None:
         keys = batch["__key__"][:8]

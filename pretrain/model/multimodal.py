@@ -15,6 +15,9 @@ from pretrain.model.heads import FusionEncoder, PatchDecoder
 from pretrain.model.towers import AudioTower, Encoded, build_clip, encode_image, encode_text, project_image, project_text
 
 TOWERS = ("image", "text", "audio")
+# What objectives train: each declares the parts it reads, and parts no enabled objective reads stay frozen.
+PARTS = TOWERS + ("temperature", "image_decoder", "audio_decoder", "text_mask_embedding", "text_mlm_head", "fusion",
+                  "mlm_head")
 
 
 class MultimodalModel(nn.Module):
@@ -64,6 +67,18 @@ class MultimodalModel(nn.Module):
             return list(self.audio.parameters())
         visual = {id(p) for p in self.clip.visual.parameters()}
         return [p for name, p in self.clip.named_parameters() if id(p) not in visual and not name.startswith("logit_")]
+
+    def part_parameters(self, part: str) -> list[nn.Parameter]:
+        """The parameters of one named part (``PARTS``): a tower, the temperature, or a head."""
+        if part in TOWERS:
+            return self.tower_parameters(part)
+        if part == "temperature":
+            return [p for name, p in self.clip.named_parameters() if name.startswith("logit_")]
+        if part == "text_mask_embedding":
+            return [self.text_mask_embedding]
+        if part not in PARTS:
+            raise ValueError(f"unknown model part {part!r}; parts: {', '.join(PARTS)}")
+        return list(getattr(self, part).parameters())
 
     def tower_blocks(self, tower: str) -> list[nn.Module]:
         """The transformer blocks of one tower (where its compute and activation memory are)."""

@@ -31,6 +31,7 @@ def register(name: str) -> Callable[[type], type]:
 
 class Objective(Protocol):
     name: str
+    parts: set[str]  # the model parts (``pretrain.model.multimodal.PARTS``) its loss reads
 
     def __call__(self, model: MultimodalModel, batch: dict[str, Any], forward: "Forward", ctx: DistContext) -> dict[str, torch.Tensor]:
         ...

@@ -8,25 +8,29 @@ import torch.nn.functional as F
 
 from pretrain.objectives.base import Forward, register
 from pretrain.objectives.config import ContrastiveConfig, ObjectivesConfig
-from pretrain.objectives.gather import DistContext, gather_rows
+from pretrain.objectives.gather import DistContext, gather_rows, rows_per_rank
 
 MAX_LOG_SCALE = 4.6052  # ln(100): CLIP clamps the temperature there
 
 
-def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Symmetric InfoNCE between matching rows of ``a`` and ``b`` (``[n, D]`` local, normalised)."""
-    all_a, offset = gather_rows(a, ctx)
-    all_b, _ = gather_rows(b, ctx)
-    total = ctx.all_sum(torch.tensor(float(a.shape[0]), device=a.device))
+def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, ctx: DistContext,
+              sizes: list[int] | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between matching rows of ``a`` and ``b`` (``[n, D]`` local, normalised). ``sizes``: every
+    rank's row count if known (``rows_per_rank``), else exchanged here."""
+    # One gather for both sides: their rows pair up, so the counts are the same.
+    both, offset = gather_rows(torch.cat([a, b], dim=1), ctx, sizes)
+    all_a, all_b = both.split([a.shape[1], b.shape[1]], dim=1)
+    total = both.shape[0]
     labels = torch.arange(a.shape[0], device=a.device) + offset
     loss = F.cross_entropy(scale * a @ all_b.T, labels, reduction="sum") + F.cross_entropy(scale * b @ all_a.T, labels, reduction="sum")
     return ctx.world_size * loss / (2 * total)
 
 
-def siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+def siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, ctx: DistContext,
+                sizes: list[int] | None = None) -> torch.Tensor:
     """Sigmoid loss over every (local row, global column) pair: matches +1, all others -1."""
-    all_b, offset = gather_rows(b, ctx)
-    total = ctx.all_sum(torch.tensor(float(a.shape[0]), device=a.device))
+    all_b, offset = gather_rows(b, ctx, sizes)
+    total = all_b.shape[0]
     logits = scale * a @ all_b.T + bias
     labels = -torch.ones_like(logits)
     labels[torch.arange(a.shape[0]), torch.arange(a.shape[0]) + offset] = 1.0
@@ -37,6 +41,7 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: tor
 class Contrastive:
     def __init__(self, cfg: ContrastiveConfig, objectives: ObjectivesConfig):
         self.cfg = cfg
+        self.parts = {"temperature"} | {m for pair, w in cfg.pairs.items() if w > 0 for m in pair.split("_")}
         masked_ratio = {"image": objectives.masked_image, "audio": objectives.masked_audio}
         # With FLIP, reuse the masked objective's pass (same ratio) so each tower runs once per step.
         self.ratio = {
@@ -57,22 +62,24 @@ class Contrastive:
 
     def __call__(self, model, batch, forward: Forward, ctx: DistContext) -> dict[str, torch.Tensor]:
         scale = model.logit_scale.clamp(0, MAX_LOG_SCALE).exp()
-        losses = {}
-        cache = {}
-        for pair, weight in self.cfg.pairs.items():
-            if weight <= 0:
-                continue
+        pairs = [(pair, weight) for pair, weight in self.cfg.pairs.items() if weight > 0]
+        # Every rank's row count of every pair, in one collective: it says which pairs some rank has, and spares
+        # each gather its own size exchange (a synchronisation point each).
+        present = [batch[f"has_{pair.split('_')[0]}"] & batch[f"has_{pair.split('_')[1]}"] for pair, _ in pairs]
+        counts = rows_per_rank([int(rows.sum()) for rows in present], ctx, scale.device)
+        losses, cache = {}, {}
+        for i, (pair, weight) in enumerate(pairs):
+            sizes = [row[i] for row in counts]
+            if sum(sizes) == 0:
+                continue  # no rank has this pair in this step
             first, second = pair.split("_")
             for modality in (first, second):
                 if modality not in cache:
                     cache[modality] = self.features(model, forward, modality)
-            both = batch[f"has_{first}"] & batch[f"has_{second}"]
             (fa, ia), (fb, ib) = cache[first], cache[second]
-            a, b = fa[ia[both]], fb[ib[both]]
-            if ctx.all_sum(torch.tensor(float(a.shape[0]))).item() == 0:
-                continue  # no rank has this pair in this step
+            a, b = fa[ia[present[i]]], fb[ib[present[i]]]
             if model.logit_bias is not None:
-                losses[f"contrastive/{pair}"] = weight * siglip_loss(a, b, scale, model.logit_bias, ctx)
+                losses[f"contrastive/{pair}"] = weight * siglip_loss(a, b, scale, model.logit_bias, ctx, sizes)
             else:
-                losses[f"contrastive/{pair}"] = weight * clip_loss(a, b, scale, ctx)
+                losses[f"contrastive/{pair}"] = weight * clip_loss(a, b, scale, ctx, sizes)
         return losses

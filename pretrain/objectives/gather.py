@@ -31,21 +31,31 @@ class DistContext:
         return value
 
 
-def gather_rows(x: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, int]:
-    """``[n_rank, ...]`` on each rank → (``[sum n, ...]`` in rank order, offset of this rank's rows)."""
+def rows_per_rank(counts: list[int], ctx: DistContext, device=None) -> list[list[int]]:
+    """Every rank's ``counts`` (one entry per tensor about to be gathered), in one collective:
+    ``[rank][i]``. Passing a column of it to ``gather_rows`` saves that call its own size exchange."""
+    if ctx.world_size == 1:
+        return [list(counts)]
+    import torch.distributed as dist
+
+    mine = torch.tensor(counts, dtype=torch.long, device=device)
+    every = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(every, mine, group=ctx.group)
+    return [row.tolist() for row in every]
+
+
+def gather_rows(x: torch.Tensor, ctx: DistContext, sizes: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """``[n_rank, ...]`` on each rank → (``[sum n, ...]`` in rank order, offset of this rank's rows).
+    ``sizes``: every rank's row count, if already known (``rows_per_rank``); else exchanged here."""
     if ctx.world_size == 1:
         return x, 0
-    import torch.distributed as dist
     import torch.distributed.nn.functional as dist_nn
 
-    size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
-    dist.all_gather(sizes, size, group=ctx.group)
-    sizes = [int(s) for s in sizes]
+    if sizes is None:
+        sizes = [row[0] for row in rows_per_rank([x.shape[0]], ctx, x.device)]
     longest = max(sizes)
     padded = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])]) if x.shape[0] < longest else x
     with warnings.catch_warnings():
-        # Deprecated in favour of a private API with no autograd support on gloo yet; still the public way.
         warnings.simplefilter("ignore", FutureWarning)
         parts = dist_nn.all_gather(padded, group=ctx.group)
     gathered = torch.cat([part[:n] for part, n in zip(parts, sizes)])

@@ -27,6 +27,7 @@ class _MaskedPatches:
 
     def __init__(self, cfg: MaskedPatchConfig, objectives: ObjectivesConfig):
         self.cfg = cfg
+        self.parts = {self.modality, f"{self.modality}_decoder"}
 
     def __call__(self, model, batch, forward: Forward, ctx: DistContext) -> dict[str, torch.Tensor]:
         rows = forward.rows(self.modality)
@@ -85,6 +86,7 @@ def _token_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 class MaskedText:
     def __init__(self, cfg: MaskedTextConfig, objectives: ObjectivesConfig):
         self.cfg = cfg
+        self.parts = {"text", "text_mask_embedding", "text_mlm_head"}
 
     def __call__(self, model, batch, forward: Forward, ctx: DistContext) -> dict[str, torch.Tensor]:
         text = batch["text"][forward.rows("text")]
@@ -100,6 +102,7 @@ class CrossModalMasked:
 
     def __init__(self, cfg: MaskedTextConfig, objectives: ObjectivesConfig):
         self.cfg = cfg
+        self.parts = {"text", "text_mask_embedding", "fusion", "mlm_head", "image", "audio"}
         self.ratio = {"image": objectives.masked_image.mask_ratio if objectives.masked_image.weight > 0 else 0.0,
                       "audio": objectives.masked_audio.mask_ratio if objectives.masked_audio.weight > 0 else 0.0}
 

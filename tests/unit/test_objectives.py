@@ -122,3 +122,28 @@ def test_flip_reuses_the_masked_image_pass(tiny):
 def test_no_objective_is_an_error():
     with pytest.raises(ValueError, match="weight 0"):
         build_objectives(load_config(ObjectivesConfig, [], ["contrastive.weight=0"]))
+
+
+ALONE = {
+    "contrastive": ["contrastive.pairs.audio_text=0", "contrastive.pairs.image_audio=0"],
+    "contrastive_audio": ["contrastive.pairs.image_text=0", "contrastive.pairs.image_audio=0"],
+    "masked_image": ["contrastive.weight=0", "masked_image.weight=1"],
+    "masked_audio": ["contrastive.weight=0", "masked_audio.weight=1"],
+    "masked_text": ["contrastive.weight=0", "masked_text.weight=1"],
+    "cross_modal_masked": ["contrastive.weight=0", "cross_modal_masked.weight=1"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALONE))
+def test_objective_parts_are_exactly_what_its_loss_reads(tiny, case):
+    """The trainer freezes every part no enabled objective declares: a part read but not declared would silently
+    not train, a part declared but not read would cost optimizer time for nothing."""
+    from pretrain.model.multimodal import PARTS
+
+    (objective,) = build_objectives(load_config(ObjectivesConfig, [], ALONE[case]))
+    batch = make_batch(missing=False)
+    tiny.zero_grad(set_to_none=True)
+    sum(objective(tiny, batch, Forward(tiny, batch), WS1).values()).backward()
+    reached = {part for part in PARTS
+               if any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny.part_parameters(part))}
+    assert reached == objective.parts
