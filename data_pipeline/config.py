@@ -262,6 +262,10 @@ class LoaderConfig:
     """Reopen-and-seek retries after a transient read error mid-shard (object stores)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    worker_nice: int = 10
+    """Niceness added to loader worker processes (0-19). Where workers and training ranks share cores, the ranks go
+    first: every collective waits for the slowest rank, so a rank descheduled for a worker stalls them all, while
+    a worker runs ahead by prefetch_factor batches. With a core per process it changes nothing. 0: equal."""
     members: MembersConfig = field(default_factory=MembersConfig)
     audio: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
 
@@ -270,6 +274,8 @@ class LoaderConfig:
             raise ConfigError(f"mode must be one of {LOADER_MODES}, got {self.mode!r}")
         if self.batch_size < 1 or self.workers < 0 or self.shuffle_window < 1:
             raise ConfigError("batch_size and shuffle_window must be >= 1 and workers >= 0")
+        if not 0 <= self.worker_nice <= 19:
+            raise ConfigError(f"worker_nice must be 0-19, got {self.worker_nice}")
         n_sources = len(self.train.split("::"))
         if self.weights and len(self.weights) != n_sources:
             raise ConfigError(f"weights has {len(self.weights)} entries for {n_sources} '::'-separated datasets in train")

@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import logging
 import math
+import os
 import signal
 import time
 import weakref
@@ -86,6 +87,17 @@ def _track_workers(iterator) -> None:
         _reaper_registered = True
 
 
+_niced = False
+
+
+def _lower_priority(nice: int) -> None:
+    """Once per worker process (``LoaderConfig.worker_nice`` says why)."""
+    global _niced
+    if nice and not _niced:
+        os.nice(nice)
+        _niced = True
+
+
 def _keep_freed_memory() -> None:
     """glibc maps every ~600 KB image tensor fresh and unmaps it when freed, so each one costs ~150 page faults;
     raising its mmap and trim thresholds in the worker keeps freed memory for reuse (the MALLOC_* setting that
@@ -125,6 +137,7 @@ class ShardStream(IterableDataset):
         if get_worker_info() is not None:
             _keep_freed_memory()
             _leave_sigterm_to_the_trainer()
+            _lower_priority(self.cfg.worker_nice)
         slot, slots, worker, workers = self.slot()
         plan = self.plan(slot, slots)
         consumed = max(0, math.ceil((self.start_step - worker) / workers))  # this worker's batches already used

@@ -145,3 +145,18 @@ def test_presence_masks_and_task_fields(tmp_path):
     required = build_loader(config(data, "workers=0", "batch_size=6", "require=[audio]", "audio.frames=40"), 0, 1)
     kept = [k for b in required for k in b["__key__"]]
     assert len(kept) == 6 and required.metrics()["missing_audio"] == 6
+
+
+@pytest.mark.timeout(120)
+def test_workers_run_at_the_configured_lower_priority(eight_shards):
+    import psutil
+
+    me = psutil.Process()
+    before = {child.pid for child in me.children()}
+    loader = build_loader(LoaderConfig(train=str(eight_shards), batch_size=4, workers=2, worker_nice=7))
+    iterator = iter(loader)
+    next(iterator)
+    workers = [child for child in me.children() if child.pid not in before]
+    niceness = [worker.nice() for worker in workers]
+    del iterator
+    assert niceness == [me.nice() + 7] * 2
