@@ -13,7 +13,6 @@ need no saving. Resuming skips already-consumed samples by walking tar headers, 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import math
@@ -35,6 +34,7 @@ from data_pipeline.plan import SlotPlan, check_feasible, slot_plan, windows
 from data_pipeline.sources import Source, resolve_sources
 from data_pipeline.storage import redact_text
 from data_pipeline.tarstream import RawSample, ShardError, iter_samples
+from mmfuse.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
 _LOG_EVERY_SECONDS = 10.0
@@ -99,15 +99,9 @@ def _lower_priority(nice: int) -> None:
 
 
 def _keep_freed_memory() -> None:
-    """glibc maps every ~600 KB image tensor fresh and unmaps it when freed, so each one costs ~150 page faults;
-    raising its mmap and trim thresholds in the worker keeps freed memory for reuse (the MALLOC_* setting that
-    DESIGN.md measured for the shard writer). Per worker, so the training process's allocator is left alone."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    """Each ~600 KB image tensor would otherwise be mapped fresh and unmapped when freed (~150 page faults per
+    image); per worker, so the training process sets its own (``mmfuse.allocator``)."""
+    keep_freed_memory(64 << 20, 128 << 20)
 
 
 class ShardStream(IterableDataset):

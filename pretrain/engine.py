@@ -93,8 +93,9 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int, load_universal: bool 
     precision = resolved_precision(engine)
     if precision != "fp32" and not torch.cuda.is_available():
         raise ValueError(f"engine.precision={precision} needs a GPU; on CPU use fp32 (or auto)")
-    # DeepSpeed's default buckets (5e8 elements) are allocated per reduction; a bucket larger than the model only
-    # costs time (seconds per step for a small model on a CPU), so cap them at the parameter count.
+    # DeepSpeed's default buckets (5e8 elements) are allocated per reduction; a bucket larger than the gradients
+    # it holds only costs time (seconds per step for a small model on a CPU), so cap them at the trainable
+    # parameter count (frozen parts have no gradient to reduce).
     bucket = (int(max(1e6, min(5e8, n_params))) // 64) * 64 if n_params else int(5e8)  # aligned for NCCL
     zero: dict = {"stage": engine.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if engine.offload_optimizer:
@@ -161,7 +162,8 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, world_size: int, l
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.run.steps))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size, load_universal, sum(p.numel() for p in model.parameters())),
-        dist_init_required=False)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size, load_universal, trainable), dist_init_required=False)
     return engine, optimizer, scheduler
