@@ -6,7 +6,8 @@
 #   bash bench/gpu_train.sh                       # STEPS=300 BATCH=128 WORKERS=12 SAMPLES=2048 by default
 #   STEPS=500 BATCH=256 COMPILE='[image,text]' bash bench/gpu_train.sh
 #
-# Not part of CI. Record what it prints (and the GPU name) in bench/RESULTS.md.
+# Text padding is not trimmed (engine.trim_text_padding=false): the model FLOPs count the full context, so MFU then
+# counts only work that ran. Not part of CI. Record what it prints (and the GPU name) in bench/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,7 @@ rm -rf "$WORK/run"
     objectives.cross_modal_masked.weight=0 objectives.contrastive.pairs.audio_text=0 \
     objectives.contrastive.pairs.image_audio=0 \
     model.lock="[audio]" engine.zero_stage=2 engine.precision=bf16 engine.compile="$COMPILE" run.deterministic=false \
+    engine.trim_text_padding=false \
     run.steps="$STEPS" run.log_every="$LOG_EVERY" run.checkpoint_every=0 optim.warmup_steps=20 launch.nproc=1
 
 "$PY" - "$WORK/run/metrics.jsonl" "$WARMUP" <<'EOF'

@@ -65,6 +65,10 @@ class EngineConfig:
     three tiny towers); not with zero_stage=3."""
     compile_mode: str = "default"
     """torch.compile mode for engine.compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
+    trim_text_padding: bool = True
+    """The contrastive objective's causal text pass leaves out the padding columns after the batch's last
+    end-of-text token (rounded up to 8): the pooled text features are unchanged up to float rounding, and the text
+    tower costs what the captions' length costs, not the context length's."""
     peak_tflops: float = 0.0
     """Peak dense TFLOPS of one device for the mfu metric; 0 looks the GPU up by name (H100, A100, L4, ...)."""
     extra: dict = field(default_factory=dict)

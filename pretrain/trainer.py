@@ -43,12 +43,14 @@ class NonFiniteLoss(RuntimeError):
 class PretrainStep(nn.Module):
     """The whole training forward as one module, so DeepSpeed (ZeRO-3 included) sees a single ``forward``."""
 
-    def __init__(self, model: MultimodalModel, objectives: list, ctx: DistContext, weights: dict[str, float]):
+    def __init__(self, model: MultimodalModel, objectives: list, ctx: DistContext, weights: dict[str, float],
+                 trim_text: bool = False):
         super().__init__()
         self.model, self.objectives, self.ctx, self.weights = model, objectives, ctx, weights
+        self.trim_text = trim_text
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        forward = Forward(self.model, batch)
+        forward = Forward(self.model, batch, self.trim_text)
         losses: dict[str, torch.Tensor] = {}
         for objective in self.objectives:
             for name, value in objective(self.model, batch, forward, self.ctx).items():
@@ -148,7 +150,8 @@ class Trainer:
         weights = {name: getattr(objectives_cfg, name).weight for name in
                    ("contrastive", "masked_image", "masked_audio", "masked_text", "cross_modal_masked")}
         self.freeze_untrained_parts(objectives)
-        step = PretrainStep(self.model, objectives, DistContext(self.topo.rank, self.topo.world_size), weights)
+        step = PretrainStep(self.model, objectives, DistContext(self.topo.rank, self.topo.world_size), weights,
+                            self.cfg.engine.trim_text_padding)
         if self.cfg.engine.zero_stage == 3:
             import deepspeed
 

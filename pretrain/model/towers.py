@@ -93,14 +93,31 @@ def encode_text(clip: open_clip.CLIP, text: torch.Tensor, causal: bool = True, m
                 mask_embedding: torch.Tensor | None = None) -> Encoded:
     """``causal=False`` is the bidirectional pass of masked-token prediction; positions where ``masked`` is True
     get ``mask_embedding`` instead of their token's (CLIP's vocabulary has no mask token)."""
+    n = text.shape[1]  # the context length, or fewer positions (trim_text_padding)
     x = clip.token_embedding(text)
     if masked is not None:
         x = torch.where(masked.unsqueeze(-1), mask_embedding.to(x.dtype), x)
-    x = x + clip.positional_embedding
-    x = clip.transformer(x, attn_mask=clip.attn_mask if causal else None)
+    x = x + clip.positional_embedding[:n]
+    attn_mask = clip.attn_mask[:n, :n] if causal and clip.attn_mask is not None else None
+    x = clip.transformer(x, attn_mask=attn_mask)
     x = clip.ln_final(x)
     pooled = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # the end-of-text token
     return Encoded(pooled=pooled, tokens=x)
+
+
+def trim_text_padding(text: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Token ids without the padding columns after the batch's last end-of-text token (rounded up to
+    ``multiple`` columns, at most the context length).
+
+    In the causal pass a position sees only those before it, and the pooled feature is the end-of-text token's,
+    so these columns change nothing that pooling reads: web captions are mostly far shorter than the context, and
+    the text tower's cost falls with the columns dropped. The pooled features equal the untrimmed pass's up to
+    float rounding (tested); the token features are those of the kept positions.
+    """
+    if text.shape[0] == 0:
+        return text
+    end = int(text.argmax(dim=-1).max()) + 1  # the end-of-text token has the largest id (open_clip's tokenizer)
+    return text[:, :min(text.shape[1], -(-end // multiple) * multiple)]
 
 
 def project_text(clip: open_clip.CLIP, pooled: torch.Tensor) -> torch.Tensor:

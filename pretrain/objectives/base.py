@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from pretrain.model import MultimodalModel
-from pretrain.model.towers import Encoded, random_keep
+from pretrain.model.towers import Encoded, random_keep, trim_text_padding
 from pretrain.objectives.gather import DistContext
 
 REGISTRY: dict[str, type] = {}
@@ -45,8 +45,8 @@ class Forward:
     indices.
     """
 
-    def __init__(self, model: MultimodalModel, batch: dict[str, Any]):
-        self.model, self.batch = model, batch
+    def __init__(self, model: MultimodalModel, batch: dict[str, Any], trim_text: bool = False):
+        self.model, self.batch, self.trim_text = model, batch, trim_text
         self._cache: dict[tuple, Encoded] = {}
 
     def rows(self, modality: str) -> torch.Tensor:
@@ -71,9 +71,11 @@ class Forward:
         return self._cache[key]
 
     def text(self) -> Encoded:
-        """The causal text pass (CLIP's text tower) on the samples that have text."""
+        """The causal text pass (CLIP's text tower) on the samples that have text; with ``trim_text``, without the
+        padding columns after the last end-of-text token (``trim_text_padding``)."""
         if ("text",) not in self._cache:
-            self._cache[("text",)] = self.model.encode_text(self.batch["text"][self.rows("text")])
+            text = self.batch["text"][self.rows("text")]
+            self._cache[("text",)] = self.model.encode_text(trim_text_padding(text) if self.trim_text else text)
         return self._cache[("text",)]
 
 

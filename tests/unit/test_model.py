@@ -66,13 +66,13 @@ def test_bad_model_config_is_named():
         load_config(ModelConfig, ["configs/model/tiny.yaml"], ["audio.frames=100"])
 
 
-def _loss_and_grads(model, batch):
+def _loss_and_grads(model, batch, trim_text=False):
     from pretrain.objectives import DistContext, Forward, ObjectivesConfig, build_objectives
 
     objectives = build_objectives(load_config(ObjectivesConfig, [], [
         "masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1"]))
     torch.manual_seed(3)  # the masking draws
-    forward, losses = Forward(model, batch), {}
+    forward, losses = Forward(model, batch, trim_text), {}
     for objective in objectives:
         losses.update(objective(model, batch, forward, DistContext()))
     total = sum(losses.values())
@@ -165,3 +165,33 @@ def test_peak_flops_by_device_name():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("NVIDIA A10") == 125.0
     assert peak_tflops("Some Future GPU") is None
+
+
+def test_trimmed_text_padding_changes_no_pooled_feature_loss_or_gradient():
+    from pretrain.model.towers import trim_text_padding
+    from tests.unit.test_objectives import make_batch
+
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"])
+    torch.manual_seed(0)
+    model = MultimodalModel(cfg)
+    text = torch.zeros(4, 32, dtype=torch.long)
+    for row, length in enumerate((3, 9, 5, 1)):  # captions of 1-9 tokens between start and end of text
+        text[row, 0], text[row, 1:length + 1], text[row, length + 1] = 49406, torch.randint(1, 1000, (length,)), 49407
+    trimmed = trim_text_padding(text)
+    assert trimmed.shape == (4, 16) and torch.equal(trimmed, text[:, :16])  # last end of text at 10 -> 16 columns
+    assert trim_text_padding(text, multiple=1).shape == (4, 11)
+    full = text.clone()
+    full[0, 1:31], full[0, 31] = 7, 49407  # a caption that fills the context: nothing to trim
+    assert torch.equal(trim_text_padding(full), full)
+    assert trim_text_padding(text[:0]).shape == (0, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(trimmed).pooled, model.encode_text(text).pooled, atol=1e-5)
+
+    # Through the objectives: the causal pass trimmed, the bidirectional (masked-token) passes untouched.
+    batch = make_batch()
+    loss, grads = _loss_and_grads(model, batch)
+    loss_trimmed, grads_trimmed = _loss_and_grads(model, batch, trim_text=True)
+    assert torch.allclose(loss, loss_trimmed, atol=1e-5)
+    assert grads.keys() == grads_trimmed.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], grads_trimmed[name], atol=1e-5), name
