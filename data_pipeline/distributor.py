@@ -8,11 +8,14 @@ with large shards.
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.pool
 import os
 import threading
+import weakref
 from typing import Callable, Iterable, Iterator
 
 _counters: tuple | None = None  # (samples done, samples written), set in every worker process
+_pools: weakref.WeakSet = weakref.WeakSet()  # this process's live pools, for stop_starting_workers
 
 
 def _init(counters: tuple, environ: dict | None = None) -> None:
@@ -59,12 +62,28 @@ def run_local(worker: Callable, tasks: Iterable, processes: int, on_tick: Callab
                 yield _call(worker, task)
         else:
             with ctx.Pool(min(processes, len(tasks)), initializer=_init, initargs=(counters, dict(os.environ)), maxtasksperchild=None) as pool:
+                _pools.add(pool)
                 yield from pool.imap_unordered(_PoolCall(worker), tasks)
     finally:
         stop.set()
         if ticker:
             ticker.join()
             on_tick(counters[0].value, counters[1].value)
+
+
+def stop_starting_workers() -> list[threading.Thread]:
+    """Make every live pool of this process stop replacing dead workers; returns the pools' worker-handler threads,
+    which end at their next wake-up (a worker exiting wakes them). Once they have ended, no pool here starts another
+    process. For a caller about to kill its children and leave, which would otherwise race the pool's own thread:
+    a worker killed by a signal is replaced at once, through a fork server started afresh if that one died too.
+
+    Unlike ``Pool.terminate`` it takes no lock (a killed worker may hold the task queue's, and a signal handler may
+    have interrupted this process holding another). It sets the handler thread's state, the condition of its loop,
+    directly: CPython's ``multiprocessing.pool`` has no public call for this."""
+    handlers = [pool._worker_handler for pool in list(_pools) if getattr(pool, "_worker_handler", None) is not None]
+    for handler in handlers:
+        handler._state = multiprocessing.pool.TERMINATE
+    return handlers
 
 
 class _PoolCall:

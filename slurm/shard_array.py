@@ -133,7 +133,18 @@ def exit_now(code: Any) -> None:
     for either. What this task started goes with it: the pool, its forkserver (which a signal may have made the pool
     start afresh) and its workers, which nothing else ends (the local executor signals the task only;
     ``proctrack/linuxproc`` loses track of orphans)."""
-    kill_descendants()
+    distributor = sys.modules.get("data_pipeline.distributor")
+    # The pool's thread would replace the workers killed below, from a new fork server if need be. Told to stop, it
+    # ends when it next wakes (a worker dying wakes it), possibly after starting processes: kill until it has ended.
+    handlers = distributor.stop_starting_workers() if distributor is not None else []
+    deadline = time.monotonic() + 30
+    while True:
+        last = not any(handler.is_alive() for handler in handlers) or time.monotonic() > deadline
+        kill_descendants()
+        if last:
+            break
+        for handler in handlers:
+            handler.join(0.2)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else 1)
