@@ -52,7 +52,8 @@ class EngineConfig:
     offload_params: bool = False
     """Keep parameters in CPU memory (ZeRO-3 only)."""
     precision: str = "auto"
-    """auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16 (with dynamic loss scaling)."""
+    """auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 (GPU or CPU) or fp16 (GPU, dynamic loss
+    scaling): DeepSpeed's modes, bf16/fp16 weights with fp32 master copies in the optimizer."""
     grad_accum: int = 1
     """Micro-batches per optimizer step. The contrastive negatives of each micro-step are its own global batch
     (world_size x data.batch_size), not the accumulated one."""

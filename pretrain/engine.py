@@ -91,8 +91,8 @@ def resolved_precision(cfg: EngineConfig) -> str:
 def deepspeed_config(cfg: PretrainConfig, world_size: int, load_universal: bool = False, n_params: int = 0) -> dict:
     engine = cfg.engine
     precision = resolved_precision(engine)
-    if precision != "fp32" and not torch.cuda.is_available():
-        raise ValueError(f"engine.precision={precision} needs a GPU; on CPU use fp32 (or auto)")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("engine.precision=fp16 needs a GPU; on CPU use fp32 (auto) or bf16")
     # DeepSpeed's default buckets (5e8 elements) are allocated per reduction; a bucket larger than the gradients
     # it holds only costs time (seconds per step for a small model on a CPU), so cap them at the trainable
     # parameter count (frozen parts have no gradient to reduce).

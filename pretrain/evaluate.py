@@ -54,7 +54,7 @@ def text_classifier(model, tokenizer, classnames: list[str], templates: list[str
     rows = []
     for name in classnames:
         tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        rows.append(torch.nn.functional.normalize(model.embed("text", tokens).mean(0), dim=-1))
+        rows.append(torch.nn.functional.normalize(model.embed("text", tokens).float().mean(0), dim=-1))
     return torch.stack(rows)
 
 
@@ -69,13 +69,15 @@ def evaluate(model, data_cfg: LoaderConfig, eval_cfg: EvalConfig, rank: int, wor
     embeddings: dict[str, list] = {m: [] for m in ("image", "text", "audio")}
     presence: dict[str, list] = {m: [] for m in ("image", "text", "audio")}
     seen = 0
+    dtype = next(model.parameters()).dtype  # bf16 / fp16 weights take inputs of their own dtype
     for batch in loader:
         inputs = {"image": batch["image"], "text": batch["text"], "audio": batch["audio"]}
         for modality, tensor in inputs.items():
             has = batch[f"has_{modality}"]
             out = torch.zeros(has.shape[0], model.cfg.embed_dim)
             if has.any():
-                out[has] = model.embed(modality, tensor[has].to(device)).float().cpu()
+                values = tensor[has].to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+                out[has] = model.embed(modality, values).float().cpu()
             embeddings[modality].append(out)
             presence[modality].append(has)
         local["keys"] += batch["__key__"]
@@ -91,9 +93,15 @@ def evaluate(model, data_cfg: LoaderConfig, eval_cfg: EvalConfig, rank: int, wor
     if world_size > 1:
         parts = [None] * world_size
         dist.all_gather_object(parts, shard)
+    # The class names are read on rank 0; the text classifier is embedded on every rank, in step (under ZeRO-3 a
+    # forward gathers each layer's parameters from all ranks).
+    names = [_classnames(eval_cfg, data_cfg) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(names, src=0)
+    classifier = text_classifier(model, tokenizer, names[0], eval_cfg.templates, device).float().cpu() if names[0] else None
     metrics: dict[str, float] = {}
     if rank == 0:
-        metrics = _score(model, parts, eval_cfg, tokenizer, device, _classnames(eval_cfg, data_cfg))
+        metrics = _score(parts, names[0], classifier)
     if world_size > 1:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
@@ -118,7 +126,7 @@ def _classnames(eval_cfg: EvalConfig, data_cfg: LoaderConfig) -> list[str]:
     return [names.get(i, f"class {i}") for i in range(max(names) + 1)]
 
 
-def _score(model, parts, eval_cfg: EvalConfig, tokenizer, device, classnames: list[str]) -> dict[str, float]:
+def _score(parts, classnames: list[str], classifier: torch.Tensor | None) -> dict[str, float]:
     # Gather and de-duplicate by key (a sample is scored once, whichever rank saw it).
     order: dict[str, tuple[int, int]] = {}
     for p, (keys, _, _, _) in enumerate(parts):
@@ -139,8 +147,7 @@ def _score(model, parts, eval_cfg: EvalConfig, tokenizer, device, classnames: li
             metrics[f"eval/retrieval/{a}_to_{b}/{name}"] = value
         for name, value in recall_at_k(similarity.T).items():
             metrics[f"eval/retrieval/{b}_to_{a}/{name}"] = value
-    if classnames:
-        classifier = text_classifier(model, tokenizer, classnames, eval_cfg.templates, device).float().cpu()
+    if classifier is not None:
         for modality in ("image", "audio"):
             rows = present[modality] & (labels >= 0)
             if rows.sum() == 0:

@@ -237,7 +237,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool, bool]:
         """(losses, non-finite on some rank: skipped, a stop signal reached some rank: stop after this step)."""
-        batch = {k: v.to(self.topo.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = self.to_device(batch)
         losses = self.engine(batch)
         total = self.step_module.total(losses)
         if self.cfg.run.debug_nan_step == self.step + 1:
@@ -250,6 +250,13 @@ class Trainer:
         self.engine.backward(total)
         self.engine.step()
         return {**detached, "loss": total.detach()}, False, stop
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tensors onto this rank's device; floating ones in the engine's compute dtype (bf16 / fp16 weights take
+        inputs of their own dtype; masks, ids and labels keep theirs)."""
+        dtype = self.engine.get_data_types()[0]
+        return {k: v.to(self.topo.device, dtype if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     def agree(self, *flags: bool) -> list[bool]:
         """Each flag True on every rank if it is True on any rank."""

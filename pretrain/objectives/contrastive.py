@@ -16,7 +16,8 @@ MAX_LOG_SCALE = 4.6052  # ln(100): CLIP clamps the temperature there
 def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, ctx: DistContext,
               sizes: list[int] | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between matching rows of ``a`` and ``b`` (``[n, D]`` local, normalised). ``sizes``: every
-    rank's row count if known (``rows_per_rank``), else exchanged here."""
+    rank's row count if known (``rows_per_rank``), else exchanged here. Computed in fp32 whatever the weights'."""
+    a, b, scale = a.float(), b.float(), scale.float()
     # One gather for both sides: their rows pair up, so the counts are the same.
     both, offset = gather_rows(torch.cat([a, b], dim=1), ctx, sizes)
     all_a, all_b = both.split([a.shape[1], b.shape[1]], dim=1)
@@ -28,7 +29,8 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, ctx: DistCo
 
 def siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, ctx: DistContext,
                 sizes: list[int] | None = None) -> torch.Tensor:
-    """Sigmoid loss over every (local row, global column) pair: matches +1, all others -1."""
+    """Sigmoid loss over every (local row, global column) pair: matches +1, all others -1 (in fp32)."""
+    a, b, scale, bias = a.float(), b.float(), scale.float(), bias.float()
     all_b, offset = gather_rows(b, ctx, sizes)
     total = all_b.shape[0]
     logits = scale * a @ all_b.T + bias

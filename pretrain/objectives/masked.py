@@ -32,7 +32,7 @@ class _MaskedPatches:
     def __call__(self, model, batch, forward: Forward, ctx: DistContext) -> dict[str, torch.Tensor]:
         rows = forward.rows(self.modality)
         encoded = forward.image(self.cfg.mask_ratio) if self.modality == "image" else forward.audio(self.cfg.mask_ratio)
-        inputs = batch[self.modality][rows]
+        inputs = batch[self.modality][rows].float()  # targets and loss in fp32 whatever the weights'
         if self.modality == "image":
             target, decoder = model.image_patches(inputs), model.image_decoder
         else:
@@ -42,7 +42,7 @@ class _MaskedPatches:
         prediction = decoder(encoded.tokens, encoded.keep)
         masked = torch.ones(target.shape[:2], dtype=torch.bool, device=target.device)
         masked.scatter_(1, encoded.keep, False)
-        error = ((prediction - target) ** 2).mean(-1)  # per patch
+        error = ((prediction.float() - target) ** 2).mean(-1)  # per patch
         total = (error * masked).sum()
         return {f"masked_{self.modality}": _global_mean(total, int(masked.sum()), ctx, total.device)}
 
@@ -76,7 +76,7 @@ def mask_tokens(text: torch.Tensor, prob: float) -> tuple[torch.Tensor, torch.Te
 def _token_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
                 ctx: DistContext) -> torch.Tensor:
     """Cross-entropy at the selected positions only: the vocabulary head (49408 wide) runs on those alone."""
-    logits = head(hidden[selected])
+    logits = head(hidden[selected]).float()
     # "+ 0 * hidden.sum()" keeps the graph connected on a rank with nothing to predict this step.
     total = F.cross_entropy(logits, targets[selected], reduction="sum") + 0.0 * (hidden.sum() + logits.sum())
     return _global_mean(total, int(selected.sum()), ctx, hidden.device)

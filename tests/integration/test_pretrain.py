@@ -79,13 +79,41 @@ def test_zero2_trains_and_resumes_bit_identically(shards, tmp_path):
 def test_zero3_all_objectives_with_missing_modalities(shards, tmp_path):
     run = tmp_path / "z3"
     # Gradient checkpointing recomputes the blocks in backward, where ZeRO-3 must gather their parameters again.
+    # The in-loop evaluation embeds its zero-shot classifier on every rank (a rank-0-only forward waits forever).
     pretrain(shards, run, "run.steps=3", "engine.zero_stage=3", "run.checkpoint_every=0",
-             "engine.gradient_checkpointing=[image,text,audio]")
-    last = metrics(run)[-1]
+             "engine.gradient_checkpointing=[image,text,audio]", f"data.eval={shards}", "eval.batch_size=16")
+    rows = metrics(run)
+    assert any(k.startswith("eval/zeroshot/") for k in rows[-1]), rows[-1]
+    last = [m for m in rows if "loss" in m][-1]
     for name in ("contrastive/image_text", "contrastive/audio_text", "contrastive/image_audio", "masked_image",
                  "masked_audio", "masked_text", "cross_modal_masked"):
         assert f"loss/{name}" in last and last[f"loss/{name}"] == last[f"loss/{name}"]
     assert (run / "checkpoints" / "step_000003" / "COMMITTED").is_file()
+
+
+def test_bf16_weights_take_float_inputs_in_their_dtype_train_evaluate_and_export(shards, tmp_path):
+    """DeepSpeed's bf16 holds the weights in bf16 (fp32 master copies in the optimizer): every floating input is
+    cast to it (images, mel spectrograms), in training and in the in-loop evaluation; the losses are computed in
+    fp32. CPUs run bf16 too, so this is the GPU's default precision, tested without a GPU."""
+    import torch
+
+    from pretrain.release import load_release
+
+    run = tmp_path / "bf16"
+    pretrain(shards, run, "run.steps=10", "engine.precision=bf16", "run.checkpoint_every=0", f"data.eval={shards}",
+             "run.eval_every=5", "eval.batch_size=16")
+    rows = metrics(run)
+    losses = [m["loss"] for m in rows if "loss" in m]
+    assert len(losses) == 10 and all(v == v for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
+    evals = [m for m in rows if any(k.startswith("eval/") for k in m)]
+    assert [m["step"] for m in evals] == [5, 10], evals
+    assert all(0 <= v <= 100 for m in evals for k, v in m.items() if k.startswith("eval/")), evals
+    assert cli(["export", str(run), f"output.path={tmp_path}/release"]) == 0
+    model, _ = load_release(str(tmp_path / "release"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the optimizer's fp32 master weights
+    with torch.no_grad():
+        assert torch.isfinite(model.embed("image", torch.randn(2, 3, 64, 64))).all()
 
 
 def test_nonfinite_loss_skip_and_halt(shards, tmp_path):

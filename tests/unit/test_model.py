@@ -132,6 +132,22 @@ def test_bad_tower_switches_are_named(override, key):
                                                                      "engine.zero_stage=3"])
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU rules")
+def test_deepspeed_precision_on_cpu():
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import deepspeed_config
+
+    def config(precision):
+        cfg = load_config(PretrainConfig, ["configs/pretrain/tiny.yaml"], ["run.dir=r", "data.train=d",
+                                                                          f"engine.precision={precision}"])
+        return deepspeed_config(cfg, world_size=2)
+
+    assert not config("auto")["bf16"]["enabled"] and not config("auto")["fp16"]["enabled"]  # fp32
+    assert config("bf16")["bf16"]["enabled"] and not config("bf16")["fp16"]["enabled"]
+    with pytest.raises(ValueError, match="engine.precision=fp16 needs a GPU"):
+        config("fp16")
+
+
 @pytest.mark.parametrize("objectives, tolerance", [
     (["contrastive.pairs.audio_text=0", "contrastive.pairs.image_audio=0"], 0.05),  # open_clip's image + text
     (["masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1"], 0.15),
