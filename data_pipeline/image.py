@@ -90,7 +90,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, dict]:
         # The decode target is in the stored (not yet oriented) frame; the scale is the same in both.
         scale = _scale(width, height, cfg)
         shrunk = (math.ceil(stored_width * scale), math.ceil(stored_height * scale)) if scale < 1 else None
-        decoded = _decode_jpeg_fast(data, shrunk) if image.format == "JPEG" and image.mode in ("RGB", "L") else None
+        decoded = decode_jpeg_fast(data, shrunk) if image.format == "JPEG" and image.mode in ("RGB", "L") else None
         if decoded is None:
             decoded = _decode_pillow(image, shrunk)
 
@@ -104,7 +104,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, dict]:
     return out.getvalue(), meta
 
 
-def _decode_jpeg_fast(data: bytes, shrunk: tuple[int, int] | None) -> Image.Image | None:
+def decode_jpeg_fast(data: bytes, shrunk: tuple[int, int] | None) -> Image.Image | None:
     """TurboJPEG's scaled decode to RGB (greyscale is expanded), or None to let Pillow decode (and judge) it.
 
     ``strict`` turns libjpeg's warnings (premature end of data, corrupt segments) into errors, so anything short

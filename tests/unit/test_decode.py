@@ -49,3 +49,22 @@ def test_open_clip_transform_batches_are_bit_identical_to_applying_it(is_train):
     decoder = Decoder(LoaderConfig(train="unused"), transform, None, 64)
     images = [jpeg(0), None, jpeg(1, (64, 64)), jpeg(2, (500, 120)), jpeg(3, mode="L")]
     assert torch.equal(batch_of(decoder, images), reference(transform, images))
+
+
+def test_jpegs_decode_through_turbojpeg_with_pillows_pixels_and_failure_reasons(monkeypatch):
+    import data_pipeline.decode as decode
+    from data_pipeline.errors import SampleError
+
+    fast = []
+    real = decode.decode_jpeg_fast
+    monkeypatch.setattr(decode, "decode_jpeg_fast", lambda data, shrunk: fast.append(data) or real(data, shrunk))
+    decoder = Decoder(LoaderConfig(train="unused"), None, None, 64)  # no transform: the decoded uint8 pixels
+    images = [jpeg(0), jpeg(3, mode="L"), jpeg(4, mode="CMYK")]
+    for data in images:
+        want = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
+        assert torch.equal(decoder.decode_image(data), want)
+    assert fast == images[:2]  # RGB and greyscale through TurboJPEG; CMYK through Pillow
+    truncated = jpeg(5)[: len(jpeg(5)) // 2]
+    with pytest.raises(SampleError) as failed:
+        decoder.decode_image(truncated)
+    assert failed.value.reason == "image_decode_error" and fast[-1] == truncated  # refused there, judged by Pillow
