@@ -48,7 +48,24 @@ def test_open_clip_transform_batches_are_bit_identical_to_applying_it(is_train):
     transform = open_clip.image_transform(64, is_train=is_train)
     decoder = Decoder(LoaderConfig(train="unused"), transform, None, 64)
     images = [jpeg(0), None, jpeg(1, (64, 64)), jpeg(2, (500, 120)), jpeg(3, mode="L")]
+    assert decoder.decode_image(images[0]).dtype == torch.uint8  # ToTensor + Normalize left to the batch
     assert torch.equal(batch_of(decoder, images), reference(transform, images))
+
+
+def test_batch_normalize_mixes_uint8_float_and_missing_images():
+    from data_pipeline.decode import split_tensor_tail
+
+    transform = open_clip.image_transform(64, is_train=False)
+    head, normalize = split_tensor_tail(transform)
+    pictures = [head(Image.open(io.BytesIO(jpeg(i))).convert("RGB")) for i in range(3)]
+    as_uint8 = lambda picture: torch.from_numpy(np.array(picture)).permute(2, 0, 1)
+    images = [as_uint8(pictures[0]), normalize.tail(pictures[1]), None, as_uint8(pictures[2])]
+    want = torch.stack([transform.transforms[-1](transform.transforms[-2](p)) for p in pictures])
+    got = normalize.collate(images, (3, 64, 64))
+    assert torch.equal(got[[0, 1, 3]], want) and torch.equal(got[2], torch.zeros(3, 64, 64))
+    # Anything but a Compose ending in ToTensor + Normalize runs whole, per sample.
+    for other in (None, transform.transforms[0], type(transform)(transform.transforms[:-1])):
+        assert split_tensor_tail(other) == (other, None)
 
 
 def test_jpegs_decode_through_turbojpeg_with_pillows_pixels_and_failure_reasons(monkeypatch):
