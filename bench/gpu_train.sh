@@ -6,6 +6,9 @@
 #   bash bench/gpu_train.sh                       # STEPS=300 BATCH=128 WORKERS=12 SAMPLES=2048 by default
 #   STEPS=500 BATCH=256 COMPILE='[image,text]' bash bench/gpu_train.sh
 #
+# On a GPU machine without this checkout's .venv (a bare PyTorch image, no internet): bench/gpu_wheels.sh makes the
+# wheels to carry, and its header says how to install them there and run this script with PY=python3.
+#
 # Text padding is not trimmed (engine.trim_text_padding=false): the model FLOPs count the full context, so MFU then
 # counts only work that ran. Not part of CI. Record what it prints (and the GPU name) in bench/RESULTS.md.
 set -euo pipefail
