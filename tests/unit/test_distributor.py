@@ -13,29 +13,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# A pool of two sleeping workers; then what SLURM's SIGTERM does to a task's processes (the workers and the fork
-# server die) and the task's exit path, either the array task's (exit_now) or a plain kill-and-leave.
-SCRIPT = textwrap.dedent("""
-    import multiprocessing.forkserver, os, signal, sys, threading, time
-    from functools import partial
+# A pool of two sleeping workers, running (``pool``), in a child process.
+POOL = """
+import json, multiprocessing.forkserver, os, signal, sys, threading, time
+from functools import partial
 
-    from data_pipeline import distributor
-    from slurm.shard_array import exit_now, kill_descendants
+from data_pipeline import distributor
+from slurm.shard_array import exit_now, kill_descendants
 
-    results = distributor.run_local(partial(time.sleep), [60] * 4, 2)
-    threading.Thread(target=lambda: list(results), daemon=True).start()
-    while not distributor._pools or sum(1 for p in next(iter(distributor._pools))._pool if p.pid) < 2:
-        time.sleep(0.05)
-    pool = next(iter(distributor._pools))
-    os.kill(multiprocessing.forkserver._forkserver._forkserver_pid, signal.SIGKILL)
-    for worker in pool._pool:
-        os.kill(worker.pid, signal.SIGKILL)
-    time.sleep(float(sys.argv[2]))  # the pool's thread is replacing them meanwhile
-    if sys.argv[1] == "exit_now":
-        exit_now(0)
-    kill_descendants()
-    os._exit(0)
-""")
+results = distributor.run_local(partial(time.sleep), [60] * 4, 2)
+threading.Thread(target=lambda: list(results), daemon=True).start()
+while not distributor._pools or sum(1 for p in next(iter(distributor._pools))._pool if p.pid) < 2:
+    time.sleep(0.05)
+pool = next(iter(distributor._pools))
+"""
+
+# What SLURM's SIGTERM does to a task's processes (the workers and the fork server die), then the array task's exit.
+SCRIPT = POOL + """
+os.kill(multiprocessing.forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+for worker in pool._pool:
+    os.kill(worker.pid, signal.SIGKILL)
+time.sleep(float(sys.argv[1]))  # the pool's thread is replacing them meanwhile
+exit_now(0)
+"""
 
 
 def marked(mark: str) -> list[int]:
@@ -50,10 +50,10 @@ def marked(mark: str) -> list[int]:
     return found
 
 
-def leftovers(how: str, delay: float) -> list[int]:
+def leftovers(delay: float) -> list[int]:
     mark = f"MMFUSE_TEST_MARK={uuid.uuid4().hex}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), mark.split("=")[0]: mark.split("=")[1]}
-    subprocess.run([sys.executable, "-c", SCRIPT, how, str(delay)], env=env, cwd=ROOT, timeout=120, check=True)
+    subprocess.run([sys.executable, "-c", SCRIPT, str(delay)], env=env, cwd=ROOT, timeout=120, check=True)
     time.sleep(2.0)  # anything started at the last moment has come up by now
     left = marked(mark)
     for pid in left:  # never leave them to the rest of the run
@@ -67,21 +67,10 @@ def leftovers(how: str, delay: float) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
 def test_exit_now_leaves_no_process_while_the_pool_replaces_killed_workers(delay):
-    assert leftovers("exit_now", delay) == []
+    assert leftovers(delay) == []
 
 
-REPLACE = textwrap.dedent("""
-    import json, os, signal, sys, threading, time
-    from functools import partial
-
-    from data_pipeline import distributor
-    from slurm.shard_array import kill_descendants
-
-    results = distributor.run_local(partial(time.sleep), [60] * 4, 2)
-    threading.Thread(target=lambda: list(results), daemon=True).start()
-    while not distributor._pools or sum(1 for p in next(iter(distributor._pools))._pool if p.pid) < 2:
-        time.sleep(0.05)
-    pool = next(iter(distributor._pools))
+REPLACE = POOL + textwrap.dedent("""
     first = {worker.pid for worker in pool._pool}
     handlers = distributor.stop_starting_workers() if sys.argv[1] == "stop" else []
     for pid in first:
