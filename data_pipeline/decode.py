@@ -136,19 +136,14 @@ class BatchNormalize:
 
     def collate(self, images: list, shape: tuple[int, ...]) -> torch.Tensor:
         out = _empty_batch((len(images), *shape), torch.float32)
-        raw = []
         for i, image in enumerate(images):
             if image is None:
                 out[i].zero_()
             else:
                 out[i].copy_(image)  # uint8 converts exactly; a float image (the tail's output) is already done
-                if image.dtype == torch.uint8:
-                    raw.append(i)
-        rows = out if len(raw) == len(images) else out[raw] if raw else None
-        if rows is not None:
+        raw = [i for i, image in enumerate(images) if image is not None and image.dtype == torch.uint8]
+        for rows in [out] if len(raw) == len(images) else [out[i] for i in raw]:  # the batch at once, else per row
             rows.div_(255).sub_(self.mean).div_(self.std)
-            if rows is not out:
-                out[raw] = rows
         return out
 
 
