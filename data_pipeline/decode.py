@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ import soxr
 import torch
 from PIL import Image
 
+from data_pipeline.batchring import fresh_shared
 from data_pipeline.config import AudioFeatureConfig, LoaderConfig
 from data_pipeline.errors import SampleError
 from data_pipeline.image import decode_jpeg_fast
@@ -93,8 +93,12 @@ class Decoder:
             return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # uint8: collate converts the whole batch
         return self._normalize.tail(image)
 
-    def collate(self, samples: list[dict]) -> dict[str, Any]:
-        """Stack into a batch; missing modalities are zeros with False in ``has_<modality>``."""
+    def collate(self, samples: list[dict], empty: Callable[..., torch.Tensor] | None = None) -> dict[str, Any]:
+        """Stack into a batch; missing modalities are zeros with False in ``has_<modality>``.
+
+        ``empty(size, dtype)`` allocates the batch tensors (a worker's ``WorkerRing.empty``); by default, shared
+        memory in a loader worker, ordinary memory elsewhere."""
+        empty = empty or _empty_batch
         n = len(samples)
         batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
         for modality in MODALITIES:
@@ -103,17 +107,17 @@ class Decoder:
         first = next((x for x in images if x is not None), None)
         shape, dtype = (first.shape, first.dtype) if first is not None else ((3, self.image_size, self.image_size), torch.float32)
         if self._normalize is not None:
-            batch["image"] = self._normalize.collate(images, (3, *shape[1:]) if first is not None else shape)
+            batch["image"] = self._normalize.collate(images, (3, *shape[1:]) if first is not None else shape, empty)
         else:
-            batch["image"] = _stack_or_zeros(images, shape, dtype)
+            batch["image"] = _stack_or_zeros(images, shape, dtype, empty)
         captions = [s.get("text", "") for s in samples]
         batch["caption"] = captions
         if self.tokenizer is not None:
             batch["text"] = self.tokenizer(captions) if n else torch.zeros(0, getattr(self.tokenizer, "context_length", 77), dtype=torch.long)
         audio_cfg = self.cfg.audio
         mel_shape = (audio_cfg.n_mels, audio_cfg.frames)
-        batch["audio"] = _stack_or_zeros([s["audio"][0] if "audio" in s else None for s in samples], mel_shape, torch.float32)
-        batch["audio_mask"] = _stack_or_zeros([s["audio"][1] if "audio" in s else None for s in samples], (audio_cfg.frames,), torch.bool)
+        batch["audio"] = _stack_or_zeros([s["audio"][0] if "audio" in s else None for s in samples], mel_shape, torch.float32, empty)
+        batch["audio_mask"] = _stack_or_zeros([s["audio"][1] if "audio" in s else None for s in samples], (audio_cfg.frames,), torch.bool, empty)
         for name in self.cfg.members.task_fields:
             values = [s["meta"].get(name) for s in samples]
             if name == "label":
@@ -134,8 +138,8 @@ class BatchNormalize:
     std: torch.Tensor
     tail: Callable
 
-    def collate(self, images: list, shape: tuple[int, ...]) -> torch.Tensor:
-        out = _empty_batch((len(images), *shape), torch.float32)
+    def collate(self, images: list, shape: tuple[int, ...], empty: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        out = (empty or _empty_batch)((len(images), *shape), torch.float32)
         for i, image in enumerate(images):
             if image is None:
                 out[i].zero_()
@@ -201,13 +205,12 @@ def _empty_batch(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if torch.utils.data.get_worker_info() is not None:
         # In a loader worker, build the batch straight in shared memory (as torch's default_collate does): sending
         # it to the training process then passes a file descriptor instead of copying the batch into a new segment.
-        storage = torch.UntypedStorage._new_shared(math.prod(size) * dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(storage).view(size)
+        return fresh_shared(size, dtype)
     return torch.empty(size, dtype=dtype)
 
 
-def _stack_or_zeros(values: list, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    out = _empty_batch((len(values), *shape), dtype)
+def _stack_or_zeros(values: list, shape: tuple[int, ...], dtype: torch.dtype, empty: Callable[..., torch.Tensor]) -> torch.Tensor:
+    out = empty((len(values), *shape), dtype)
     present = [v for v in values if v is not None]
     if present and len(present) == len(values):
         return torch.stack(present, out=out)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.batchring import RingReceiver, WorkerRing
 from data_pipeline.config import LoaderConfig
 from data_pipeline.decode import Decoder
 from data_pipeline.errors import SampleError
@@ -139,6 +140,8 @@ class ShardStream(IterableDataset):
         counts: Counter[str] = Counter()
         warn = _RateLimitedLog()
         samples = self._ordered_samples(plan, skip, counts, warn)
+        # Room for the batches a worker has in flight: prefetched, being built, and held by the training loop.
+        ring = WorkerRing(4 * (self.cfg.prefetch_factor + 2)) if get_worker_info() is not None else None
         for index in range(consumed, len(plan.batch_sizes)):
             decoded = []
             for _ in range(plan.batch_sizes[index]):
@@ -156,10 +159,10 @@ class ShardStream(IterableDataset):
                 except SampleError as err:
                     counts[err.reason] += 1
                     warn(err.reason, f"{raw.key}: {err.detail}", counts)
-            batch = self.decoder.collate(decoded)
+            batch = self.decoder.collate(decoded, ring.empty if ring else None)
             batch["_worker"] = worker
             batch["_stats"] = dict(counts)
-            yield batch
+            yield ring.pack(batch) if ring else batch
 
     def _ordered_samples(self, plan: SlotPlan, skip: int, counts: Counter, warn) -> Iterator[RawSample | None]:
         """The slot's samples in shuffled order from position ``skip`` on; None where a planned sample is missing."""
@@ -265,6 +268,7 @@ class Loader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
                             prefetch_factor=self.cfg.prefetch_factor if self.cfg.workers else None)
         self._epoch_stats = {}
+        rings = RingReceiver()
         iterator = iter(loader)
         _track_workers(iterator)
         while True:
@@ -274,7 +278,9 @@ class Loader:
             except StopIteration:
                 break
             self.wait_seconds += time.perf_counter() - started
-            self._epoch_stats[batch.pop("_worker")] = batch.pop("_stats")
+            worker = batch.pop("_worker")
+            self._epoch_stats[worker] = batch.pop("_stats")
+            batch = rings.unpack(batch, worker)
             self.step += 1
             yield batch
         for stats in self._epoch_stats.values():

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import chisquare
 
 from data_pipeline.config import LoaderConfig
@@ -160,3 +161,20 @@ def test_workers_run_at_the_configured_lower_priority(eight_shards):
     niceness = [worker.nice() for worker in workers]
     del iterator
     assert niceness == [me.nice() + 7] * 2
+
+
+def test_workers_write_batches_again_only_into_memory_the_loop_has_dropped(tmp_path):
+    data = make_dataset(tmp_path / "d", shards=4, per_shard=10, audio_every=3)
+    cfg = config(data, "batch_size=2", "audio.frames=40")  # 2 workers, prefetch_factor 2: 20 batches
+    tensors = ("image", "audio", "audio_mask", "text")
+
+    addresses, copies = [], []
+    for batch in build_loader(cfg, 0, 1):  # each batch dropped before the next: workers reuse their slots
+        addresses.append(batch["image"].data_ptr())
+        copies.append({name: batch[name].clone() for name in tensors if name in batch})
+    assert len(copies) == 20 and len(set(addresses)) <= 2 * (2 + 2)  # slots per worker: prefetched + built + held
+
+    held = list(build_loader(cfg, 0, 1))  # every batch kept: slots run out, later ones take fresh memory
+    for batch, copy in zip(held, copies, strict=True):
+        assert all(torch.equal(batch[name], copy[name]) for name in copy)  # nothing written over a kept batch
+    assert held[0]["audio"][held[0]["has_audio"]].abs().sum() > 0

@@ -1,0 +1,141 @@
+"""Batch memory that loader workers lend to the training process and write again once it has been dropped.
+
+A batch built in a worker reaches the training process through shared memory. Torch's way (``default_collate``)
+maps a fresh segment for every batch: on these machines, faulting in a fresh 38 MB batch (64 images at 224 px)
+costs ~27 ms, a sixth of a worker's time per batch, while writing over memory that is already mapped costs ~1.5 ms.
+So each worker keeps a few segments (slots) and builds each batch tensor in a free one:
+
+- the worker sends a slot's segment once (torch shares its file descriptor), after that only the slot's number;
+- the training process wraps the slot in a tensor whose memory is *leased*: when the last tensor or view over it
+  is freed, the lease ends and a byte in a table both processes map marks the slot free;
+- the worker writes only into free slots. When none fits (the training process holds on to many batches), it
+  takes a fresh segment as torch does, so holding batches never blocks anything or changes what a batch holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FREE, LENT = 0, 1
+
+
+@dataclass(frozen=True)
+class _Lent:
+    """A batch tensor that lives in a slot, as it travels to the training process."""
+
+    slot: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+
+
+def fresh_shared(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor in a new shared-memory segment: sending it passes a file descriptor, not a copy of the data."""
+    storage = torch.UntypedStorage._new_shared(math.prod(size) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(size)
+
+
+class WorkerRing:
+    """A worker's slots: ``empty`` allocates batch tensors in them, ``pack`` readies a batch for the trip."""
+
+    def __init__(self, max_slots: int):
+        self._table = torch.zeros(max_slots, dtype=torch.uint8).share_memory_()
+        self._state = self._table.numpy()
+        self._slots: list[torch.UntypedStorage] = []
+        self._announced = False  # whether the training process has the table
+        self._sent: set[int] = set()  # slots whose segment the training process has
+        self._pending: dict[int, int] = {}  # segment address -> slot, for slots taken since the last pack
+
+    def empty(self, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(size) * dtype.itemsize
+        slot = self._take(nbytes) if _numpy_has(dtype) else None
+        if slot is None:
+            return fresh_shared(size, dtype)
+        storage = self._slots[slot]
+        self._pending[storage.data_ptr()] = slot
+        return torch.empty(0, dtype=dtype).set_(storage, 0, size)
+
+    def _take(self, nbytes: int) -> int | None:
+        """The smallest free slot that holds ``nbytes`` without wasting half of itself, else a new one if allowed."""
+        fits = [i for i, s in enumerate(self._slots) if self._state[i] == FREE and nbytes <= s.nbytes() <= 2 * nbytes]
+        if fits:
+            slot = min(fits, key=lambda i: self._slots[i].nbytes())
+        elif nbytes and len(self._slots) < len(self._state):
+            self._slots.append(torch.UntypedStorage._new_shared(nbytes))
+            slot = len(self._slots) - 1
+        else:
+            return None
+        self._state[slot] = LENT
+        return slot
+
+    def pack(self, batch: dict) -> dict:
+        """Replace the batch's slot tensors by their slot numbers (the segment too, the first time) under ``_ring``.
+
+        A slot taken for a tensor that is not a value of the batch stays marked lent for good: wherever that tensor
+        went, the slot is never written again.
+        """
+        lent: dict[str, _Lent] = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in self._pending:
+                slot = self._pending.pop(value.untyped_storage().data_ptr())
+                lent[key] = _Lent(slot, tuple(value.shape), value.stride(), value.storage_offset(), value.dtype)
+        self._pending.clear()
+        for key in lent:
+            del batch[key]
+        segments = {n.slot: self._slots[n.slot] for n in lent.values() if n.slot not in self._sent}
+        self._sent.update(segments)
+        batch["_ring"] = {"lent": lent, "segments": segments, "table": None if self._announced else self._table}
+        self._announced = True
+        return batch
+
+
+class RingReceiver:
+    """The training process's side, one per loader iterator: turns ``_ring`` entries back into leased tensors."""
+
+    def __init__(self):
+        self._rings: dict[int, tuple[np.ndarray, dict[int, torch.UntypedStorage]]] = {}
+
+    def unpack(self, batch: dict, worker: int) -> dict:
+        ring = batch.pop("_ring", None)
+        if ring is None:
+            return batch
+        if ring["table"] is not None:
+            self._rings[worker] = (ring["table"].numpy(), {})
+        state, segments = self._rings[worker]
+        segments.update(ring["segments"])
+        for key, lent in ring["lent"].items():
+            batch[key] = _leased(segments[lent.slot], lent, state)
+        return batch
+
+
+@functools.cache
+def _numpy_has(dtype: torch.dtype) -> bool:
+    """Whether numpy can view this dtype (not bfloat16, for one): the lease goes through a numpy array."""
+    try:
+        torch.empty(0, dtype=dtype).numpy()
+        return True
+    except TypeError:
+        return False
+
+
+class _Lease:
+    """Exposes a slot's memory to numpy; when the last array (and tensor) over it is gone, frees the slot."""
+
+    def __init__(self, array: np.ndarray, state: np.ndarray, slot: int):
+        self.__array_interface__ = array.__array_interface__
+        self._array, self._state, self._slot = array, state, slot
+
+    def __del__(self):
+        self._state[self._slot] = FREE
+
+
+def _leased(storage: torch.UntypedStorage, lent: _Lent, state: np.ndarray) -> torch.Tensor:
+    view = torch.empty(0, dtype=lent.dtype).set_(storage, lent.offset, lent.shape, lent.stride)
+    # torch.from_numpy keeps the array, and so the lease, alive for as long as any tensor shares this memory.
+    return torch.from_numpy(np.asarray(_Lease(view.numpy(), state, lent.slot)))
