@@ -12,8 +12,9 @@ is_train=True)`` and ViT-B-32's tokenizer, with the same number of worker proces
 - open_clip: ``open_clip_train.data.get_wds_dataset(args, preprocess, is_train=True, tokenizer=...)`` in its own
   venv (bench/_work/venv-openclip, made on first use: its ``[training]`` extra pins an old webdataset), driven by
   a small script this file writes; it has no audio path, so it has no audio row;
-- floor: every sample's bytes read into memory first, then a ``multiprocessing.Pool`` that only decodes,
-  transforms and tokenizes (and, in the audio row, decodes the FLAC and computes the log-mel); no batching;
+- floor: every sample's bytes read into memory first, then a ``multiprocessing.Pool`` that only decodes (with
+  TurboJPEG, the decoder mmfuse uses: the decoder is not the loader's merit), transforms and tokenizes (and, in
+  the audio row, decodes the FLAC and computes the log-mel); no batching, nothing sent back;
 - mmfuse-candidate (with ``--candidate DIR``): mmfuse again with ``DIR`` first on PYTHONPATH, where ``DIR/data_pipeline``
   is a changed copy of the loader: an A/B of a loader change in the same run.
 
@@ -235,12 +236,14 @@ def _floor_work(indices) -> int:
     from PIL import Image
 
     from data_pipeline.decode import decode_audio
+    from data_pipeline.image import decode_jpeg_fast
 
     transform, audio_cfg, samples = _FLOOR["transform"], _FLOOR["audio_cfg"], _FLOOR["samples"]
     captions = []
     for i in indices:
         jpg, caption, flac = samples[i]
-        transform(Image.open(io.BytesIO(jpg)).convert("RGB"))
+        image = decode_jpeg_fast(jpg, None)  # the decoder mmfuse uses (TurboJPEG): the floor is what decoding costs
+        transform(image if image is not None else Image.open(io.BytesIO(jpg)).convert("RGB"))
         captions.append(caption)
         if flac is not None:
             decode_audio(flac, audio_cfg)
