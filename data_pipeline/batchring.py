@@ -131,8 +131,8 @@ class _Lease:
         self.__array_interface__ = array.__array_interface__
         self._array, self._state, self._slot = array, state, slot
 
-    def __del__(self):
-        self._state[self._slot] = FREE
+    def __del__(self, free=FREE):  # bound now: at interpreter exit the module's globals may already be gone
+        self._state[self._slot] = free
 
 
 def _leased(storage: torch.UntypedStorage, lent: _Lent, state: np.ndarray) -> torch.Tensor:
