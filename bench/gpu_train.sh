@@ -22,10 +22,20 @@ BATCH=${BATCH:-128}
 WORKERS=${WORKERS:-12}
 SAMPLES=${SAMPLES:-2048}      # the synthetic world is small; the loader goes round it as often as needed
 COMPILE=${COMPILE:-[]}
-LOG_EVERY=10
+LOG_EVERY=${LOG_EVERY:-10}
+# REHEARSE=1: the same run on the CPU (bf16 included) with a made-up 1 TFLOPS peak, so that everything but the
+# GPU itself (data, the pretrain command, the metrics, this summary) is checked where no GPU is lent:
+# tests/integration/test_gpu_script.py runs it with a few steps.
+REHEARSE=${REHEARSE:-0}
+EXTRA=()
 
-"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this benchmark needs a GPU")'
-"$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
+if [ "$REHEARSE" = 1 ]; then
+    EXTRA=(engine.peak_tflops=1)
+    echo "rehearsal on the CPU: the numbers below say nothing about a GPU"
+else
+    "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this benchmark needs a GPU (REHEARSE=1 runs it on the CPU)")'
+    "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
+fi
 
 start=$(date +%s)
 if [ ! -f "$WORK/shards/sizes.json" ]; then
@@ -44,9 +54,10 @@ rm -rf "$WORK/run"
     objectives.contrastive.pairs.image_audio=0 \
     model.lock="[audio]" engine.zero_stage=2 engine.precision=bf16 engine.compile="$COMPILE" run.deterministic=false \
     engine.trim_text_padding=false \
-    run.steps="$STEPS" run.log_every="$LOG_EVERY" run.checkpoint_every=0 optim.warmup_steps=20 launch.nproc=1
+    run.steps="$STEPS" run.log_every="$LOG_EVERY" run.checkpoint_every=0 optim.warmup_steps=20 launch.nproc=1 \
+    "${EXTRA[@]}"
 
-"$PY" - "$WORK/run/metrics.jsonl" "$WARMUP" <<'EOF'
+"$PY" - "$WORK/run/metrics.jsonl" "$WARMUP" "$LOG_EVERY" <<'EOF'
 import json, sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
@@ -57,7 +68,7 @@ if not rows:
 rate = len(rows) / sum(1 / r["samples_per_s"] for r in rows)
 tflops = len(rows) / sum(1 / r["tflops_per_device"] for r in rows)
 mfu = [r["mfu"] for r in rows if "mfu" in r]
-print(f"steps {rows[0]['step'] - 9}-{rows[-1]['step']}: {rate:.0f} samples/s, {tflops:.0f} model TFLOPS/device, "
+print(f"steps {rows[0]['step'] - int(sys.argv[3]) + 1}-{rows[-1]['step']}: {rate:.0f} samples/s, {tflops:.0f} model TFLOPS/device, "
       + (f"MFU {len(mfu) / sum(1 / m for m in mfu):.1%}" if mfu else "MFU n/a (unknown GPU: set engine.peak_tflops)")
       + f", data wait {sum(r['data_wait_fraction'] for r in rows) / len(rows):.0%}, "
       + f"peak GPU memory {max(r.get('gpu_allocated_gb', 0) for r in rows):.1f} GB, loss {rows[-1]['loss']:.3f}")
