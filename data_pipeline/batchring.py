@@ -44,7 +44,16 @@ def fresh_shared(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class WorkerRing:
     """A worker's slots: ``empty`` allocates batch tensors in them, ``pack`` readies a batch for the trip."""
 
-    def __init__(self, max_slots: int):
+    @classmethod
+    def in_this_worker(cls, prefetch_factor: int) -> "WorkerRing | None":
+        """A ring for the calling DataLoader worker, or None in the training process itself (nothing to send)."""
+        info = torch.utils.data.get_worker_info()
+        # Room for the batches a worker has in flight (prefetched, being built, held by the training loop), each
+        # with a few tensors.
+        return cls(4 * (prefetch_factor + 2), info.id) if info is not None else None
+
+    def __init__(self, max_slots: int, worker: int):
+        self.worker = worker  # which of the training process's rings this is
         self._table = torch.zeros(max_slots, dtype=torch.uint8).share_memory_()
         self._state = self._table.numpy()
         self._slots: list[torch.UntypedStorage] = []
@@ -90,7 +99,8 @@ class WorkerRing:
             del batch[key]
         segments = {n.slot: self._slots[n.slot] for n in lent.values() if n.slot not in self._sent}
         self._sent.update(segments)
-        batch["_ring"] = {"lent": lent, "segments": segments, "table": None if self._announced else self._table}
+        batch["_ring"] = {"worker": self.worker, "lent": lent, "segments": segments,
+                          "table": None if self._announced else self._table}
         self._announced = True
         return batch
 
@@ -101,13 +111,13 @@ class RingReceiver:
     def __init__(self):
         self._rings: dict[int, tuple[np.ndarray, dict[int, torch.UntypedStorage]]] = {}
 
-    def unpack(self, batch: dict, worker: int) -> dict:
+    def unpack(self, batch: dict) -> dict:
         ring = batch.pop("_ring", None)
         if ring is None:
             return batch
         if ring["table"] is not None:
-            self._rings[worker] = (ring["table"].numpy(), {})
-        state, segments = self._rings[worker]
+            self._rings[ring["worker"]] = (ring["table"].numpy(), {})
+        state, segments = self._rings[ring["worker"]]
         segments.update(ring["segments"])
         for key, lent in ring["lent"].items():
             batch[key] = _leased(segments[lent.slot], lent, state)

@@ -140,8 +140,7 @@ class ShardStream(IterableDataset):
         counts: Counter[str] = Counter()
         warn = _RateLimitedLog()
         samples = self._ordered_samples(plan, skip, counts, warn)
-        # Room for the batches a worker has in flight: prefetched, being built, and held by the training loop.
-        ring = WorkerRing(4 * (self.cfg.prefetch_factor + 2)) if get_worker_info() is not None else None
+        ring = WorkerRing.in_this_worker(self.cfg.prefetch_factor)
         for index in range(consumed, len(plan.batch_sizes)):
             decoded = []
             for _ in range(plan.batch_sizes[index]):
@@ -278,9 +277,8 @@ class Loader:
             except StopIteration:
                 break
             self.wait_seconds += time.perf_counter() - started
-            worker = batch.pop("_worker")
-            self._epoch_stats[worker] = batch.pop("_stats")
-            batch = rings.unpack(batch, worker)
+            self._epoch_stats[batch.pop("_worker")] = batch.pop("_stats")
+            batch = rings.unpack(batch)
             self.step += 1
             yield batch
         for stats in self._epoch_stats.values():

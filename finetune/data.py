@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from data_pipeline.batchring import RingReceiver, WorkerRing
 from data_pipeline.config import LoaderConfig
 from data_pipeline.decode import Decoder, decode_audio
 from data_pipeline.errors import SampleError
@@ -177,8 +178,9 @@ def _manifest_records(path: str, images: str) -> list[Record]:
 class RecordDataset(torch.utils.data.Dataset):
     """Records decoded by the loader's Decoder; a sample that fails to decode is counted and left out of its batch."""
 
-    def __init__(self, records: list[Record], decoder: Decoder):
-        self.records, self.decoder = records, decoder
+    def __init__(self, records: list[Record], decoder: Decoder, prefetch_factor: int = 2):
+        self.records, self.decoder, self.prefetch_factor = records, decoder, prefetch_factor
+        self._ring: WorkerRing | None | bool = False  # made in each worker, on its first batch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -201,10 +203,13 @@ class RecordDataset(torch.utils.data.Dataset):
         return sample
 
     def collate(self, samples: list[dict | None]) -> dict[str, Any]:
+        """In a worker, the batch tensors go into its ring (``data_pipeline.batchring``); ``TaskData`` unpacks them."""
+        if self._ring is False:
+            self._ring = WorkerRing.in_this_worker(self.prefetch_factor)
         good = [s for s in samples if "__error__" not in s]
-        batch = self.decoder.collate(good)
+        batch = self.decoder.collate(good, self._ring.empty if self._ring else None)
         batch["__errors__"] = [s["__error__"] for s in samples if "__error__" in s]
-        return batch
+        return self._ring.pack(batch) if self._ring else batch
 
 
 def _read(location: str, limit: int) -> bytes:
@@ -263,10 +268,11 @@ class TaskData:
             images = data.train_images if self.train else data.eval_images
             annotations = data.train_annotations if self.train else data.eval_annotations
             self.records = read_records(self.path, self.format, images, annotations)
-            dataset = RecordDataset(self.records, decoder)
+            dataset = RecordDataset(self.records, decoder, prefetch_factor=2)
             self.plan = BatchPlan(len(self.records), data.batch_size, rank, world, data.seed, self.train)
             self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.plan, collate_fn=dataset.collate,
-                                                      num_workers=data.workers, persistent_workers=False)
+                                                      num_workers=data.workers, persistent_workers=False,
+                                                      prefetch_factor=2 if data.workers else None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.plan is None:
@@ -278,9 +284,10 @@ class TaskData:
         if not self.train:
             self.step = 0  # evaluation always covers the whole split
         self.plan.epoch, self.plan.start = self.epoch, self.step
+        rings = RingReceiver()
         for batch in self.loader:
             self.step += 1
-            yield batch
+            yield rings.unpack(batch)
         if self.train:
             self.epoch, self.step = self.epoch + 1, 0
 

@@ -10,7 +10,7 @@ from data_pipeline.batchring import FREE, LENT, RingReceiver, WorkerRing
 def trip(ring: WorkerRing, receiver: RingReceiver, **tensors) -> dict:
     """What the loader does around the process boundary, in one process (the memory is shared either way)."""
     batch = {"__key__": ["a"], **tensors}
-    return receiver.unpack(ring.pack(batch), worker=0)
+    return receiver.unpack(ring.pack(batch))
 
 
 def slot_states(ring: WorkerRing) -> list[int]:
@@ -18,7 +18,7 @@ def slot_states(ring: WorkerRing) -> list[int]:
 
 
 def test_a_slot_is_written_again_only_after_every_view_of_its_tensor_is_gone():
-    ring, receiver = WorkerRing(max_slots=4), RingReceiver()
+    ring, receiver = WorkerRing(max_slots=4, worker=0), RingReceiver()
     x = ring.empty((2, 3), torch.float32)
     x.copy_(torch.arange(6.0).view(2, 3))
     first_address = x.data_ptr()
@@ -44,7 +44,7 @@ def test_a_slot_is_written_again_only_after_every_view_of_its_tensor_is_gone():
 
 
 def test_with_every_slot_lent_batches_go_to_fresh_memory_and_keep_their_values():
-    ring, receiver = WorkerRing(max_slots=2), RingReceiver()
+    ring, receiver = WorkerRing(max_slots=2, worker=0), RingReceiver()
     held = []
     for value in range(5):
         x = ring.empty((4,), torch.float32).fill_(value)
@@ -55,7 +55,7 @@ def test_with_every_slot_lent_batches_go_to_fresh_memory_and_keep_their_values()
 
 
 def test_a_slot_is_taken_only_for_a_tensor_of_about_its_size():
-    ring, receiver = WorkerRing(max_slots=4), RingReceiver()
+    ring, receiver = WorkerRing(max_slots=4, worker=0), RingReceiver()
     big = ring.empty((100,), torch.float32)
     del trip(ring, receiver, big=big)["big"], big
     assert slot_states(ring) == [FREE]
@@ -64,7 +64,7 @@ def test_a_slot_is_taken_only_for_a_tensor_of_about_its_size():
 
 
 def test_a_slot_tensor_left_out_of_its_batch_is_never_written_again():
-    ring, receiver = WorkerRing(max_slots=4), RingReceiver()
+    ring, receiver = WorkerRing(max_slots=4, worker=0), RingReceiver()
     kept = ring.empty((3,), torch.float32).fill_(7)
     trip(ring, receiver)  # the batch does not carry it: it may have gone anywhere
     for _ in range(3):
@@ -73,6 +73,6 @@ def test_a_slot_tensor_left_out_of_its_batch_is_never_written_again():
 
 
 def test_dtypes_numpy_cannot_view_take_fresh_memory():
-    ring = WorkerRing(max_slots=4)
+    ring = WorkerRing(max_slots=4, worker=0)
     x = ring.empty((3,), torch.bfloat16)
     assert x.is_shared() and not ring._slots

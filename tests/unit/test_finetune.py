@@ -255,3 +255,20 @@ def test_classnames_from_a_file_or_the_data(tmp_path):
     assert load_classnames([], "", metas) == ["cat", "class 1", "eel"]
     with pytest.raises(ConfigError, match="needs class names"):
         load_classnames([], "", [{"label": 1}])
+
+
+def test_record_batches_from_workers_keep_their_values_while_held(synth_world):
+    from finetune.data import TaskData
+
+    path = synth_world / "coco_captions.json"
+    cfg = config(task="caption", **{"data.train": path, "data.batch_size": 1, "data.workers": 2})
+
+    def batches():
+        return TaskData(cfg, "train", 0, 1, None, None, image_size=32, audio_shape=(8, 10))
+
+    copies = [{k: v.clone() for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches()]
+    held = list(batches())  # batch memory comes from the workers' rings: none may be written while held
+    assert len(held) == len(copies) == 7 and "_ring" not in held[0]
+    for batch, copy in zip(held, copies, strict=True):
+        assert copy.keys() <= batch.keys() and all(torch.equal(batch[k], copy[k]) for k in copy)
+    assert held[0]["image"].shape == (1, 3, 32, 32) and held[0]["image"].float().std() > 0
