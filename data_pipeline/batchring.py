@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,13 +87,16 @@ class WorkerRing:
     def pack(self, batch: dict) -> dict:
         """Replace the batch's slot tensors by their slot numbers (the segment too, the first time) under ``_ring``.
 
-        A slot taken for a tensor that is not a value of the batch stays marked lent for good: wherever that tensor
-        went, the slot is never written again.
+        A slot taken for a tensor that is not exactly one value of the batch (left out, or shared by two values)
+        stays marked lent for good: wherever its tensors went, the slot is never written again.
         """
+        tensors = {key: v for key, v in batch.items() if isinstance(v, torch.Tensor)}
+        owners = Counter(v.untyped_storage().data_ptr() for v in tensors.values())
         lent: dict[str, _Lent] = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in self._pending:
-                slot = self._pending.pop(value.untyped_storage().data_ptr())
+        for key, value in tensors.items():
+            address = value.untyped_storage().data_ptr()
+            if address in self._pending and owners[address] == 1:
+                slot = self._pending[address]
                 lent[key] = _Lent(slot, tuple(value.shape), value.stride(), value.storage_offset(), value.dtype)
         self._pending.clear()
         for key in lent:

@@ -63,13 +63,18 @@ def test_a_slot_is_taken_only_for_a_tensor_of_about_its_size():
     assert len(ring._slots) == 2 and small.untyped_storage().nbytes() == 40
 
 
-def test_a_slot_tensor_left_out_of_its_batch_is_never_written_again():
+def test_a_slot_tensor_left_out_of_its_batch_or_shared_by_two_values_is_never_written_again():
     ring, receiver = WorkerRing(max_slots=4, worker=0), RingReceiver()
     kept = ring.empty((3,), torch.float32).fill_(7)
     trip(ring, receiver)  # the batch does not carry it: it may have gone anywhere
+    shared = ring.empty((3,), torch.float32).fill_(5)
+    both = trip(ring, receiver, x=shared, first=shared[:1])  # two values over one slot: neither is leased
+    assert both["x"].tolist() == [5.0, 5.0, 5.0]
+    del shared, both["x"]  # "first" still looks at the slot
     for _ in range(3):
         del trip(ring, receiver, x=ring.empty((3,), torch.float32).zero_())["x"]
-    assert kept.tolist() == [7.0, 7.0, 7.0] and slot_states(ring)[0] == LENT
+    assert kept.tolist() == [7.0, 7.0, 7.0] and slot_states(ring)[:2] == [LENT, LENT]
+    assert both["first"].tolist() == [5.0]
 
 
 def test_dtypes_numpy_cannot_view_take_fresh_memory():
