@@ -54,7 +54,7 @@ rm -rf "$WORK/run"
     objectives.contrastive.pairs.image_audio=0 \
     model.lock="[audio]" engine.zero_stage=2 engine.precision=bf16 engine.compile="$COMPILE" run.deterministic=false \
     engine.trim_text_padding=false \
-    run.steps="$STEPS" run.log_every="$LOG_EVERY" run.checkpoint_every=0 optim.warmup_steps=20 launch.nproc=1 \
+    run.steps="$STEPS" run.log_every="$LOG_EVERY" run.checkpoint_every=0 run.save_at_end=false optim.warmup_steps=20 launch.nproc=1 \
     "${EXTRA[@]}"
 
 "$PY" - "$WORK/run/metrics.jsonl" "$WARMUP" "$LOG_EVERY" <<'EOF'

@@ -86,6 +86,8 @@ class RunConfig:
     """Steps between metric lines (console, metrics.jsonl, TensorBoard)."""
     checkpoint_every: int = 500
     """Steps between checkpoints (0: only at the end and on signals)."""
+    save_at_end: bool = True
+    """Checkpoint after the last step. Benchmarks turn it off: a ViT-B checkpoint with its optimizer state is GBs."""
     keep: int = 3
     """Committed checkpoints to keep (the newest good one is never deleted)."""
     resume: str = "auto"

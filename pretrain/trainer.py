@@ -227,7 +227,8 @@ class Trainer:
                 window_start, window_samples, wait_start = time.perf_counter(), 0, self.loader.wait_seconds
             if self.cfg.data.eval and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
                 last.update(self.evaluate())
-            if stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
+            at_end = self.step == cfg.steps and cfg.save_at_end
+            if stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
                 self.save()
             if stop:
                 log.warning("stopping at step %d after a signal (checkpoint committed)", self.step)

@@ -34,6 +34,7 @@ def test_the_gpu_benchmark_runs_end_to_end_as_a_cpu_rehearsal(tmp_path):
     config = (tmp_path / "work/run/config.yaml").read_text()
     assert re.search(r"precision: bf16", config) and re.search(r"zero_stage: 2", config)
     assert re.search(r"flavor: vit-b-16", config)
+    assert not list((tmp_path / "work/run").glob("checkpoints/step_*"))  # a benchmark writes no GBs of checkpoint
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
