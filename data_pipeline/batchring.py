@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 FREE, LENT = 0, 1
 
@@ -85,46 +86,61 @@ class WorkerRing:
         return slot
 
     def pack(self, batch: dict) -> dict:
-        """Replace the batch's slot tensors by their slot numbers (the segment too, the first time) under ``_ring``.
+        """Put each slot tensor's place in the batch (``_Lent``) where it was, and the trip's ``_Parcel`` under
+        ``_ring``: the segments the training process has not seen yet, and the slot table the first time.
 
-        A slot taken for a tensor that is not exactly one value of the batch (left out, or shared by two values)
-        stays marked lent for good: wherever its tensors went, the slot is never written again.
+        Only a slot tensor that is a whole value of the batch and the only tensor anywhere in it (nested lists and
+        dicts included) over its slot is lent. Any other slot taken since the last pack (left out, shared by two
+        values, nested) stays marked lent for good: wherever its tensors went, the slot is never written again.
         """
-        tensors = {key: v for key, v in batch.items() if isinstance(v, torch.Tensor)}
-        owners = Counter(v.untyped_storage().data_ptr() for v in tensors.values())
-        lent: dict[str, _Lent] = {}
-        for key, value in tensors.items():
+        users = Counter(leaf.untyped_storage().data_ptr() for leaf in tree_leaves(batch)
+                        if isinstance(leaf, torch.Tensor))
+        segments: dict[int, torch.UntypedStorage] = {}
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                continue
             address = value.untyped_storage().data_ptr()
-            if address in self._pending and owners[address] == 1:
-                slot = self._pending[address]
-                lent[key] = _Lent(slot, tuple(value.shape), value.stride(), value.storage_offset(), value.dtype)
+            slot = self._pending.get(address)
+            if slot is None or users[address] != 1:
+                continue
+            batch[key] = _Lent(slot, tuple(value.shape), value.stride(), value.storage_offset(), value.dtype)
+            if slot not in self._sent:
+                segments[slot] = self._slots[slot]
+                self._sent.add(slot)
         self._pending.clear()
-        for key in lent:
-            del batch[key]
-        segments = {n.slot: self._slots[n.slot] for n in lent.values() if n.slot not in self._sent}
-        self._sent.update(segments)
-        batch["_ring"] = {"worker": self.worker, "lent": lent, "segments": segments,
-                          "table": None if self._announced else self._table}
+        batch["_ring"] = _Parcel(self.worker, segments, None if self._announced else self._table)
         self._announced = True
         return batch
 
 
+@dataclass(frozen=True)
+class _Parcel:
+    """What travels with a batch besides its values. Not a dict, so that DataLoader's pin_memory passes it by:
+    pinning copies, and a copied segment would no longer see the worker's writes."""
+
+    worker: int
+    segments: dict[int, torch.UntypedStorage]
+    table: torch.Tensor | None
+
+
 class RingReceiver:
-    """The training process's side, one per loader iterator: turns ``_ring`` entries back into leased tensors."""
+    """The training process's side, one per loader (not per iterator: a persistent worker announces its table
+    only once): turns ``_Lent`` values back into leased tensors, in place."""
 
     def __init__(self):
         self._rings: dict[int, tuple[np.ndarray, dict[int, torch.UntypedStorage]]] = {}
 
     def unpack(self, batch: dict) -> dict:
-        ring = batch.pop("_ring", None)
-        if ring is None:
+        parcel = batch.pop("_ring", None)
+        if parcel is None:
             return batch
-        if ring["table"] is not None:
-            self._rings[ring["worker"]] = (ring["table"].numpy(), {})
-        state, segments = self._rings[ring["worker"]]
-        segments.update(ring["segments"])
-        for key, lent in ring["lent"].items():
-            batch[key] = _leased(segments[lent.slot], lent, state)
+        if parcel.table is not None:  # a new ring for this worker number: the old one's segments can go
+            self._rings[parcel.worker] = (parcel.table.numpy(), {})
+        state, segments = self._rings[parcel.worker]
+        segments.update(parcel.segments)
+        for key, value in batch.items():
+            if isinstance(value, _Lent):
+                batch[key] = _leased(segments[value.slot], value, state)
         return batch
 
 

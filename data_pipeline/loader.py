@@ -253,6 +253,7 @@ class Loader:
         self.wait_seconds = 0.0
         self.totals: Counter[str] = Counter()
         self._epoch_stats: dict[int, dict] = {}
+        self._rings = RingReceiver()  # the workers' batch memory (data_pipeline.batchring)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
@@ -267,7 +268,6 @@ class Loader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
                             prefetch_factor=self.cfg.prefetch_factor if self.cfg.workers else None)
         self._epoch_stats = {}
-        rings = RingReceiver()
         iterator = iter(loader)
         _track_workers(iterator)
         while True:
@@ -278,7 +278,7 @@ class Loader:
                 break
             self.wait_seconds += time.perf_counter() - started
             self._epoch_stats[batch.pop("_worker")] = batch.pop("_stats")
-            batch = rings.unpack(batch)
+            batch = self._rings.unpack(batch)
             self.step += 1
             yield batch
         for stats in self._epoch_stats.values():

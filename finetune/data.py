@@ -34,6 +34,7 @@ from data_pipeline.storage import filesystem, redact
 from finetune.config import FinetuneConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+PREFETCH = 2  # batches each worker prepares ahead (the size of its batch ring follows)
 TASK_FIELDS = ["label", "label_name", "question", "question_id", "question_type", "answers", "captions", "image_id"]
 
 
@@ -259,6 +260,7 @@ class TaskData:
                                   audio=dataclasses.replace(data.audio, n_mels=audio_shape[0], frames=audio_shape[1]))
         decoder = Decoder(loader_cfg, transform, tokenizer, image_size)
         self.epoch, self.step = 0, 0
+        self.rings = RingReceiver()  # the workers' batch memory (data_pipeline.batchring)
         if self.format == "shards":
             from data_pipeline.loader import Loader
 
@@ -268,11 +270,11 @@ class TaskData:
             images = data.train_images if self.train else data.eval_images
             annotations = data.train_annotations if self.train else data.eval_annotations
             self.records = read_records(self.path, self.format, images, annotations)
-            dataset = RecordDataset(self.records, decoder, prefetch_factor=2)
+            dataset = RecordDataset(self.records, decoder, prefetch_factor=PREFETCH)
             self.plan = BatchPlan(len(self.records), data.batch_size, rank, world, data.seed, self.train)
             self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.plan, collate_fn=dataset.collate,
                                                       num_workers=data.workers, persistent_workers=False,
-                                                      prefetch_factor=2 if data.workers else None)
+                                                      prefetch_factor=PREFETCH if data.workers else None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.plan is None:
@@ -284,10 +286,9 @@ class TaskData:
         if not self.train:
             self.step = 0  # evaluation always covers the whole split
         self.plan.epoch, self.plan.start = self.epoch, self.step
-        rings = RingReceiver()
         for batch in self.loader:
             self.step += 1
-            yield rings.unpack(batch)
+            yield self.rings.unpack(batch)
         if self.train:
             self.epoch, self.step = self.epoch + 1, 0
 

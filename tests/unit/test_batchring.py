@@ -81,3 +81,57 @@ def test_dtypes_numpy_cannot_view_take_fresh_memory():
     ring = WorkerRing(max_slots=4, worker=0)
     x = ring.empty((3,), torch.bfloat16)
     assert x.is_shared() and not ring._slots
+
+
+def test_a_slot_tensor_also_seen_inside_a_nested_value_is_not_lent():
+    ring, receiver = WorkerRing(max_slots=4, worker=0), RingReceiver()
+    x = ring.empty((3,), torch.float32).fill_(2)
+    batch = trip(ring, receiver, x=x, crops=[{"first": x[:1]}])  # a view of the slot inside a list of dicts
+    del x, batch["x"]
+    gc.collect()
+    for _ in range(3):
+        del trip(ring, receiver, x=ring.empty((3,), torch.float32).zero_())["x"]
+    assert batch["crops"][0]["first"].tolist() == [2.0] and slot_states(ring)[0] == LENT
+
+
+def test_unpacked_values_keep_their_place_in_the_batch():
+    ring, receiver = WorkerRing(max_slots=4, worker=0), RingReceiver()
+    batch = {"image": ring.empty((2,), torch.float32), "__key__": ["a", "b"], "mask": ring.empty((2,), torch.bool)}
+    assert list(receiver.unpack(ring.pack(batch))) == ["image", "__key__", "mask"]
+
+
+def test_pin_memory_passes_the_ring_parcel_by_without_copying_its_segments():
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    ring = WorkerRing(max_slots=4, worker=0)
+    packed = ring.pack({"__key__": ["a"], "x": ring.empty((3,), torch.float32)})
+    pinned = pin_memory(packed)  # with no other tensor in the batch, this runs without a GPU
+    assert pinned["_ring"] is packed["_ring"] and pinned["x"] is packed["x"]
+
+
+class Batches(torch.utils.data.Dataset):
+    """Each batch of ``value`` written into the worker's ring, as ``finetune.data.RecordDataset`` does."""
+
+    def __init__(self):
+        self.ring = None
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, value):
+        return value
+
+    def collate(self, values):
+        self.ring = self.ring or WorkerRing.in_this_worker(prefetch_factor=2)
+        return self.ring.pack({"x": self.ring.empty((len(values), 1000), torch.float32).copy_(
+            torch.tensor(values, dtype=torch.float32)[:, None].expand(-1, 1000))})
+
+
+def test_a_persistent_worker_keeps_lending_into_the_next_epoch():
+    dataset = Batches()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, persistent_workers=True,
+                                         collate_fn=dataset.collate)
+    receiver = RingReceiver()  # one per loader: the worker announces its table only in the first epoch
+    for _ in range(2):
+        seen = [receiver.unpack(batch)["x"][:, 0].tolist() for batch in loader]
+        assert seen == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
