@@ -35,6 +35,11 @@ if [ "$REHEARSE" = 1 ]; then
 else
     "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this benchmark needs a GPU (REHEARSE=1 runs it on the CPU)")'
     "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
+    df -h /dev/shm | tail -1 | awk '{print "/dev/shm:", $2, "(workers hand batches over in it; a few GB are needed)"}'
+    if [ "$COMPILE" != "[]" ] && ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+        echo "COMPILE=$COMPILE needs a C compiler for Triton's launchers; none here" >&2
+        exit 2
+    fi
 fi
 
 start=$(date +%s)
@@ -48,14 +53,14 @@ echo "data ready after $(( $(date +%s) - start )) s"
 rm -rf "$WORK/run"
 "$PY" -m mmfuse.cli pretrain --config configs/pretrain/tiny.yaml model.flavor=vit-b-16 \
     data.train="$WORK/shards" run.dir="$WORK/run" data.batch_size="$BATCH" data.workers="$WORKERS" \
-    data.shuffle_window=1024 data.members.audio="''" \
+    data.mode=resampled data.samples_per_epoch=$((STEPS * BATCH)) data.shuffle_window=1024 data.members.audio="''" \
     objectives.masked_image.weight=0 objectives.masked_audio.weight=0 objectives.masked_text.weight=0 \
     objectives.cross_modal_masked.weight=0 objectives.contrastive.pairs.audio_text=0 \
     objectives.contrastive.pairs.image_audio=0 \
     model.lock="[audio]" engine.zero_stage=2 engine.precision=bf16 engine.compile="$COMPILE" run.deterministic=false \
     engine.trim_text_padding=false \
     run.steps="$STEPS" run.log_every="$LOG_EVERY" run.checkpoint_every=0 run.save_at_end=false optim.warmup_steps=20 launch.nproc=1 \
-    "${EXTRA[@]}"
+    ${EXTRA[@]+"${EXTRA[@]}"}
 
 "$PY" - "$WORK/run/metrics.jsonl" "$WARMUP" "$LOG_EVERY" <<'EOF'
 import json, sys

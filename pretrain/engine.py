@@ -116,6 +116,9 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int, load_universal: bool 
         "steps_per_print": 10**9,  # mmfuse logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        # With an offload, DeepSpeed insists on its own DeepSpeedCPUAdam (a C++ op built at first use); torch's
+        # AdamW runs the same update on the CPU copy of the weights.
+        "zero_force_ds_cpu_optimizer": False,
         "checkpoint": {"load_universal": load_universal},
     }
     return _deep_merge(config, engine.extra)

@@ -11,9 +11,14 @@ from pretrain.config import PRESETS, PretrainConfig
 
 
 def run(cfg: PretrainConfig) -> dict:
+    import torch.distributed as dist
+
     from pretrain.trainer import Trainer
 
-    return Trainer(cfg).run()
+    last = Trainer(cfg).run()
+    if dist.is_initialized():  # NCCL warns at exit (and may hang) when the group is left to the interpreter
+        dist.destroy_process_group()
+    return last
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,32 @@ from pretrain.objectives import DistContext, Forward, build_objectives
 
 log = logging.getLogger("mmfuse.pretrain")
 
+# Batch tensors that are all zeros when no sample of the batch has the modality (the decoder zero-fills missing rows).
+ABSENT_WITH = {"image": "has_image", "audio": "has_audio", "audio_mask": "has_audio"}
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors onto ``device``; floating ones in ``dtype``, the engine's compute dtype (bf16 / fp16 weights take
+    inputs of their own dtype; masks, ids and labels keep theirs).
+
+    The cast runs on the device, after the copy: ``.to(cuda, bf16)`` in one call converts on the CPU first, in the
+    training process's one thread (~26 ms for a batch of 128 images at 224 px). A modality no sample of the batch
+    has is all zeros, so it is made on the device instead of copied (an image-text run carries a 64 MB empty audio
+    batch).
+    """
+    absent = {key for key, flag in ABSENT_WITH.items() if flag in batch and not bool(batch[flag].any())}
+    out = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+            continue
+        target = dtype if value.is_floating_point() else value.dtype
+        if key in absent:
+            out[key] = torch.zeros(value.shape, dtype=target, device=device)
+        else:  # non_blocking from unpinned memory returns once the data is staged: the batch memory is free then
+            out[key] = value.to(device, non_blocking=True).to(target)
+    return out
+
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -253,11 +279,7 @@ class Trainer:
         return {**detached, "loss": total.detach()}, False, stop
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Tensors onto this rank's device; floating ones in the engine's compute dtype (bf16 / fp16 weights take
-        inputs of their own dtype; masks, ids and labels keep theirs)."""
-        dtype = self.engine.get_data_types()[0]
-        return {k: v.to(self.topo.device, dtype if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
+        return batch_to_device(batch, self.topo.device, self.engine.get_data_types()[0])
 
     def agree(self, *flags: bool) -> list[bool]:
         """Each flag True on every rank if it is True on any rank."""

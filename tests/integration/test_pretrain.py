@@ -91,6 +91,18 @@ def test_zero3_all_objectives_with_missing_modalities(shards, tmp_path):
     assert (run / "checkpoints" / "step_000003" / "COMMITTED").is_file()
 
 
+def test_offloaded_optimizer_and_parameters_train_like_no_offload(shards, tmp_path):
+    """ZeRO-Offload changes where the optimizer state and (ZeRO-3) the parameters live, not the update."""
+    losses = {}
+    for name, offload in {"none": [], "optimizer": ["engine.offload_optimizer=true"],
+                          "both": ["engine.zero_stage=3", "engine.offload_optimizer=true", "engine.offload_params=true"]}.items():
+        pretrain(shards, tmp_path / name, "run.steps=3", "run.checkpoint_every=0", "run.save_at_end=false", *offload)
+        losses[name] = [m["loss"] for m in metrics(tmp_path / name)]
+    assert len(losses["none"]) == 3
+    assert losses["optimizer"] == pytest.approx(losses["none"], rel=1e-4)
+    assert losses["both"] == pytest.approx(losses["none"], rel=1e-4)
+
+
 def test_bf16_weights_take_float_inputs_in_their_dtype_train_evaluate_and_export(shards, tmp_path):
     """DeepSpeed's bf16 holds the weights in bf16 (fp32 master copies in the optimizer): every floating input is
     cast to it (images, mel spectrograms), in training and in the in-loop evaluation; the losses are computed in
