@@ -58,9 +58,9 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, sync_url: str = ""):
+    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, sync_url: str = "", zero_stage: int = 2):
         self.root = Path(run_dir) / "checkpoints"
-        self.keep, self.rank, self.world_size = max(1, keep), rank, world_size
+        self.keep, self.rank, self.world_size, self.zero_stage = max(1, keep), rank, world_size, zero_stage
         self.sync = None
         if sync_url:
             from pretrain.sync import CheckpointSync
@@ -81,7 +81,8 @@ class CheckpointManager:
         if self.rank == 0:
             marker = self.root / tag / MARKER
             tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": self.world_size}))
+            tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": self.world_size,
+                                       "zero_stage": self.zero_stage}))
             os.replace(tmp, marker)
             (self.root / "latest_committed.tmp").write_text(tag)
             os.replace(self.root / "latest_committed.tmp", self.root / "latest_committed")
@@ -134,10 +135,24 @@ class CheckpointManager:
             raise ValueError(f"run.resume={resume!r} is not a committed checkpoint folder (no {MARKER} file in it)")
         return path.parent, path.name
 
-    @staticmethod
-    def saved_world_size(where: tuple[Path, str]) -> int:
+    def needs_universal(self, where: tuple[Path, str]) -> bool:
+        """Whether a checkpoint written at another world size or ZeRO stage loads through a universal checkpoint.
+
+        ZeRO 1-3 shard the optimizer per rank, so another layout needs the conversion. Stage 0 keeps everything
+        whole in the model-states file, which loads at any world size as it is. DeepSpeed's universal checkpoints
+        cannot cross between stage 0, stages 1-2 and stage 3 (each reads its own layout of the optimizer state):
+        such a resume is refused here, before anything is loaded. A marker without a stage predates it: same stage.
+        """
         root, tag = where
-        return int(json.loads((root / tag / MARKER).read_text())["world_size"])
+        saved = json.loads((root / tag / MARKER).read_text())
+        stage = saved.get("zero_stage", self.zero_stage)
+        family = {0: "0", 1: "1-2", 2: "1-2", 3: "3"}
+        if family[stage] != family[self.zero_stage]:
+            raise ValueError(
+                f"checkpoint {root / tag} was written with ZeRO stage {stage}, and DeepSpeed cannot load it at stage "
+                f"{self.zero_stage} (stages 0, 1-2 and 3 keep the optimizer state in different layouts): resume with "
+                f"engine.zero_stage={stage} (at any world size)")
+        return stage != 0 and (saved["world_size"] != self.world_size or stage != self.zero_stage)
 
     def to_universal(self, where: tuple[Path, str]) -> tuple[Path, str]:
         """Convert a checkpoint written at another world size into a DeepSpeed universal checkpoint (rank 0 does

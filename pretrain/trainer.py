@@ -103,9 +103,9 @@ class Trainer:
         self.loader = self.build_loader()
         self.step_module = self.build_step()
         self.checkpoints = CheckpointManager(self.run_dir, cfg.run.keep, self.topo.rank, self.topo.world_size,
-                                             cfg.run.checkpoint_sync)
+                                             cfg.run.checkpoint_sync, cfg.engine.zero_stage)
         self.resume_from = self.checkpoints.resolve(cfg.run.resume)
-        universal = self.resume_from is not None and self.checkpoints.saved_world_size(self.resume_from) != self.topo.world_size
+        universal = self.resume_from is not None and self.checkpoints.needs_universal(self.resume_from)
         if universal:
             self.resume_from = self.checkpoints.to_universal(self.resume_from)
         self.engine, self.optimizer, self.scheduler = build_engine(self.step_module, cfg, self.topo.world_size, universal)

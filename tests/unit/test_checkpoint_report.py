@@ -6,12 +6,12 @@ from pretrain.checkpoint import MARKER, CheckpointManager, committed_tags
 from pretrain.report import format_report, last_eval
 
 
-def make_tag(root, step, committed=True, world_size=2):
+def make_tag(root, step, committed=True, world_size=2, zero_stage=2):
     folder = root / "checkpoints" / f"step_{step:06d}"
     folder.mkdir(parents=True)
     (folder / "mp_rank_00_model_states.pt").write_bytes(b"partial" if not committed else b"whole")
     if committed:
-        (folder / MARKER).write_text(json.dumps({"step": step, "world_size": world_size}))
+        (folder / MARKER).write_text(json.dumps({"step": step, "world_size": world_size, "zero_stage": zero_stage}))
 
 
 def test_a_save_that_crashed_is_never_selected(tmp_path):
@@ -22,10 +22,26 @@ def test_a_save_that_crashed_is_never_selected(tmp_path):
     manager = CheckpointManager(tmp_path, keep=3, rank=0, world_size=2)
     assert committed_tags(tmp_path / "checkpoints") == ["step_000100", "step_000200"]
     assert manager.resolve("auto") == (tmp_path / "checkpoints", "step_000200")
-    assert manager.saved_world_size(manager.resolve("auto")) == 2
+    assert not manager.needs_universal(manager.resolve("auto"))
     assert manager.resolve("none") is None
     with pytest.raises(ValueError, match="not a committed checkpoint"):
         manager.resolve(str(tmp_path / "checkpoints" / "step_000300"))
+
+
+@pytest.mark.parametrize("saved, here, universal", [
+    ((2, 2), (2, 2), False), ((2, 2), (1, 2), True), ((2, 1), (2, 2), True), ((1, 3), (2, 3), True),
+    ((2, 0), (1, 0), False),  # stage 0 keeps everything whole: it loads at any world size as it is
+    ((2, 2), (2, 3), None), ((2, 3), (2, 1), None), ((2, 0), (2, 2), None)])  # None: refused
+def test_another_layout_loads_through_a_universal_checkpoint_within_what_deepspeed_can_convert(
+        tmp_path, saved, here, universal):
+    make_tag(tmp_path, 100, world_size=saved[0], zero_stage=saved[1])
+    where = (tmp_path / "checkpoints", "step_000100")
+    manager = CheckpointManager(tmp_path, keep=3, rank=0, world_size=here[0], zero_stage=here[1])
+    if universal is None:
+        with pytest.raises(ValueError, match=f"written with ZeRO stage {saved[1]}.*engine.zero_stage={saved[1]}"):
+            manager.needs_universal(where)
+    else:
+        assert manager.needs_universal(where) is universal
 
 
 def test_prune_keeps_newest_and_drops_stale_partials(tmp_path):
