@@ -35,7 +35,7 @@ if [ "$REHEARSE" = 1 ]; then
 else
     "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this benchmark needs a GPU (REHEARSE=1 runs it on the CPU)")'
     "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
-    df -h /dev/shm | tail -1 | awk '{print "/dev/shm:", $2, "(workers hand batches over in it; a few GB are needed)"}'
+    df -h /dev/shm | tail -1 | awk '{print "/dev/shm:", $2, "(workers hand batches over in it; a few GB are needed)"}' || true
     if [ "$COMPILE" != "[]" ] && ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
         echo "COMPILE=$COMPILE needs a C compiler for Triton's launchers; none here" >&2
         exit 2

@@ -44,6 +44,17 @@ def committed_tags(root: Path) -> list[str]:
     return sorted(tags, key=tag_step)
 
 
+def saved_zero_stage(folder: Path) -> int:
+    """The ZeRO stage a committed checkpoint was written with: its marker says so; older markers do not, and then
+    DeepSpeed's file names tell (per-rank model states: stage 3; per-rank optimizer states: 1-2, read as 2)."""
+    saved = json.loads((folder / MARKER).read_text())
+    if "zero_stage" in saved:
+        return int(saved["zero_stage"])
+    if any(folder.glob("zero_pp_rank_*_model_states.pt")):
+        return 3
+    return 2 if any(folder.glob("*optim_states.pt")) else 0
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -58,7 +69,7 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, sync_url: str = "", zero_stage: int = 2):
+    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, zero_stage: int, sync_url: str = ""):
         self.root = Path(run_dir) / "checkpoints"
         self.keep, self.rank, self.world_size, self.zero_stage = max(1, keep), rank, world_size, zero_stage
         self.sync = None
@@ -82,7 +93,7 @@ class CheckpointManager:
             marker = self.root / tag / MARKER
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": self.world_size,
-                                       "zero_stage": self.zero_stage}))
+                                       "zero_stage": engine.zero_optimization_stage()}))
             os.replace(tmp, marker)
             (self.root / "latest_committed.tmp").write_text(tag)
             os.replace(self.root / "latest_committed.tmp", self.root / "latest_committed")
@@ -111,6 +122,7 @@ class CheckpointManager:
         newest_step = int(_TAG.match(newest).group(1))
         for tag in tags[: -self.keep]:
             shutil.rmtree(self.root / tag, ignore_errors=True)
+            shutil.rmtree(self.root / f"{tag}_universal", ignore_errors=True)
         for path in self.root.iterdir():
             match = _TAG.match(path.name)
             if match and int(match.group(1)) < newest_step and not (path / MARKER).exists():
@@ -135,24 +147,24 @@ class CheckpointManager:
             raise ValueError(f"run.resume={resume!r} is not a committed checkpoint folder (no {MARKER} file in it)")
         return path.parent, path.name
 
-    def needs_universal(self, where: tuple[Path, str]) -> bool:
-        """Whether a checkpoint written at another world size or ZeRO stage loads through a universal checkpoint.
+    def check_resume_layout(self, where: tuple[Path, str]) -> bool:
+        """Whether a checkpoint loads through a universal checkpoint here; raises if it cannot load here at all.
 
-        ZeRO 1-3 shard the optimizer per rank, so another layout needs the conversion. Stage 0 keeps everything
-        whole in the model-states file, which loads at any world size as it is. DeepSpeed's universal checkpoints
-        cannot cross between stage 0, stages 1-2 and stage 3 (each reads its own layout of the optimizer state):
-        such a resume is refused here, before anything is loaded. A marker without a stage predates it: same stage.
+        ZeRO 1-3 shard the optimizer state per rank, so another world size needs the conversion; stages 1 and 2
+        read each other's shards as they are. Stage 0 keeps everything whole in the model-states file, which loads
+        at any world size. DeepSpeed cannot convert between stage 0, stages 1-2 and stage 3 (each reads its own
+        layout of the optimizer state; a universal checkpoint from stage 2 fails inside ZeRO-3): refused here.
         """
         root, tag = where
-        saved = json.loads((root / tag / MARKER).read_text())
-        stage = saved.get("zero_stage", self.zero_stage)
+        stage = saved_zero_stage(root / tag)
         family = {0: "0", 1: "1-2", 2: "1-2", 3: "3"}
         if family[stage] != family[self.zero_stage]:
             raise ValueError(
                 f"checkpoint {root / tag} was written with ZeRO stage {stage}, and DeepSpeed cannot load it at stage "
                 f"{self.zero_stage} (stages 0, 1-2 and 3 keep the optimizer state in different layouts): resume with "
                 f"engine.zero_stage={stage} (at any world size)")
-        return stage != 0 and (saved["world_size"] != self.world_size or stage != self.zero_stage)
+        saved_world_size = json.loads((root / tag / MARKER).read_text())["world_size"]
+        return stage != 0 and saved_world_size != self.world_size
 
     def to_universal(self, where: tuple[Path, str]) -> tuple[Path, str]:
         """Convert a checkpoint written at another world size into a DeepSpeed universal checkpoint (rank 0 does

@@ -87,7 +87,9 @@ class RunConfig:
     checkpoint_every: int = 500
     """Steps between checkpoints (0: only at the end and on signals)."""
     save_at_end: bool = True
-    """Checkpoint after the last step. Benchmarks turn it off: a ViT-B checkpoint with its optimizer state is GBs."""
+    """Checkpoint after the last step. Benchmarks turn it off: a ViT-B checkpoint with its optimizer state is GBs.
+    Under the slurm launcher a job counts as finished only with that checkpoint: without it, a requeue trains the
+    steps after the last checkpoint again."""
     keep: int = 3
     """Committed checkpoints to keep (the newest good one is never deleted)."""
     resume: str = "auto"

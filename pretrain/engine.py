@@ -88,6 +88,11 @@ def resolved_precision(cfg: EngineConfig) -> str:
     return "fp32"
 
 
+def zero_stage(cfg: PretrainConfig) -> int:
+    """The ZeRO stage DeepSpeed will run: ``engine.zero_stage`` unless ``engine.extra`` overrides it."""
+    return int(cfg.engine.extra.get("zero_optimization", {}).get("stage", cfg.engine.zero_stage))
+
+
 def deepspeed_config(cfg: PretrainConfig, world_size: int, load_universal: bool = False, n_params: int = 0) -> dict:
     engine = cfg.engine
     precision = resolved_precision(engine)

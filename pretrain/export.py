@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mmfuse.config import MISSING, parse_args
-from pretrain.checkpoint import MARKER, committed_tags, tag_for
+from pretrain.checkpoint import MARKER, committed_tags, saved_zero_stage, tag_for
 from pretrain.config import PretrainConfig
 from pretrain.release import save_release
 
@@ -60,7 +60,7 @@ def export(cfg: ExportConfig) -> str:
     from mmfuse.config import load_config
 
     train_cfg = load_config(PretrainConfig, [str(run / "config.yaml")])
-    state = consolidated_state(root, tag, train_cfg.engine.zero_stage)
+    state = consolidated_state(root, tag, saved_zero_stage(root / tag))  # the checkpoint's, whatever config.yaml says now
     output = cfg.output.path or str(run / "release" / tag)
     save_release(state, train_cfg.model, output, {"run": str(run.resolve()), "checkpoint": tag})
     log.info("exported %s to %s", tag, output)

@@ -22,21 +22,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.decode import ZERO_WHEN_ABSENT
 from data_pipeline.loader import Loader, build_loader
 from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import to_dict, to_yaml
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import PretrainConfig
-from pretrain.engine import Topology, build_engine, init_distributed
+from pretrain.engine import Topology, build_engine, init_distributed, zero_stage
 from pretrain.flops import peak_tflops, train_flops_per_sample
 from pretrain.logger import MetricsLogger
 from pretrain.model import MultimodalModel
 from pretrain.objectives import DistContext, Forward, build_objectives
 
 log = logging.getLogger("mmfuse.pretrain")
-
-# Batch tensors that are all zeros when no sample of the batch has the modality (the decoder zero-fills missing rows).
-ABSENT_WITH = {"image": "has_image", "audio": "has_audio", "audio_mask": "has_audio"}
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -48,7 +46,7 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dt
     has is all zeros, so it is made on the device instead of copied (an image-text run carries a 64 MB empty audio
     batch).
     """
-    absent = {key for key, flag in ABSENT_WITH.items() if flag in batch and not bool(batch[flag].any())}
+    absent = {key for key, flag in ZERO_WHEN_ABSENT.items() if flag in batch and not bool(batch[flag].any())}
     out = {}
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor):
@@ -57,7 +55,7 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dt
         target = dtype if value.is_floating_point() else value.dtype
         if key in absent:
             out[key] = torch.zeros(value.shape, dtype=target, device=device)
-        else:  # non_blocking from unpinned memory returns once the data is staged: the batch memory is free then
+        else:  # the CPU batch (its leased memory) lives in run() until the next one, long after the step's sync
             out[key] = value.to(device, non_blocking=True).to(target)
     return out
 
@@ -103,9 +101,9 @@ class Trainer:
         self.loader = self.build_loader()
         self.step_module = self.build_step()
         self.checkpoints = CheckpointManager(self.run_dir, cfg.run.keep, self.topo.rank, self.topo.world_size,
-                                             cfg.run.checkpoint_sync, cfg.engine.zero_stage)
+                                             zero_stage(cfg), cfg.run.checkpoint_sync)
         self.resume_from = self.checkpoints.resolve(cfg.run.resume)
-        universal = self.resume_from is not None and self.checkpoints.needs_universal(self.resume_from)
+        universal = self.resume_from is not None and self.checkpoints.check_resume_layout(self.resume_from)
         if universal:
             self.resume_from = self.checkpoints.to_universal(self.resume_from)
         self.engine, self.optimizer, self.scheduler = build_engine(self.step_module, cfg, self.topo.world_size, universal)

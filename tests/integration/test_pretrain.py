@@ -99,7 +99,7 @@ def test_zero3_all_objectives_with_missing_modalities(shards, tmp_path):
 
 def test_offloaded_optimizer_and_parameters_train_like_no_offload(shards, zero2_run, tmp_path):
     """ZeRO-Offload changes where the optimizer state and (ZeRO-3) the parameters live, not the update. (The first
-    3 steps' learning rates are warmup's, the same in a 3-step run as in the 10-step reference.)"""
+    3 losses see the first 2 updates, at warmup's learning rates: the same in a 3-step run as in the 10-step one.)"""
     reference = [m["loss"] for m in zero2_run][:3]
     for name, offload in {"optimizer": ["engine.offload_optimizer=true"],
                           "both": ["engine.zero_stage=3", "engine.offload_optimizer=true", "engine.offload_params=true"]}.items():

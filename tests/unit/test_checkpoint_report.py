@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pretrain.checkpoint import MARKER, CheckpointManager, committed_tags
+from pretrain.checkpoint import MARKER, CheckpointManager, committed_tags, saved_zero_stage
 from pretrain.report import format_report, last_eval
 
 
@@ -19,17 +19,18 @@ def test_a_save_that_crashed_is_never_selected(tmp_path):
     make_tag(tmp_path, 200)
     make_tag(tmp_path, 300, committed=False)  # the crash happened mid-save: no marker
     (tmp_path / "checkpoints" / "latest").write_text("step_000300")  # DeepSpeed's own pointer is not trusted
-    manager = CheckpointManager(tmp_path, keep=3, rank=0, world_size=2)
+    manager = CheckpointManager(tmp_path, keep=3, rank=0, world_size=2, zero_stage=2)
     assert committed_tags(tmp_path / "checkpoints") == ["step_000100", "step_000200"]
     assert manager.resolve("auto") == (tmp_path / "checkpoints", "step_000200")
-    assert not manager.needs_universal(manager.resolve("auto"))
+    assert not manager.check_resume_layout(manager.resolve("auto"))
     assert manager.resolve("none") is None
     with pytest.raises(ValueError, match="not a committed checkpoint"):
         manager.resolve(str(tmp_path / "checkpoints" / "step_000300"))
 
 
 @pytest.mark.parametrize("saved, here, universal", [
-    ((2, 2), (2, 2), False), ((2, 2), (1, 2), True), ((2, 1), (2, 2), True), ((1, 3), (2, 3), True),
+    ((2, 2), (2, 2), False), ((2, 2), (1, 2), True), ((1, 3), (2, 3), True), ((2, 1), (1, 2), True),
+    ((2, 1), (2, 2), False),  # stages 1 and 2 read each other's shards as they are
     ((2, 0), (1, 0), False),  # stage 0 keeps everything whole: it loads at any world size as it is
     ((2, 2), (2, 3), None), ((2, 3), (2, 1), None), ((2, 0), (2, 2), None)])  # None: refused
 def test_another_layout_loads_through_a_universal_checkpoint_within_what_deepspeed_can_convert(
@@ -39,9 +40,20 @@ def test_another_layout_loads_through_a_universal_checkpoint_within_what_deepspe
     manager = CheckpointManager(tmp_path, keep=3, rank=0, world_size=here[0], zero_stage=here[1])
     if universal is None:
         with pytest.raises(ValueError, match=f"written with ZeRO stage {saved[1]}.*engine.zero_stage={saved[1]}"):
-            manager.needs_universal(where)
+            manager.check_resume_layout(where)
     else:
-        assert manager.needs_universal(where) is universal
+        assert manager.check_resume_layout(where) is universal
+
+
+@pytest.mark.parametrize("files, stage", [(["zero_pp_rank_0_mp_rank_00_model_states.pt"], 3),
+                                          (["zero_pp_rank_0_mp_rank_00_optim_states.pt"], 2), ([], 0)])
+def test_a_marker_without_a_stage_is_read_from_deepspeeds_file_names(tmp_path, files, stage):
+    make_tag(tmp_path, 100)
+    folder = tmp_path / "checkpoints" / "step_000100"
+    (folder / MARKER).write_text(json.dumps({"step": 100, "world_size": 2}))  # as written before the stage was
+    for name in files:
+        (folder / name).write_bytes(b"")
+    assert saved_zero_stage(folder) == stage
 
 
 def test_prune_keeps_newest_and_drops_stale_partials(tmp_path):
@@ -49,7 +61,8 @@ def test_prune_keeps_newest_and_drops_stale_partials(tmp_path):
         make_tag(tmp_path, step)
     make_tag(tmp_path, 35, committed=False)
     make_tag(tmp_path, 50, committed=False)  # a save in flight after the newest: left alone
-    CheckpointManager(tmp_path, keep=2, rank=0, world_size=1)._prune("step_000040")
+    (tmp_path / "checkpoints" / "step_000010_universal").mkdir()  # a resume's conversion goes with its checkpoint
+    CheckpointManager(tmp_path, keep=2, rank=0, world_size=1, zero_stage=2)._prune("step_000040")
     left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert left == ["step_000030", "step_000040", "step_000050"]
 

@@ -87,17 +87,21 @@ def test_jpegs_decode_through_turbojpeg_with_pillows_pixels_and_failure_reasons(
     assert failed.value.reason == "image_decode_error" and fast[-1] == truncated  # refused there, judged by Pillow
 
 
-def test_a_modality_no_sample_has_is_made_on_the_device_as_the_zeros_the_decoder_would_send():
-    """The trainer does not copy an all-missing modality (an image-text run's empty audio batch): it makes zeros of
-    the target dtype on the device. This holds only while the decoder zero-fills missing rows, checked here."""
+@pytest.mark.parametrize("is_train", [True, False])
+def test_a_modality_no_sample_has_is_made_on_the_device_as_the_zeros_the_decoder_would_send(is_train):
+    """The trainer does not copy an all-missing modality (an image-text run's empty audio batch, a text-only batch's
+    images): it makes zeros of the target dtype on the device. That holds only while the decoder zero-fills missing
+    rows, which is checked here through the open_clip transforms' batched normalisation."""
     from pretrain.trainer import batch_to_device
 
-    decoder = Decoder(LoaderConfig(train="unused"), open_clip.image_transform(64, is_train=False), None, 64)
-    samples = [{"__key__": str(i), "meta": {}, "text": "a caption", "image": decoder.decode_image(jpeg(i))}
-               for i in range(3)]
-    batch = decoder.collate(samples)
-    assert not batch["has_audio"].any() and batch["has_image"].all()
-    moved = batch_to_device(batch, torch.device("cpu"), torch.bfloat16)
-    for key in ("audio", "audio_mask", "image"):
-        assert moved[key].dtype == (torch.bool if key == "audio_mask" else torch.bfloat16)
-        assert torch.equal(moved[key], batch[key].to(moved[key].dtype)), key
+    decoder = Decoder(LoaderConfig(train="unused"), open_clip.image_transform(64, is_train=is_train), None, 64)
+    with_images = [{"__key__": str(i), "meta": {}, "text": "a caption", "image": decoder.decode_image(jpeg(i))}
+                   for i in range(3)]
+    text_only = [{"__key__": str(i), "meta": {}, "text": "a caption"} for i in range(3)]
+    for samples, absent in ((with_images, ("audio", "audio_mask")), (text_only, ("image", "audio", "audio_mask"))):
+        batch = decoder.collate(samples)
+        assert all(not batch[f"has_{key.split('_')[0]}"].any() for key in absent)
+        moved = batch_to_device(batch, torch.device("cpu"), torch.bfloat16)
+        for key in ("audio", "audio_mask", "image"):
+            assert moved[key].dtype == (torch.bool if key == "audio_mask" else torch.bfloat16)
+            assert torch.equal(moved[key], batch[key].to(moved[key].dtype)), key
