@@ -60,7 +60,8 @@ def export(cfg: ExportConfig) -> str:
     from mmfuse.config import load_config
 
     train_cfg = load_config(PretrainConfig, [str(run / "config.yaml")])
-    state = consolidated_state(root, tag, saved_zero_stage(root / tag))  # the checkpoint's, whatever config.yaml says now
+    # The stage the checkpoint was written with, whatever config.yaml says now (a later resume may have rewritten it).
+    state = consolidated_state(root, tag, saved_zero_stage(root / tag))
     output = cfg.output.path or str(run / "release" / tag)
     save_release(state, train_cfg.model, output, {"run": str(run.resolve()), "checkpoint": tag})
     log.info("exported %s to %s", tag, output)

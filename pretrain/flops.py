@@ -12,8 +12,8 @@ from pretrain.model.config import ModelConfig
 from pretrain.objectives.config import ObjectivesConfig
 
 # Dense 16-bit tensor-core peak per device, TFLOPS (vendor datasheets, no sparsity). First match by name wins.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
-               ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("V100", 125.0))
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0), ("H200 NVL", 835.0),
+               ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("V100", 125.0))
 
 
 def peak_tflops(device_name: str) -> float | None:

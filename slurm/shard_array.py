@@ -158,11 +158,30 @@ def kill_descendants() -> None:
     while found := set(descendants(os.getpid())) - stopped:
         for pid in found:
             _signal(pid, signal.SIGSTOP)
+        # A stop lands asynchronously: a fork server still running may fork once more, and its child, orphaned by
+        # the kill below, would be nobody's descendant any more. So the next scan waits until they all stand still.
+        _wait_stopped(found)
         stopped |= found
     for pid in stopped:
         _signal(pid, signal.SIGKILL)
     for child in multiprocessing.active_children():  # where there is no /proc
         child.kill()
+
+
+def _wait_stopped(pids: set[int], timeout: float = 2.0) -> None:
+    """Until every process of ``pids`` is stopped or gone (``/proc/PID/stat`` state T, t, Z, X or no such file)."""
+    deadline = time.monotonic() + timeout
+    waiting = set(pids)
+    while waiting and time.monotonic() < deadline:
+        for pid in list(waiting):
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = "X"
+            if state in "TtZX":
+                waiting.discard(pid)
+        if waiting:
+            time.sleep(0.001)
 
 
 def descendants(root: int) -> list[int]:
