@@ -174,11 +174,8 @@ def _wait_stopped(pids: set[int], timeout: float = 2.0) -> None:
     waiting = set(pids)
     while waiting and time.monotonic() < deadline:
         for pid in list(waiting):
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                state = "X"
-            if state in "TtZX":
+            fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+            if not fields or fields[0] in "TtZX":
                 waiting.discard(pid)
         if waiting:
             time.sleep(0.001)
@@ -188,17 +185,22 @@ def descendants(root: int) -> list[int]:
     """Processes below ``root``, from ``/proc/*/stat`` (empty where there is no /proc)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
+        if len(fields := _stat_fields(stat)) > 1 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     found, todo = [], [root]
     while todo:
         below = children.get(todo.pop(), [])
         found += below
         todo += below
     return found
+
+
+def _stat_fields(stat: Path) -> list[str]:
+    """The fields of a ``/proc/PID/stat`` after the process name (state, parent, ...); empty once it is gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces and parentheses
+    except (OSError, IndexError):
+        return []
 
 
 def _signal(pid: int, signum: int) -> None:
