@@ -2,3 +2,20 @@
 ``mmfuse`` command (cli.py) and the one config loader (config.py)."""
 
 __version__ = "0.1.0"
+
+
+def code_version() -> str:
+    """``__version__``, plus the git commit (and ``.dirty``) when the code runs from a checkout: recorded in
+    checkpoints and releases, so a result can be traced to the code that made it."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{commit}{'.dirty' if dirty else ''}" if commit else __version__

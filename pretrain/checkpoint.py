@@ -55,6 +55,16 @@ def saved_zero_stage(folder: Path) -> int:
     return 2 if any(folder.glob("*optim_states.pt")) else 0
 
 
+def check_resume_path(resume: str) -> Path | None:
+    """The checkpoint folder ``run.resume`` names (None for auto / none); raises if it is not a committed one."""
+    if resume in ("auto", "none"):
+        return None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise ValueError(f"run.resume={resume!r} is not a committed checkpoint folder (no {MARKER} file in it)")
+    return path
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -81,6 +91,9 @@ class CheckpointManager:
     def save(self, engine, step: int, client: dict, loader_state: dict) -> str:
         """Every rank calls this at the same step. Returns the tag once it is committed."""
         tag = tag_for(step)
+        if self.rank == 0:  # a tag saved again (after a rollback) is not committed while it is being rewritten
+            (self.root / tag / MARKER).unlink(missing_ok=True)
+        dist.barrier()
         per_rank = {"loader": loader_state, "rng": rng_state()}
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, per_rank)
@@ -93,7 +106,8 @@ class CheckpointManager:
             marker = self.root / tag / MARKER
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": self.world_size,
-                                       "zero_stage": engine.zero_optimization_stage()}))
+                                       "zero_stage": engine.zero_optimization_stage(),
+                                       "code_version": client.get("code_version")}))
             os.replace(tmp, marker)
             (self.root / "latest_committed.tmp").write_text(tag)
             os.replace(self.root / "latest_committed.tmp", self.root / "latest_committed")
@@ -142,10 +156,26 @@ class CheckpointManager:
                 dist.barrier()
                 tags = committed_tags(self.root)
             return (self.root, tags[-1]) if tags else None
-        path = Path(resume)
-        if not (path / MARKER).is_file():
-            raise ValueError(f"run.resume={resume!r} is not a committed checkpoint folder (no {MARKER} file in it)")
+        path = check_resume_path(resume)
         return path.parent, path.name
+
+    def set_aside_newer(self, step: int) -> list[str]:
+        """Resuming at ``step`` while newer checkpoints are committed here (``run.resume`` named an older one): those
+        belong to the abandoned run and would be resumed from next time, or overwritten by this run's saves. Rank 0
+        renames them (and their synced copies) to ``<tag>.abandoned-<time>``, which nothing selects or prunes."""
+        newer = [tag for tag in committed_tags(self.root) if tag_step(tag) > step]
+        remote = [tag for tag in self.sync.committed() if tag_step(tag) > step] if self.sync and self.rank == 0 else []
+        if self.rank == 0 and (newer or remote):
+            suffix = f".abandoned-{time.strftime('%Y%m%dT%H%M%S')}"
+            for tag in newer:
+                os.replace(self.root / tag, self.root / f"{tag}{suffix}")
+                shutil.rmtree(self.root / f"{tag}_universal", ignore_errors=True)  # derived, rebuilt on demand
+            if remote:
+                self.sync.set_aside(remote, suffix)
+            log.warning("resuming at step %d: the newer checkpoints %s are set aside as <tag>%s", step,
+                        ", ".join(sorted(set(newer) | set(remote), key=tag_step)), suffix)
+        dist.barrier()
+        return newer
 
     def check_resume_layout(self, where: tuple[Path, str]) -> bool:
         """Whether a checkpoint loads through a universal checkpoint here; raises if it cannot load here at all.

@@ -86,6 +86,9 @@ class RunConfig:
     """Steps between metric lines (console, metrics.jsonl, TensorBoard)."""
     checkpoint_every: int = 500
     """Steps between checkpoints (0: only at the end and on signals)."""
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint once this many minutes have passed since the last checkpoint (0: off). Rank 0's clock
+    decides, for every rank at the same step."""
     save_at_end: bool = True
     """Checkpoint after the last step. Benchmarks turn it off: a ViT-B checkpoint with its optimizer state is GBs.
     Under the slurm launcher a job counts as finished only with that checkpoint: without it, a requeue trains the
@@ -105,7 +108,10 @@ class RunConfig:
     eval_every: int = 0
     """Steps between in-loop evaluations (0: only at the end, when data.eval is set)."""
     debug_nan_step: int = -1
-    """Testing the non-finite policy: make the loss of this step NaN (-1: never)."""
+    """Testing the non-finite policy: make this step non-finite (-1: never), in its first micro-batch."""
+    debug_nan_in: str = "loss"
+    """Testing the non-finite policy: what debug_nan_step makes non-finite, the loss or (with a finite loss) the
+    gradient."""
 
 
 @dataclass
@@ -154,12 +160,25 @@ class PretrainConfig:
             raise ConfigError(f"engine.compile_mode must be one of {COMPILE_MODES}, got {self.engine.compile_mode!r}")
         if self.engine.grad_accum < 1:
             raise ConfigError("engine.grad_accum must be >= 1")
+        owned = {"zero_optimization.stage": "engine.zero_stage", "gradient_accumulation_steps": "engine.grad_accum",
+                 "train_micro_batch_size_per_gpu": "data.batch_size", "train_batch_size": "data.batch_size",
+                 "bf16": "engine.precision", "fp16": "engine.precision", "gradient_clipping": "optim.grad_clip",
+                 "zero_optimization.offload_optimizer": "engine.offload_optimizer",
+                 "zero_optimization.offload_param": "engine.offload_params"}
+        for key, own in owned.items():
+            section, _, name = key.rpartition(".")
+            if name in (self.engine.extra.get(section, {}) if section else self.engine.extra):
+                raise ConfigError(f"engine.extra sets {key}, which mmfuse derives from {own}: set {own} instead")
         if self.optim.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.optim.schedule!r}")
         if self.run.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"run.nonfinite must be one of {NONFINITE_POLICIES}, got {self.run.nonfinite!r}")
         if self.run.steps < 1:
             raise ConfigError("run.steps must be >= 1")
+        if self.run.checkpoint_minutes < 0:
+            raise ConfigError("run.checkpoint_minutes must be >= 0 (0: off)")
+        if self.run.debug_nan_in not in ("loss", "grad"):
+            raise ConfigError(f"run.debug_nan_in must be loss or grad, got {self.run.debug_nan_in!r}")
         sync = urlsplit(self.run.checkpoint_sync)
         if self.run.checkpoint_sync and ("@" in sync.netloc or sync.query):
             raise ConfigError("run.checkpoint_sync must not carry credentials (user:password@ or a signed query); "

@@ -88,11 +88,6 @@ def resolved_precision(cfg: EngineConfig) -> str:
     return "fp32"
 
 
-def zero_stage(cfg: PretrainConfig) -> int:
-    """The ZeRO stage DeepSpeed will run: ``engine.zero_stage`` unless ``engine.extra`` overrides it."""
-    return int(cfg.engine.extra.get("zero_optimization", {}).get("stage", cfg.engine.zero_stage))
-
-
 def deepspeed_config(cfg: PretrainConfig, world_size: int, load_universal: bool = False, n_params: int = 0) -> dict:
     engine = cfg.engine
     precision = resolved_precision(engine)
@@ -100,14 +95,17 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int, load_universal: bool 
         raise ValueError("engine.precision=fp16 needs a GPU; on CPU use fp32 (auto) or bf16")
     # DeepSpeed's default buckets (5e8 elements) are allocated per reduction; a bucket larger than the gradients
     # it holds only costs time (seconds per step for a small model on a CPU), so cap them at the trainable
-    # parameter count (frozen parts have no gradient to reduce).
-    bucket = (int(max(1e6, min(5e8, n_params))) // 64) * 64 if n_params else int(5e8)  # aligned for NCCL
-    zero: dict = {"stage": engine.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    # parameter count (frozen parts have no gradient to reduce). ZeRO-3 holds its bucket for good, and a bucket of
+    # all the gradients would undo its 1/N saving: there it holds 1/N of them.
+    stage = engine.zero_stage  # never from engine.extra (PretrainConfig.validate)
+    elements = n_params if stage < 3 else -(-n_params // world_size)
+    bucket = -(-int(max(1e6, min(5e8, elements))) // 64) * 64 if n_params else int(5e8)  # 64-aligned, up
+    zero: dict = {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if engine.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if engine.zero_stage == 3:
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         zero["stage3_prefetch_bucket_size"] = bucket
     config = {

@@ -3,6 +3,7 @@ number of ranks) into a release folder in one process."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -63,7 +64,9 @@ def export(cfg: ExportConfig) -> str:
     # The stage the checkpoint was written with, whatever config.yaml says now (a later resume may have rewritten it).
     state = consolidated_state(root, tag, saved_zero_stage(root / tag))
     output = cfg.output.path or str(run / "release" / tag)
-    save_release(state, train_cfg.model, output, {"run": str(run.resolve()), "checkpoint": tag})
+    marker = json.loads((root / tag / MARKER).read_text())
+    save_release(state, train_cfg.model, output, {"run": str(run.resolve()), "checkpoint": tag,
+                                                  "code_version": marker.get("code_version")})
     log.info("exported %s to %s", tag, output)
     return output
 

@@ -49,6 +49,15 @@ class CheckpointSync:
             self.fs.rm(join(self.root, tag, MARKER))
             self.fs.rm(join(self.root, tag), recursive=True)
 
+    def set_aside(self, tags: list[str], suffix: str) -> None:
+        """Rename ``tags`` to ``<tag><suffix>`` (the marker first, so none of them is taken for committed again)."""
+        for tag in tags:
+            source, target = join(self.root, tag), join(self.root, f"{tag}{suffix}")
+            self.fs.rm(join(source, MARKER))
+            for entry in self.fs.find(source):  # object stores have no rename: copy each object, then delete
+                self.fs.copy(entry, join(target, entry[len(source.rstrip("/")) + 1:]))
+            self.fs.rm(source, recursive=True)
+
     def download_newest(self, local_root: Path) -> str | None:
         """Fetch the newest committed checkpoint into ``local_root/<tag>`` (marker last); its tag, or None."""
         tags = self.committed()

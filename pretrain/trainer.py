@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import random
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,11 +25,12 @@ from torch import nn
 
 from data_pipeline.decode import ZERO_WHEN_ABSENT
 from data_pipeline.loader import Loader, build_loader
+from mmfuse import code_version
 from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import to_dict, to_yaml
-from pretrain.checkpoint import CheckpointManager
+from pretrain.checkpoint import CheckpointManager, tag_step
 from pretrain.config import PretrainConfig
-from pretrain.engine import Topology, build_engine, init_distributed, zero_stage
+from pretrain.engine import Topology, build_engine, init_distributed, resolved_precision
 from pretrain.flops import peak_tflops, train_flops_per_sample
 from pretrain.logger import MetricsLogger
 from pretrain.model import MultimodalModel
@@ -62,6 +64,24 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dt
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one optimizer step (``engine.grad_accum`` micro-batches) did, agreed by every rank."""
+
+    losses: dict[str, torch.Tensor]
+    """Each loss term and the weighted total ``loss``, averaged over the micro-batches (this rank's share)."""
+    samples: int = 0
+    """Samples of every rank."""
+    local_samples: int = 0
+    nonfinite_loss_ranks: list[int] = dataclasses.field(default_factory=list)
+    skipped: bool = False
+    """No update: a non-finite loss or gradient on some rank."""
+    stop: bool = False
+    """A stop signal reached some rank: checkpoint and stop after this step."""
+    checkpoint_due: bool = False
+    """run.checkpoint_minutes have passed on rank 0's clock."""
 
 
 class PretrainStep(nn.Module):
@@ -101,8 +121,10 @@ class Trainer:
         self.loader = self.build_loader()
         self.step_module = self.build_step()
         self.checkpoints = CheckpointManager(self.run_dir, cfg.run.keep, self.topo.rank, self.topo.world_size,
-                                             zero_stage(cfg), cfg.run.checkpoint_sync)
+                                             cfg.engine.zero_stage, cfg.run.checkpoint_sync)
         self.resume_from = self.checkpoints.resolve(cfg.run.resume)
+        if self.resume_from is not None:
+            self.checkpoints.set_aside_newer(tag_step(self.resume_from[1]))
         universal = self.resume_from is not None and self.checkpoints.check_resume_layout(self.resume_from)
         if universal:
             self.resume_from = self.checkpoints.to_universal(self.resume_from)
@@ -112,6 +134,11 @@ class Trainer:
         self.peak_flops = self.device_peak_flops()
         self.step, self.samples_seen, self.skipped_steps = 0, 0, 0
         self.stop_requested = False
+        self.last_save = time.monotonic()
+        self.grad_norm: float | torch.Tensor | None = None
+        # DeepSpeed's ZeRO, bf16 and fp16 optimizers drop a step whose gradient norm is not finite; its plain fp32
+        # path (ZeRO-0) does not, so the trainer checks that one itself.
+        self.guard_gradients = cfg.engine.zero_stage == 0 and resolved_precision(cfg.engine) == "fp32"
         self.maybe_resume()
         self.install_signal_handlers()
 
@@ -202,6 +229,11 @@ class Trainer:
         client = self.checkpoints.load(self.engine, self.resume_from)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.skipped_steps = client.get("skipped_steps", 0)
+        # The checkpoint holds the learning rate of the old schedule's next step; the schedule is a function of
+        # the step and run.steps, so a resume that extends the run follows the new one from its first step.
+        scheduler = self.scheduler
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
         if client["loader"] is not None:
             self.loader.load_state_dict(client["loader"])
         else:
@@ -232,84 +264,152 @@ class Trainer:
             yield from self.loader
 
     def run(self) -> dict[str, float]:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         cfg = self.cfg.run
         data = self.batches()
-        window_start, window_samples, wait_start = time.perf_counter(), 0, self.loader.wait_seconds
+        window = _Window(self.loader.wait_seconds)
         last: dict[str, float] = {}
-        while self.step < cfg.steps:
-            batch = next(data)
-            losses, nonfinite, stop = self.train_step(batch)
-            self.step += 1
-            batch_size = len(batch["__key__"])
-            self.samples_seen += batch_size * self.topo.world_size
-            window_samples += batch_size
-            if nonfinite:
-                self.handle_nonfinite(batch)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                last = self.log_metrics(losses, window_samples, elapsed, self.loader.wait_seconds - wait_start)
-                window_start, window_samples, wait_start = time.perf_counter(), 0, self.loader.wait_seconds
-            if self.cfg.data.eval and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
-                last.update(self.evaluate())
-            at_end = self.step == cfg.steps and cfg.save_at_end
-            if stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
-                self.save()
-            if stop:
-                log.warning("stopping at step %d after a signal (checkpoint committed)", self.step)
-                break
+        progress = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                        disable=not self.topo.is_main, mininterval=1 if sys.stderr.isatty() else 60)
+        with logging_redirect_tqdm(), progress:
+            while self.step < cfg.steps:
+                result = self.train_step(data)
+                self.step += 1
+                self.samples_seen += result.samples
+                window.add(result)
+                progress.update()
+                if result.skipped:
+                    self.handle_nonfinite(result)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    last = self.log_metrics(result.losses, window, self.loader.wait_seconds)
+                    progress.set_postfix(loss=f"{last['loss']:.4f}" if "loss" in last else "-", refresh=False)
+                    window = _Window(self.loader.wait_seconds)
+                if self.cfg.data.eval and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
+                    last.update(self.evaluate())
+                at_end = self.step == cfg.steps and cfg.save_at_end
+                if result.stop or result.checkpoint_due or at_end or (
+                        cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                    self.save()
+                if result.stop:
+                    log.warning("stopping at step %d after a signal (checkpoint committed)", self.step)
+                    break
         self.metrics.close()
         return last
 
-    def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool, bool]:
-        """(losses, non-finite on some rank: skipped, a stop signal reached some rank: stop after this step)."""
-        batch = self.to_device(batch)
-        losses = self.engine(batch)
-        total = self.step_module.total(losses)
-        if self.cfg.run.debug_nan_step == self.step + 1:
-            total = total * float("nan")  # test hook: the non-finite policy must catch this step
-        # One collective per step settles both questions for every rank.
-        nonfinite, stop = self.agree(not torch.isfinite(total).item(), self.stop_requested)
-        detached = {name: value.detach() for name, value in losses.items()}
-        if nonfinite:
-            return detached, True, stop
-        self.engine.backward(total)
-        self.engine.step()
-        return {**detached, "loss": total.detach()}, False, stop
+    def train_step(self, data: Iterator[dict[str, Any]]) -> StepResult:
+        """One optimizer step over ``engine.grad_accum`` micro-batches.
+
+        A micro-batch whose loss is not finite on some rank still goes through backward: its non-finite gradient
+        makes the optimizer drop the whole accumulated update at the step (DeepSpeed's ZeRO, bf16 and fp16
+        optimizers check the gradient norm; ``guard_gradients`` does it for plain fp32), the same path that
+        catches a non-finite gradient behind a finite loss. Every rank runs the same collectives either way."""
+        accum = self.cfg.engine.grad_accum
+        result, sums = StepResult({}), {}
+        skipped_before = self.engine.skipped_steps
+        for micro in range(accum):
+            batch = next(data)
+            losses = self.engine(self.to_device(batch))
+            total = self.debug_nonfinite(self.step_module.total(losses), micro)
+            # One collective per micro-batch settles every question for every rank.
+            bad, stop, due, samples = self.exchange(not torch.isfinite(total).item(), self.stop_requested,
+                                                    self.checkpoint_due(), len(batch["__key__"]))
+            if self.topo.rank in bad:
+                log.error("non-finite loss at step %d (micro-batch %d) on rank %d, sample keys %s", self.step + 1,
+                          micro, self.topo.rank, batch["__key__"][:8])
+            result.nonfinite_loss_ranks += [rank for rank in bad if rank not in result.nonfinite_loss_ranks]
+            result.stop |= stop
+            result.checkpoint_due |= due
+            result.samples += samples
+            result.local_samples += len(batch["__key__"])
+            self.engine.backward(total)
+            if micro == accum - 1 and self.guard_gradients and self.nonfinite_gradient():
+                self.skip_optimizer_step()
+            else:
+                self.engine.step()
+            for name, value in {**losses, "loss": total}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
+        result.skipped |= bool(result.nonfinite_loss_ranks) or self.engine.skipped_steps > skipped_before
+        norm = self.engine.get_global_grad_norm()
+        self.grad_norm = norm if norm is not None else self.grad_norm
+        result.losses = {name: value / accum for name, value in sums.items()}
+        return result
+
+    def debug_nonfinite(self, total: torch.Tensor, micro: int) -> torch.Tensor:
+        """Test hook (``run.debug_nan_step``): on the last rank, make the first micro-batch's loss NaN, or keep the
+        loss and make its gradient NaN."""
+        if self.cfg.run.debug_nan_step != self.step + 1 or micro or self.topo.rank != self.topo.world_size - 1:
+            return total
+        if self.cfg.run.debug_nan_in == "loss":
+            return total * float("nan")
+        total = total.clone()
+        total.register_hook(lambda grad: grad * float("nan"))
+        return total
+
+    def nonfinite_gradient(self) -> bool:
+        """ZeRO-0 in fp32, at the last micro-batch: after backward's all-reduce every rank holds the same gradient."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return False
+        self.grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        return not bool(torch.isfinite(self.grad_norm))
+
+    def skip_optimizer_step(self) -> None:
+        """What DeepSpeed's own optimizers do with a non-finite gradient: drop it, leave weights, optimizer state
+        and learning-rate schedule as they are, and count the step as taken and skipped."""
+        self.engine.zero_grad()
+        self.engine.micro_steps += 1
+        self.engine.global_steps += 1
+        self.engine.skipped_steps += 1
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return batch_to_device(batch, self.topo.device, self.engine.get_data_types()[0])
 
-    def agree(self, *flags: bool) -> list[bool]:
-        """Each flag True on every rank if it is True on any rank."""
-        value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=self.topo.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in value.tolist()]
+    def checkpoint_due(self) -> bool:
+        minutes = self.cfg.run.checkpoint_minutes
+        return bool(minutes) and self.topo.is_main and time.monotonic() - self.last_save >= minutes * 60
 
-    def handle_nonfinite(self, batch: dict[str, Any]) -> None:
-        keys = batch["__key__"][:8]
-        log.error("non-finite loss at step %d on some rank (rank %d keys %s)", self.step, self.topo.rank, keys)
+    def exchange(self, nonfinite: bool, stop: bool, due: bool, samples: int) -> tuple[list[int], bool, bool, int]:
+        """(ranks whose loss is not finite, a stop signal on some rank, a checkpoint due on some rank, samples of
+        every rank), from one all-reduce."""
+        world = self.topo.world_size
+        value = torch.zeros(world + 3, dtype=torch.long, device=self.topo.device)
+        value[self.topo.rank] = int(nonfinite)
+        value[world:] = torch.tensor([int(stop), int(due), samples])
+        dist.all_reduce(value)
+        counts = value.tolist()
+        return [rank for rank in range(world) if counts[rank]], counts[world] > 0, counts[world + 1] > 0, counts[world + 2]
+
+    def handle_nonfinite(self, result: StepResult) -> None:
         self.skipped_steps += 1
+        what = (f"non-finite loss at step {self.step} on rank(s) {result.nonfinite_loss_ranks}"
+                if result.nonfinite_loss_ranks else f"non-finite gradient at step {self.step}")
         if self.cfg.run.nonfinite == "halt":
             self.save()
-            raise NonFiniteLoss(f"non-finite loss at step {self.step}; checkpoint saved, halting (run.nonfinite=halt)")
+            raise NonFiniteLoss(f"{what}; checkpoint saved, halting (run.nonfinite=halt)")
+        if self.topo.is_main:
+            log.error("%s: the update is skipped (%d skipped so far)", what, self.skipped_steps)
 
-    def log_metrics(self, losses: dict[str, torch.Tensor], samples: int, seconds: float, waited: float) -> dict[str, float]:
+    def log_metrics(self, losses: dict[str, torch.Tensor], window: "_Window", wait_now: float) -> dict[str, float]:
         names = sorted(losses)
         # Each rank's loss is world_size x its share of the global mean: the average over ranks is the global loss.
         values = torch.stack([losses[n].float().reshape(()) for n in names]) if names else torch.zeros(0)
         dist.all_reduce(values)
         values /= self.topo.world_size
+        seconds = max(time.perf_counter() - window.start, 1e-9)
         metrics = {f"loss/{n}" if n != "loss" else "loss": float(v) for n, v in zip(names, values)}
         metrics.update({
             "lr": float(self.scheduler.get_last_lr()[0]),
-            "samples_per_s": samples * self.topo.world_size / max(seconds, 1e-9),
-            "samples_per_s_per_device": samples / max(seconds, 1e-9),
-            "tflops_per_device": samples * self.flops_per_sample / max(seconds, 1e-9) / 1e12,
-            "data_wait_fraction": min(1.0, waited / max(seconds, 1e-9)),
+            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
+            "samples_per_s": window.samples / seconds,
+            "samples_per_s_per_device": window.local_samples / seconds,
+            "tflops_per_device": window.local_samples * self.flops_per_sample / seconds / 1e12,
+            "data_wait_fraction": min(1.0, (wait_now - window.wait_start) / seconds),
             "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps,
             "logit_scale": float(self.model.logit_scale.detach().float().exp().mean()) if self.cfg.engine.zero_stage < 3 else float("nan"),
-            "rss_gb": _rss_gb(),
+            **_cpu_memory_gb(),
         })
         for reason, count in self.loader.metrics().items():
             if reason not in ("samples", "wait_seconds"):
@@ -317,7 +417,9 @@ class Trainer:
         if self.peak_flops:
             metrics["mfu"] = metrics["tflops_per_device"] * 1e12 / self.peak_flops
         if torch.cuda.is_available():
-            metrics["gpu_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics["gpu_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+            metrics["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30  # since the last line
+            torch.cuda.reset_peak_memory_stats()
         self.metrics.log(self.step, metrics)
         return metrics
 
@@ -342,11 +444,31 @@ class Trainer:
         return metrics
 
     def save(self) -> str:
-        client = {"samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps, "config": to_dict(self.cfg)}
-        return self.checkpoints.save(self.engine, self.step, client, self.loader.state_dict())
+        client = {"samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps, "config": to_dict(self.cfg),
+                  "code_version": code_version()}
+        tag = self.checkpoints.save(self.engine, self.step, client, self.loader.state_dict())
+        self.last_save = time.monotonic()
+        return tag
 
 
-def _rss_gb() -> float:
+@dataclasses.dataclass
+class _Window:
+    """The steps since the last metrics line."""
+
+    wait_start: float
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    samples: int = 0
+    local_samples: int = 0
+
+    def add(self, result: StepResult) -> None:
+        self.samples += result.samples
+        self.local_samples += result.local_samples
+
+
+def _cpu_memory_gb() -> dict[str, float]:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    import psutil
+
+    return {"rss_gb": psutil.Process().memory_info().rss / 2**30,
+            "rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

@@ -1,6 +1,8 @@
 """Real multi-process DeepSpeed pre-training over gloo on the synthetic shapes world (tiny flavor)."""
 
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mmfuse.cli import main as cli
 
@@ -132,22 +135,59 @@ def test_bf16_weights_take_float_inputs_in_their_dtype_train_evaluate_and_export
         assert torch.isfinite(model.embed("image", torch.randn(2, 3, 64, 64))).all()
 
 
-def test_nonfinite_loss_skip_and_halt(shards, tmp_path):
-    skip = tmp_path / "skip"
-    pretrain(shards, skip, "run.steps=3", "run.debug_nan_step=2", "run.nonfinite=skip", "run.checkpoint_every=0")
-    rows = metrics(skip)
+@pytest.mark.parametrize("where, overrides", [
+    ("loss", ["engine.grad_accum=2"]),  # micro-batch 1 of 2: the update of both is dropped (ZeRO-2's own check)
+    ("grad", ["engine.zero_stage=0"]),  # a finite loss with a NaN gradient, on plain fp32 (the trainer's check)
+])
+def test_a_nonfinite_step_is_detected_on_its_step_and_skipped(shards, tmp_path, where, overrides):
+    run = tmp_path / "skip"
+    result = pretrain(shards, run, "run.steps=3", "run.debug_nan_step=2", f"run.debug_nan_in={where}",
+                      "run.checkpoint_every=0", "run.save_at_end=false", *overrides)
+    rows = metrics(run)
     assert [m["skipped_steps"] for m in rows] == [0, 1, 1]
+    assert f"non-finite {where}" in result.stderr
+    # No update at step 2: the temperature, which every step trains, stays; step 3 moves it again.
+    scales = [m["logit_scale"] for m in rows]
+    assert scales[0] == scales[1] != scales[2]
+    assert not math.isfinite(rows[1]["grad_norm"]) and math.isfinite(rows[2]["grad_norm"]) and rows[2]["grad_norm"] > 0
+
+
+def test_a_nonfinite_loss_halts_with_a_checkpoint_naming_the_rank_and_its_samples(shards, tmp_path):
     halt = tmp_path / "halt"
     result = pretrain(shards, halt, "run.steps=3", "run.debug_nan_step=2", "run.nonfinite=halt", check=False)
-    assert result.returncode != 0 and "non-finite loss at step 2" in result.stderr
+    assert result.returncode != 0 and "non-finite loss at step 2 on rank(s) [1]; checkpoint saved" in result.stderr
+    assert re.search(r"non-finite loss at step 2 \(micro-batch 0\) on rank 1, sample keys \['\d+'", result.stderr)
     assert (halt / "checkpoints" / "step_000002" / "COMMITTED").is_file()
+
+
+def test_gradient_accumulation_counts_optimizer_steps_and_resumes_bit_identically(shards, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    common = ("engine.grad_accum=2", "optim.warmup_steps=1", "run.checkpoint_every=0")
+    # run.checkpoint_minutes: rank 0's clock, a checkpoint after every step here, all ranks at the same step
+    pretrain(shards, full, "run.steps=4", "run.checkpoint_minutes=1e-6", "run.keep=10", *common)
+    # A run of 2 steps extended to 4 from its last checkpoint follows the 4-step schedule from step 3 on.
+    pretrain(shards, split, "run.steps=2", *common)
+    pretrain(shards, split, "run.steps=4", *common)
+    uninterrupted, resumed = metrics(full), metrics(split)
+    assert [m["step"] for m in uninterrupted] == [1, 2, 3, 4]
+    assert [m["samples_seen"] for m in uninterrupted] == [32, 64, 96, 128]  # 2 micro-batches x 8 x 2 ranks
+    assert uninterrupted[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule ends at the last optimizer step
+    assert [m["loss"] for m in resumed[-2:]] == [m["loss"] for m in uninterrupted[-2:]]
+    tags = sorted(p.name for p in (full / "checkpoints").iterdir() if (p / "COMMITTED").is_file())
+    assert tags == [f"step_00000{step}" for step in (1, 2, 3, 4)]
 
 
 def test_bad_config_fails_before_any_process_starts(shards, tmp_path):
     result = pretrain(shards, tmp_path / "bad", "engine.zero_stage=5", check=False)
     assert result.returncode != 0 and "engine.zero_stage" in result.stderr
-    result = pretrain(shards, tmp_path / "bad", f"run.resume={tmp_path}/nowhere", "launch.nproc=0", check=False)
+    result = pretrain(shards, tmp_path / "bad", f"run.resume={tmp_path}/nowhere", check=False)
     assert result.returncode != 0 and "not a committed checkpoint" in result.stderr
+    result = pretrain(shards, tmp_path / "bad", "engine.extra={zero_optimization: {stage: 3}}", check=False)
+    assert result.returncode != 0 and "set engine.zero_stage instead" in result.stderr
+    if not torch.cuda.is_available():
+        result = pretrain(shards, tmp_path / "bad", "engine.precision=fp16", check=False)
+        assert result.returncode != 0 and "engine.precision=fp16 needs a GPU" in result.stderr
+    assert "[rank" not in result.stderr and not (tmp_path / "bad").exists()  # no rank started, nothing written
 
 
 def test_export_from_zero3_loads_in_open_clip_with_identical_embeddings(shards, tmp_path):

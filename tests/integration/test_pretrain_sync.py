@@ -56,6 +56,11 @@ def test_prune_keeps_the_newest_and_a_markerless_folder_is_not_a_checkpoint(s3_s
     assert (tmp_path / "restored" / "step_000002" / "sub" / "states.pt").read_bytes() == bytes([2]) * 1000
     assert (tmp_path / "restored" / "step_000002" / "COMMITTED").is_file()
     assert CheckpointSync(f"{s3_server['url']}/nothing-here").download_newest(tmp_path / "none") is None
+    # A resume from an older checkpoint sets the newer remote ones aside, whole, where nothing selects them.
+    sync.upload(tmp_path / "step_000003", "step_000003")
+    sync.set_aside(["step_000003"], ".abandoned-x")
+    assert sync.committed() == ["step_000002"]
+    assert s3fs_client.cat(f"{s3_server['bucket']}/prefix/step_000003.abandoned-x/sub/states.pt") == bytes([3]) * 1000
 
 
 def test_sync_url_with_credentials_is_refused_without_echoing_them(shards, tmp_path):  # noqa: F811

@@ -67,6 +67,44 @@ def test_prune_keeps_newest_and_drops_stale_partials(tmp_path):
     assert left == ["step_000030", "step_000040", "step_000050"]
 
 
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real one-process gloo group: the manager's barriers need one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside_intact(tmp_path, one_rank_group):
+    for step in (100, 200, 300):
+        make_tag(tmp_path, step)
+    manager = CheckpointManager(tmp_path, keep=1, rank=0, world_size=1, zero_stage=2)
+    assert manager.set_aside_newer(100) == ["step_000200", "step_000300"]
+    root = tmp_path / "checkpoints"
+    assert committed_tags(root) == ["step_000100"] and manager.resolve("auto") == (root, "step_000100")
+    aside = sorted(p.name for p in root.iterdir() if ".abandoned-" in p.name)
+    assert [name.split(".")[0] for name in aside] == ["step_000200", "step_000300"]
+    assert all((root / name / "mp_rank_00_model_states.pt").read_bytes() == b"whole" for name in aside)
+    manager._prune("step_000200")  # the resumed run's next save: nothing set aside is pruned
+    assert sorted(p.name for p in root.iterdir() if ".abandoned-" in p.name) == aside
+
+
+def test_a_tag_saved_again_is_uncommitted_while_it_is_rewritten(tmp_path, one_rank_group):
+    class FullDisk:  # DeepSpeed's save failing half-way, after the old marker's folder was reused
+        def save_checkpoint(self, root, tag, client_state):
+            (tmp_path / "checkpoints" / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+
+    make_tag(tmp_path, 100)
+    make_tag(tmp_path, 200)
+    manager = CheckpointManager(tmp_path, keep=3, rank=0, world_size=1, zero_stage=2)
+    with pytest.raises(OSError, match="No space left"):
+        manager.save(FullDisk(), 200, {}, {})
+    assert manager.resolve("auto") == (tmp_path / "checkpoints", "step_000100")
+
+
 def test_report_shows_metrics_next_to_chance(tmp_path):
     rows = [{"step": 5, "loss": 3.0},
             {"step": 10, "eval/samples": 200.0, "eval/zeroshot/image/top1": 41.5, "eval/zeroshot/chance_top1": 3.3,

@@ -148,6 +148,23 @@ def test_deepspeed_precision_on_cpu():
         config("fp16")
 
 
+def test_reduction_buckets_fit_the_trainable_gradients_and_zero3_holds_a_1_over_n_share():
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import deepspeed_config
+
+    def zero(*overrides, n_params=6_798_817, world_size=2):
+        cfg = load_config(PretrainConfig, ["configs/pretrain/tiny.yaml"], ["run.dir=r", "data.train=d", *overrides])
+        return deepspeed_config(cfg, world_size=world_size, n_params=n_params)["zero_optimization"]
+
+    assert zero()["reduce_bucket_size"] == zero()["allgather_bucket_size"] == 6_798_848  # all, 64-aligned
+    stage3 = zero("engine.zero_stage=3")
+    assert stage3["reduce_bucket_size"] == stage3["stage3_prefetch_bucket_size"] == 3_399_424  # ceil(psi / 2)
+    assert zero("engine.zero_stage=3", world_size=4)["reduce_bucket_size"] == 1_699_712
+    # DeepSpeed's default caps a large model's bucket
+    assert zero(n_params=2 * 10**9)["reduce_bucket_size"] == 5 * 10**8
+    assert zero(n_params=1000)["reduce_bucket_size"] == 10**6
+
+
 @pytest.mark.parametrize("objectives, tolerance", [
     (["contrastive.pairs.audio_text=0", "contrastive.pairs.image_audio=0"], 0.05),  # open_clip's image + text
     (["masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1"], 0.15),
