@@ -78,6 +78,9 @@ class ModelConfig:
     """log(1/0.07), CLIP's initial temperature."""
     init_logit_bias: float = -10.0
     """SigLIP's initial bias."""
+    quick_gelu: bool = False
+    """QuickGELU activations in the image and text towers, as open_clip's ``-quickgelu`` models: OpenAI's released
+    CLIP weights need it (they load without it too, into towers that then compute other features)."""
     init_open_clip: str = ""
     """An open_clip checkpoint (release file or trainer checkpoint, local or s3) to initialise the image and text
     towers from; safetensors or weights_only loading only."""

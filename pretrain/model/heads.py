@@ -26,21 +26,52 @@ class FusionEncoder(nn.Module):
                 text_padding: torch.Tensor | None = None, context_padding: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """text_tokens ``[B, T, text_width]``; contexts: modality → ``[B, L_m, width_m]``; paddings are True where a
         position must be ignored. Returns ``[B, T, fusion width]``."""
-        query = self.query_in(text_tokens)
-        memory, padding = [], []
-        for name, tokens in contexts.items():
-            memory.append(self.context_in[name](tokens) + self.modality[name])
-            pad = (context_padding or {}).get(name)
-            padding.append(pad if pad is not None else torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
-        memory_padding = torch.cat(padding, dim=1)
+        memory = [self.context_in[name](tokens) + self.modality[name] for name, tokens in contexts.items()]
+        padding = [(context_padding or {}).get(name) for name in contexts]
+        return self.attend(self.query_in(text_tokens), memory, padding, text_padding)
+
+    def attend(self, query: torch.Tensor, memory: list[torch.Tensor], padding: list[torch.Tensor | None],
+               query_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """The fusion layers: ``query`` ``[B, Q, width]`` attends to itself and to the ``memory`` tokens (each
+        ``[B, L, width]``, already in the fusion width; its padding True where ignored, or None)."""
+        memory_padding = torch.cat([pad if pad is not None else torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+                                    for tokens, pad in zip(memory, padding)], dim=1)
         # A sample with no context at all would softmax over nothing (NaN): let it attend to one (zero-weight-
         # in-the-loss) slot instead.
         empty = memory_padding.all(dim=1)
         if empty.any():
             memory_padding = memory_padding.clone()
             memory_padding[empty, 0] = False
-        return self.layers(query, torch.cat(memory, dim=1), tgt_key_padding_mask=text_padding,
+        return self.layers(query, torch.cat(memory, dim=1), tgt_key_padding_mask=query_padding,
                            memory_key_padding_mask=memory_padding)
+
+
+class FusedPatchDecoder(nn.Module):
+    """Masked image patches predicted through the fusion encoder (FLAVA's masked multimodal modelling on the image
+    side): the full patch grid (the visible patches' tokens, a mask token at each dropped one, positions) queries
+    the caption's tokens and the audio's, and a linear head reconstructs each patch's pixels."""
+
+    def __init__(self, fusion_width: int, image_width: int, context_widths: dict[str, int], patches: int, patch_dim: int):
+        super().__init__()
+        self.embed = nn.Linear(image_width, fusion_width)
+        self.mask_token = nn.Parameter(torch.zeros(fusion_width))
+        self.position = nn.Parameter(torch.randn(1, patches, fusion_width) * 0.02)
+        # Its own context projections (text, audio): only the fusion layers are shared, and they are called as a
+        # module, where ZeRO-3 gathers their parameters.
+        self.context_in = nn.ModuleDict({name: nn.Linear(width, fusion_width) for name, width in context_widths.items()})
+        self.modality = nn.ParameterDict({name: nn.Parameter(torch.zeros(fusion_width)) for name in context_widths})
+        self.head = nn.Linear(fusion_width, patch_dim)
+        self.patches = patches
+
+    def forward(self, fusion: FusionEncoder, tokens: torch.Tensor, keep: torch.Tensor, text: torch.Tensor,
+                text_padding: torch.Tensor, audio: torch.Tensor, audio_padding: torch.Tensor) -> torch.Tensor:
+        """tokens ``[B, 1 + K, image_width]`` (class token first) of the kept patches ``keep`` ``[B, K]``; text and
+        audio tokens with their paddings → predictions ``[B, N, patch_dim]``."""
+        x = self.embed(tokens[:, 1:])
+        grid = self.mask_token.to(x.dtype).expand(x.shape[0], self.patches, -1).clone()
+        grid.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+        memory = [self.context_in["text"](text) + self.modality["text"], self.context_in["audio"](audio) + self.modality["audio"]]
+        return self.head(fusion.attend(grid + self.position, memory, [text_padding, audio_padding]))
 
 
 class PatchDecoder(nn.Module):

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.config import ModelConfig
-from pretrain.model.heads import FusionEncoder, PatchDecoder
+from pretrain.model.heads import FusedPatchDecoder, FusionEncoder, PatchDecoder
 from pretrain.model.towers import AudioTower, Encoded, build_clip, encode_image, encode_text, project_image, project_text
 
 TOWERS = ("image", "text", "audio")
 # What objectives train: each declares the parts it reads, and parts no enabled objective reads stay frozen.
 PARTS = TOWERS + ("temperature", "image_decoder", "audio_decoder", "text_mask_embedding", "text_mlm_head", "fusion",
-                  "mlm_head")
+                  "mlm_head", "fused_patch_decoder")
 
 
 class MultimodalModel(nn.Module):
@@ -31,6 +31,9 @@ class MultimodalModel(nn.Module):
         self.image_decoder = PatchDecoder(cfg.decoder, cfg.image.width, image_patches, 3 * cfg.image.patch_size**2)
         self.audio_decoder = PatchDecoder(cfg.decoder, cfg.audio.width, self.audio.patches, cfg.audio.patch_size**2)
         self.mlm_head = nn.Linear(cfg.fusion.width, cfg.text.vocab_size)
+        self.fused_patch_decoder = FusedPatchDecoder(cfg.fusion.width, cfg.image.width,
+                                                     {"text": cfg.text.width, "audio": cfg.audio.width}, image_patches,
+                                                     3 * cfg.image.patch_size**2)
         self.text_mlm_head = nn.Linear(cfg.text.width, cfg.text.vocab_size)
         self.text_mask_embedding = nn.Parameter(torch.zeros(cfg.text.width))
 

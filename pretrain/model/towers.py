@@ -56,6 +56,8 @@ def open_clip_config(cfg: ModelConfig) -> dict:
                      "width": cfg.text.width, "heads": cfg.text.heads, "layers": cfg.text.layers,
                      "mlp_ratio": cfg.text.mlp_ratio},
     }
+    if cfg.quick_gelu:
+        config["quick_gelu"] = True
     if cfg.contrastive == "siglip":
         config["init_logit_bias"] = cfg.init_logit_bias
     return config
@@ -91,14 +93,20 @@ def project_image(clip: open_clip.CLIP, pooled: torch.Tensor) -> torch.Tensor:
 
 def encode_text(clip: open_clip.CLIP, text: torch.Tensor, causal: bool = True, masked: torch.Tensor | None = None,
                 mask_embedding: torch.Tensor | None = None) -> Encoded:
-    """``causal=False`` is the bidirectional pass of masked-token prediction; positions where ``masked`` is True
-    get ``mask_embedding`` instead of their token's (CLIP's vocabulary has no mask token)."""
+    """``causal=False`` is the bidirectional pass of masked-token prediction, in which every position attends to
+    the caption's tokens and none to the padding after them (BERT's attention mask); positions where ``masked`` is
+    True get ``mask_embedding`` instead of their token's (CLIP's vocabulary has no mask token)."""
     n = text.shape[1]  # the context length, or fewer positions (trim_text_padding)
     x = clip.token_embedding(text)
     if masked is not None:
         x = torch.where(masked.unsqueeze(-1), mask_embedding.to(x.dtype), x)
     x = x + clip.positional_embedding[:n]
-    attn_mask = clip.attn_mask[:n, :n] if causal and clip.attn_mask is not None else None
+    if causal:
+        attn_mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
+    else:  # per sample, so [batch x heads, n, n] (open_clip's blocks take no key-padding mask)
+        heads = clip.transformer.resblocks[0].attn.num_heads
+        padding = torch.zeros(text.shape, dtype=x.dtype, device=x.device).masked_fill(text == 0, float("-inf"))
+        attn_mask = padding.unsqueeze(1).expand(-1, n, -1).repeat_interleave(heads, dim=0)
     x = clip.transformer(x, attn_mask=attn_mask)
     x = clip.ln_final(x)
     pooled = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # the end-of-text token

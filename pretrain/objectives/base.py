@@ -70,12 +70,17 @@ class Forward:
             self._cache[key] = encoder(inputs, keep)
         return self._cache[key]
 
+    def trimmed(self, text: torch.Tensor) -> torch.Tensor:
+        """``text`` without its padding columns (``trim_text_padding``) when ``trim_text``: the causal pass never
+        reads them, and the bidirectional passes mask them out."""
+        return trim_text_padding(text) if self.trim_text else text
+
     def text(self) -> Encoded:
         """The causal text pass (CLIP's text tower) on the samples that have text; with ``trim_text``, without the
         padding columns after the last end-of-text token (``trim_text_padding``)."""
         if ("text",) not in self._cache:
             text = self.batch["text"][self.rows("text")]
-            self._cache[("text",)] = self.model.encode_text(trim_text_padding(text) if self.trim_text else text)
+            self._cache[("text",)] = self.model.encode_text(self.trimmed(text))
         return self._cache[("text",)]
 
 

@@ -37,9 +37,16 @@ class MaskedTextConfig:
 
 
 @dataclass
+class CrossModalMaskedConfig(MaskedTextConfig):
+    patches: bool = False
+    """Also predict the masked image patches through the fusion encoder from the caption and the audio (FLAVA's
+    masked multimodal modelling on the image side), at masked_image.mask_ratio, normalised like masked_image's."""
+
+
+@dataclass
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     masked_image: MaskedPatchConfig = field(default_factory=MaskedPatchConfig)
     masked_audio: MaskedPatchConfig = field(default_factory=MaskedPatchConfig)
     masked_text: MaskedTextConfig = field(default_factory=MaskedTextConfig)
-    cross_modal_masked: MaskedTextConfig = field(default_factory=MaskedTextConfig)
+    cross_modal_masked: CrossModalMaskedConfig = field(default_factory=CrossModalMaskedConfig)

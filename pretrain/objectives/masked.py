@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.objectives.base import Forward, register
-from pretrain.objectives.config import MaskedPatchConfig, MaskedTextConfig, ObjectivesConfig
+from pretrain.objectives.config import CrossModalMaskedConfig, MaskedPatchConfig, MaskedTextConfig, ObjectivesConfig
 from pretrain.objectives.gather import DistContext
 
 START_OF_TEXT, END_OF_TEXT = 49406, 49407
@@ -37,14 +37,21 @@ class _MaskedPatches:
             target, decoder = model.image_patches(inputs), model.image_decoder
         else:
             target, decoder = model.audio_patches(inputs), model.audio_decoder
-        if self.cfg.norm_targets:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         prediction = decoder(encoded.tokens, encoded.keep)
-        masked = torch.ones(target.shape[:2], dtype=torch.bool, device=target.device)
-        masked.scatter_(1, encoded.keep, False)
-        error = ((prediction.float() - target) ** 2).mean(-1)  # per patch
-        total = (error * masked).sum()
-        return {f"masked_{self.modality}": _global_mean(total, int(masked.sum()), ctx, total.device)}
+        return {f"masked_{self.modality}": _patch_loss(prediction, target, encoded.keep, self.cfg.norm_targets, ctx)}
+
+
+def _patch_loss(prediction: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, norm_targets: bool,
+                ctx: DistContext) -> torch.Tensor:
+    """MAE's loss: mean squared error over the dropped patches (those not in ``keep``), against per-patch
+    normalised targets (norm_pix_loss) when ``norm_targets``."""
+    if norm_targets:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    masked = torch.ones(target.shape[:2], dtype=torch.bool, device=target.device)
+    masked.scatter_(1, keep, False)
+    error = ((prediction.float() - target) ** 2).mean(-1)  # per patch
+    total = (error * masked).sum()
+    return _global_mean(total, int(masked.sum()), ctx, total.device)
 
 
 @register("masked_image")
@@ -73,6 +80,14 @@ def mask_tokens(text: torch.Tensor, prob: float) -> tuple[torch.Tensor, torch.Te
     return inputs, selected, use_mask
 
 
+def masked_captions(forward: Forward, text: torch.Tensor, prob: float) -> tuple[torch.Tensor, ...]:
+    """(text, inputs, selected, use_mask) of ``mask_tokens``, without the padding columns when the forward trims
+    them: the draws are made over the whole context, so they are the same trimmed or not."""
+    masks = (text, *mask_tokens(text, prob))
+    width = forward.trimmed(text).shape[1]
+    return tuple(m[:, :width] for m in masks)
+
+
 def _token_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
                 ctx: DistContext) -> torch.Tensor:
     """Cross-entropy at the selected positions only: the vocabulary head (49408 wide) runs on those alone."""
@@ -89,31 +104,32 @@ class MaskedText:
         self.parts = {"text", "text_mask_embedding", "text_mlm_head"}
 
     def __call__(self, model, batch, forward: Forward, ctx: DistContext) -> dict[str, torch.Tensor]:
-        text = batch["text"][forward.rows("text")]
-        inputs, selected, use_mask = mask_tokens(text, self.cfg.mask_prob)
+        text, inputs, selected, use_mask = masked_captions(forward, batch["text"][forward.rows("text")], self.cfg.mask_prob)
         encoded = model.encode_text(inputs, causal=False, masked=use_mask)
         return {"masked_text": _token_loss(model.text_mlm_head, encoded.tokens, text, selected, ctx)}
 
 
 @register("cross_modal_masked")
 class CrossModalMasked:
-    """Masked caption tokens predicted by the fusion encoder from the (unmasked) caption context plus the image
-    and audio tokens of the same sample."""
+    """Masked caption tokens predicted by the fusion encoder from the caption context plus the image and audio
+    tokens of the same sample; with ``patches``, masked image patches too, from the caption and the audio."""
 
-    def __init__(self, cfg: MaskedTextConfig, objectives: ObjectivesConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: CrossModalMaskedConfig, objectives: ObjectivesConfig):
+        self.cfg, self.norm_targets = cfg, objectives.masked_image.norm_targets
         self.parts = {"text", "text_mask_embedding", "fusion", "mlm_head", "image", "audio"}
         self.ratio = {"image": objectives.masked_image.mask_ratio if objectives.masked_image.weight > 0 else 0.0,
                       "audio": objectives.masked_audio.mask_ratio if objectives.masked_audio.weight > 0 else 0.0}
+        if cfg.patches:  # the image is masked for both predictions, as in FLAVA
+            self.parts.add("fused_patch_decoder")
+            self.ratio["image"] = objectives.masked_image.mask_ratio
 
     def __call__(self, model, batch, forward: Forward, ctx: DistContext) -> dict[str, torch.Tensor]:
         has_text = batch["has_text"]
         # Samples with text and at least one other modality.
         usable = has_text & (batch["has_image"] | batch["has_audio"])
-        text = batch["text"][usable]
-        inputs, selected, use_mask = mask_tokens(text, self.cfg.mask_prob)
+        text, inputs, selected, use_mask = masked_captions(forward, batch["text"][usable], self.cfg.mask_prob)
         encoded = model.encode_text(inputs, causal=False, masked=use_mask)
-        contexts, padding = {}, {}
+        contexts, padding, towers = {}, {}, {}
         for modality in ("image", "audio"):
             present = batch[f"has_{modality}"]
             tower = forward.image(self.ratio["image"]) if modality == "image" else forward.audio(self.ratio["audio"])
@@ -122,5 +138,22 @@ class CrossModalMasked:
             tokens[present] = tower.tokens
             contexts[modality] = tokens[usable]
             padding[modality] = (~present[usable]).unsqueeze(1).expand(-1, tokens.shape[1])
+            towers[modality] = tower
         fused = model.fusion(encoded.tokens, contexts, text_padding=text == 0, context_padding=padding)
-        return {"cross_modal_masked": _token_loss(model.mlm_head, fused, text, selected, ctx)}
+        losses = {"cross_modal_masked": _token_loss(model.mlm_head, fused, text, selected, ctx)}
+        if self.cfg.patches:
+            losses["cross_modal_masked/image"] = self.patch_loss(model, batch, usable, encoded.tokens, text, contexts,
+                                                                 padding, towers["image"], ctx)
+        return losses
+
+    def patch_loss(self, model, batch, usable, text_tokens, text, contexts, padding, image, ctx) -> torch.Tensor:
+        """The dropped patches of the samples with an image, predicted from the visible ones, the (masked) caption
+        and the audio."""
+        with_image = batch["has_image"][usable]  # of the usable rows
+        mine = usable[batch["has_image"]]  # of the rows the image pass encoded
+        prediction = model.fused_patch_decoder(model.fusion, image.tokens[mine], image.keep[mine],
+                                               text_tokens[with_image], (text == 0)[with_image],
+                                               contexts["audio"][with_image], padding["audio"][with_image])
+        target = model.image_patches(batch["image"][usable & batch["has_image"]].float())
+        # "+ 0 * ..." keeps the decoder in the graph on a rank with no sample to predict this step.
+        return _patch_loss(prediction, target, image.keep[mine], self.norm_targets, ctx) + 0.0 * prediction.sum()

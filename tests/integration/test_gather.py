@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from pretrain.objectives.contrastive import clip_loss, siglip_loss
 from pretrain.objectives.gather import DistContext
+from pretrain.objectives.masked import _global_mean, _token_loss
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 SPLIT = (3, 5)  # uneven per-rank batch sizes
@@ -29,13 +30,26 @@ def loss_and_grads(kind, rank, ctx, rows):
     a = F.normalize(projection_a(inputs_a[rows]), dim=-1)
     b = F.normalize(projection_b(inputs_b[rows]), dim=-1)
     scale = torch.tensor(5.0)
-    loss = clip_loss(a, b, scale, ctx) if kind == "clip" else siglip_loss(a, b, scale, torch.tensor(-2.0), ctx)
+    # The masked objectives' means over the global count of predicted items: here a sample predicts as many items
+    # as its index modulo 5 says (0-4), so the ranks hold 3 and 10 of them.
+    selected = (torch.arange(4).expand(sum(SPLIT), 4) < torch.arange(sum(SPLIT)).unsqueeze(1) % 5)[rows]
+    if kind == "clip":
+        loss = clip_loss(a, b, scale, ctx)
+    elif kind == "siglip":
+        loss = siglip_loss(a, b, scale, torch.tensor(-2.0), ctx)
+    elif kind == "tokens":  # masked text: cross-entropy at the selected positions, a vocabulary of 4
+        hidden = torch.cat([projection_a(inputs_a[rows]), inputs_b[rows, :2]], dim=-1).unsqueeze(1).expand(-1, 4, -1)
+        targets = torch.arange(4).expand(hidden.shape[0], 4)
+        loss = _token_loss(projection_b, hidden, targets, selected, ctx)
+    else:  # masked patches: squared error on the masked patches
+        error = ((projection_a(inputs_a[rows]) - projection_b(inputs_b[rows])) ** 2)
+        loss = _global_mean((error * selected).sum(), int(selected.sum()), ctx, error.device)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in (*projection_a.parameters(), *projection_b.parameters())])
     return loss.detach(), grads
 
 
-KINDS = ("clip", "siglip")
+KINDS = ("clip", "siglip", "tokens", "patches")
 
 
 def worker(rank, port, results):

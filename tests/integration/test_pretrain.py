@@ -90,12 +90,13 @@ def test_zero3_all_objectives_with_missing_modalities(shards, tmp_path):
     # Gradient checkpointing recomputes the blocks in backward, where ZeRO-3 must gather their parameters again.
     # The in-loop evaluation embeds its zero-shot classifier on every rank (a rank-0-only forward waits forever).
     pretrain(shards, run, "run.steps=3", "engine.zero_stage=3", "run.checkpoint_every=0",
-             "engine.gradient_checkpointing=[image,text,audio]", f"data.eval={shards}", "eval.batch_size=16")
+             "engine.gradient_checkpointing=[image,text,audio]", f"data.eval={shards}", "eval.batch_size=16",
+             "objectives.cross_modal_masked.patches=true")
     rows = metrics(run)
     assert any(k.startswith("eval/zeroshot/") for k in rows[-1]), rows[-1]
     last = [m for m in rows if "loss" in m][-1]
     for name in ("contrastive/image_text", "contrastive/audio_text", "contrastive/image_audio", "masked_image",
-                 "masked_audio", "masked_text", "cross_modal_masked"):
+                 "masked_audio", "masked_text", "cross_modal_masked", "cross_modal_masked/image"):
         assert f"loss/{name}" in last and last[f"loss/{name}"] == last[f"loss/{name}"]
     assert (run / "checkpoints" / "step_000003" / "COMMITTED").is_file()
 

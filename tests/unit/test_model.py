@@ -220,7 +220,8 @@ def test_trimmed_text_padding_changes_no_pooled_feature_loss_or_gradient():
     with torch.no_grad():
         assert torch.allclose(model.encode_text(trimmed).pooled, model.encode_text(text).pooled, atol=1e-5)
 
-    # Through the objectives: the causal pass trimmed, the bidirectional (masked-token) passes untouched.
+    # Through the objectives: the causal pass trimmed, and the bidirectional (masked-token) passes, which mask the
+    # padding out, trimmed too.
     batch = make_batch()
     loss, grads = _loss_and_grads(model, batch)
     loss_trimmed, grads_trimmed = _loss_and_grads(model, batch, trim_text=True)
@@ -228,3 +229,18 @@ def test_trimmed_text_padding_changes_no_pooled_feature_loss_or_gradient():
     assert grads.keys() == grads_trimmed.keys()
     for name in grads:
         assert torch.allclose(grads[name], grads_trimmed[name], atol=1e-5), name
+
+
+def test_the_bidirectional_text_pass_does_not_attend_to_padding():
+    """BERT's attention mask: a caption's token features are the same after 8 or 24 more padding columns (without
+    the mask, every padding position is one more key each token attends to)."""
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"])
+    torch.manual_seed(0)
+    model = MultimodalModel(cfg)
+    text = torch.zeros(3, 32, dtype=torch.long)
+    for row, length in enumerate((3, 6, 2)):
+        text[row, 0], text[row, 1:length + 1], text[row, length + 1] = 49406, torch.randint(1, 1000, (length,)), 49407
+    with torch.no_grad():
+        short, long = model.encode_text(text[:, :16], causal=False).tokens, model.encode_text(text, causal=False).tokens
+    caption = (text[:, :16] != 0)
+    assert torch.allclose(short[caption], long[:, :16][caption], atol=1e-5)

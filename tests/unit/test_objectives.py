@@ -48,6 +48,22 @@ def test_mask_tokens_never_touches_special_tokens():
     assert 0.1 < selected[:, 1:9].float().mean() < 0.35
 
 
+def test_mask_tokens_selects_15_percent_and_replaces_80_10_10():
+    torch.manual_seed(0)
+    # Captions of 60 tokens: the one prediction guaranteed to a caption none of whose tokens was drawn adds ~0.
+    text = torch.zeros(1000, 64, dtype=torch.long)
+    text[:, 0], text[:, 1:61], text[:, 61] = 49406, torch.randint(1, 1000, (1000, 60)), 49407
+    inputs, selected, use_mask = mask_tokens(text, 0.15)
+    n = selected.sum().item()
+    assert n / 60000 == pytest.approx(0.15, abs=0.01)
+    replaced = selected & ~use_mask & (inputs != text)
+    kept = selected & ~use_mask & (inputs == text)
+    assert use_mask.sum().item() / n == pytest.approx(0.8, abs=0.02)
+    assert replaced.sum().item() / n == pytest.approx(0.1, abs=0.02)  # a random token (rarely the same one)
+    assert kept.sum().item() / n == pytest.approx(0.1, abs=0.02)
+    assert ((inputs[replaced] >= 1) & (inputs[replaced] < 49406)).all()  # never a start / end / padding token
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -131,6 +147,7 @@ ALONE = {
     "masked_audio": ["contrastive.weight=0", "masked_audio.weight=1"],
     "masked_text": ["contrastive.weight=0", "masked_text.weight=1"],
     "cross_modal_masked": ["contrastive.weight=0", "cross_modal_masked.weight=1"],
+    "cross_modal_masked_patches": ["contrastive.weight=0", "cross_modal_masked.weight=1", "cross_modal_masked.patches=true"],
 }
 
 
@@ -147,3 +164,89 @@ def test_objective_parts_are_exactly_what_its_loss_reads(tiny, case):
     reached = {part for part in PARTS
                if any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny.part_parameters(part))}
     assert reached == objective.parts
+
+
+def _patches_by_hand(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, C, H, W]`` → ``[B, N, p * p * C]``: row-major over the patch grid, each patch's pixels row by row with
+    their channels last (MAE's layout), cut out one by one."""
+    crops = [x[:, :, r:r + p, c:c + p].permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+             for r in range(0, x.shape[2], p) for c in range(0, x.shape[3], p)]
+    return torch.stack(crops, dim=1)
+
+
+def _capture(module):
+    seen = {}
+    handle = module.register_forward_hook(lambda _, args, output: seen.update(args=args, output=output))
+    return seen, handle
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_masked_patch_loss_by_hand(tiny, modality):
+    from pretrain.objectives.masked import MaskedAudio, MaskedImage
+
+    cfg = load_config(ObjectivesConfig, [], [f"masked_{modality}.weight=1"])
+    objective = (MaskedImage if modality == "image" else MaskedAudio)(getattr(cfg, f"masked_{modality}"), cfg)
+    batch = make_batch()
+    seen, handle = _capture(getattr(tiny, f"{modality}_decoder"))
+    with torch.no_grad():
+        loss = objective(tiny, batch, Forward(tiny, batch), WS1)[f"masked_{modality}"]
+    handle.remove()
+    x = batch[modality][batch[f"has_{modality}"]].float()
+    p = getattr(tiny.cfg, modality).patch_size
+    target = _patches_by_hand(x if modality == "image" else x.unsqueeze(1), p)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    keep, prediction = seen["args"][1], seen["output"]
+    assert keep.shape == (x.shape[0], round(target.shape[1] * 0.25))  # mask_ratio 0.75 by default
+    errors, count = 0.0, 0
+    for row in range(x.shape[0]):
+        for patch in set(range(target.shape[1])) - set(keep[row].tolist()):  # the dropped patches only
+            errors += ((prediction[row, patch] - target[row, patch]) ** 2).mean()
+            count += 1
+    assert loss.item() == pytest.approx((errors / count).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["masked_text", "cross_modal_masked"])
+def test_masked_token_loss_by_hand(tiny, name):
+    """With mask_prob=1 every caption token (not start, end or padding) is predicted: the loss is the mean
+    cross-entropy of the vocabulary head at those positions, in reading order."""
+    cfg = load_config(ObjectivesConfig, [], [f"{name}.weight=1", f"{name}.mask_prob=1.0"])
+    (objective,) = [o for o in build_objectives(cfg) if type(o).__name__ != "Contrastive"]
+    batch = make_batch()
+    seen, handle = _capture(tiny.text_mlm_head if name == "masked_text" else tiny.mlm_head)
+    with torch.no_grad():
+        loss = objective(tiny, batch, Forward(tiny, batch), WS1)[name]
+    handle.remove()
+    rows = batch["has_text"] if name == "masked_text" else batch["has_text"] & (batch["has_image"] | batch["has_audio"])
+    text = batch["text"][rows]
+    captions = text[(text != 0) & (text != 49406) & (text != 49407)]
+    logits = seen["output"].float()
+    assert logits.shape == (captions.numel(), 49408)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, captions).item(), rel=1e-5)
+
+
+def test_cross_modal_masked_patches_by_hand(tiny):
+    """objectives.cross_modal_masked.patches: the fused patch decoder's predictions of the dropped patches of every
+    sample with text and an image, scored like masked_image; and they depend on the caption."""
+    cfg = load_config(ObjectivesConfig, [], ["contrastive.weight=0", "cross_modal_masked.weight=1",
+                                             "cross_modal_masked.patches=true"])
+    (objective,) = build_objectives(cfg)
+    batch = make_batch()  # sample 1 has no caption: it is left out
+    seen, handle = _capture(tiny.fused_patch_decoder)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        loss = objective(tiny, batch, Forward(tiny, batch), WS1)["cross_modal_masked/image"]
+    handle.remove()
+    rows = batch["has_text"] & batch["has_image"]
+    target = _patches_by_hand(batch["image"][rows].float(), tiny.cfg.image.patch_size)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    keep, prediction = seen["args"][2], seen["output"]
+    assert prediction.shape == target.shape == (int(rows.sum()), 16, 3 * 16 * 16)
+    masked = torch.ones(target.shape[:2], dtype=torch.bool).scatter_(1, keep, False)
+    reference = ((prediction - target) ** 2).mean(-1)[masked].mean()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    other = {**batch, "text": batch["text"].clone()}
+    other["text"][:, 1:7] = 7  # other captions, same images and masks: other predictions
+    with torch.no_grad():
+        torch.manual_seed(3)
+        changed = objective(tiny, other, Forward(tiny, other), WS1)["cross_modal_masked/image"]
+    assert changed.item() != loss.item()

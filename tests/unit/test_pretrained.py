@@ -74,3 +74,23 @@ def test_lock_freezes_exactly_one_tower(setup):
     audio = {id(p) for p in model.tower_parameters("audio")}
     assert image and text and audio and not (image & text) and not (text & audio)
     assert id(model.clip.logit_scale) not in text and id(model.clip.token_embedding.weight) in text
+
+
+@pytest.mark.parametrize("flavor, quick_gelu", [("vit-b-16", False), ("vit-b-16", True), ("vit-l-14", False)])
+def test_named_flavors_are_the_open_clip_architecture_they_name(flavor, quick_gelu):
+    """Same parameter names and shapes as open_clip's model (so its released weights load), and the same
+    activation: OpenAI's weights need QuickGELU (open_clip's -quickgelu models)."""
+    from pretrain.model.towers import build_clip
+
+    cfg = load_config(ModelConfig, [f"configs/model/{flavor}.yaml"], [f"quick_gelu={quick_gelu}"])
+    name = cfg.open_clip_name + ("-quickgelu" if quick_gelu else "")
+    with torch.device("meta"):  # shapes only: no memory for ViT-L's 400 M parameters
+        ours, reference = build_clip(cfg), open_clip.CLIP(**open_clip.get_model_config(name))
+    shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
+    expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    expected["logit_scale"] = (1,)  # held as shape [1] for DeepSpeed; the open_clip export squeezes it
+    assert shapes == expected
+    activation = type(ours.visual.transformer.resblocks[0].mlp.gelu)
+    assert activation is type(reference.visual.transformer.resblocks[0].mlp.gelu)
+    assert (activation.__name__ == "QuickGELU") is quick_gelu
+    assert type(ours.transformer.resblocks[0].mlp.gelu) is activation
