@@ -206,9 +206,12 @@ class CheckpointManager:
             import sys
 
             shutil.rmtree(target, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                            str(root / tag), "--output_folder", str(target), "--num_extract_workers", "1",
-                            "--num_merge_workers", "1"], check=True, capture_output=True)
+            done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                   str(root / tag), "--output_folder", str(target), "--num_extract_workers", "1",
+                                   "--num_merge_workers", "1"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"converting {root / tag} to a universal checkpoint failed (DeepSpeed's "
+                                   f"ds_to_universal, exit {done.returncode}):\n{done.stderr[-3000:]}")
             # The client state (step, loader, config) lives in the model-states file the converter copies.
             (target / MARKER).write_text((root / tag / MARKER).read_text())
         dist.barrier()

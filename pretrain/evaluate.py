@@ -7,6 +7,7 @@ scored once, so the numbers do not depend on the number of ranks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,17 +114,23 @@ def evaluate(model, data_cfg: LoaderConfig, eval_cfg: EvalConfig, rank: int, wor
 def _classnames(eval_cfg: EvalConfig, data_cfg: LoaderConfig) -> list[str]:
     if eval_cfg.classnames:
         return list(eval_cfg.classnames)
-    # label → label_name from the eval data's json members (the shapes world and most labelled shards carry it).
+    return list(_label_names(data_cfg.train))
+
+
+@functools.lru_cache(maxsize=8)
+def _label_names(dataset: str) -> tuple[str, ...]:
+    """label → label_name from the eval data's json members (the shapes world and most labelled shards carry it),
+    read once per process: every in-loop evaluation asks again."""
     names: dict[int, str] = {}
-    for source in resolve_sources(data_cfg.train):
+    for source in resolve_sources(dataset):
         for shard in source.shards:
             for raw in iter_samples(shard.url, {"json"}, 1 << 20):
                 meta = json.loads(raw.members.get("json", b"{}"))
                 if isinstance(meta.get("label"), int) and meta.get("label_name"):
                     names[meta["label"]] = meta["label_name"]
     if not names:
-        return []
-    return [names.get(i, f"class {i}") for i in range(max(names) + 1)]
+        return ()
+    return tuple(names.get(i, f"class {i}") for i in range(max(names) + 1))
 
 
 def _score(parts, classnames: list[str], classifier: torch.Tensor | None) -> dict[str, float]:

@@ -198,7 +198,9 @@ def test_export_from_zero3_loads_in_open_clip_with_identical_embeddings(shards, 
     from pretrain.release import load_release
 
     run = tmp_path / "z3export"
-    pretrain(shards, run, "run.steps=2", "engine.zero_stage=3", "run.checkpoint_every=0", "launch.nproc=2")
+    # SigLIP end to end: its bias is a second loose parameter under ZeRO-3, and open_clip's export carries it.
+    pretrain(shards, run, "run.steps=2", "engine.zero_stage=3", "run.checkpoint_every=0", "launch.nproc=2",
+             "model.contrastive=siglip")
     assert cli(["export", str(run), f"output.path={tmp_path}/release"]) == 0
     model, release = load_release(str(tmp_path / "release"))
     assert release["source"]["checkpoint"] == "step_000002" and release["model"]["flavor"] == "tiny"
@@ -209,7 +211,8 @@ def test_export_from_zero3_loads_in_open_clip_with_identical_embeddings(shards, 
     with torch.no_grad():
         assert torch.allclose(model.embed("image", images), torch.nn.functional.normalize(reference.encode_image(images), dim=-1), atol=1e-6)
         assert torch.allclose(model.embed("text", text), torch.nn.functional.normalize(reference.encode_text(text), dim=-1), atol=1e-6)
-    assert reference.logit_scale.shape == ()
+    assert reference.logit_scale.shape == () and reference.logit_bias.shape == ()
+    assert reference.logit_bias.item() == model.logit_bias.item() != -10.0  # trained away from its initial value
     # The trained weights, not the initial ones (the trainer seeds with seed=0, then builds the model).
     from pretrain.model import MultimodalModel
     torch.manual_seed(0)

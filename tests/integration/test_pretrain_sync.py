@@ -38,6 +38,29 @@ def test_sync_uploads_commits_and_an_empty_run_folder_resumes_from_s3(shards, tm
         assert SECRET not in text
 
 
+def test_export_to_s3_then_a_run_initialised_from_it_with_a_locked_image_tower(shards, tmp_path, s3_server):  # noqa: F811
+    """``mmfuse export RUN output.path=s3://...``; ``model.init_open_clip=s3://...`` through the trainer; and LiT:
+    ``model.lock=[image]`` keeps the loaded image tower exactly while the text tower trains on."""
+    import torch
+
+    from mmfuse.cli import main as cli
+    from pretrain.release import load_release
+
+    first, second, release = tmp_path / "first", tmp_path / "second", f"{s3_server['url']}/releases/first"
+    pretrain(shards, first, "run.steps=2", "run.checkpoint_every=0")
+    assert cli(["export", str(first), f"output.path={release}"]) == 0
+    exported, config = load_release(release)
+    assert config["source"]["checkpoint"] == "step_000002" and config["source"]["code_version"].startswith("0.1.0")
+    pretrain(shards, second, "run.steps=2", "run.checkpoint_every=0", "model.lock=[image]",
+             f"model.init_open_clip={release}/open_clip_model.safetensors")
+    assert cli(["export", str(second), f"output.path={tmp_path}/second-release"]) == 0
+    trained, _ = load_release(str(tmp_path / "second-release"))
+    before, after = exported.clip.state_dict(), trained.clip.state_dict()
+    visual = [k for k in before if k.startswith("visual.")]
+    assert visual and all(torch.equal(before[k], after[k]) for k in visual)  # loaded from s3, then locked
+    assert not torch.equal(before["text_projection"], after["text_projection"])  # the text tower trained on
+
+
 def test_prune_keeps_the_newest_and_a_markerless_folder_is_not_a_checkpoint(s3_server, s3fs_client, tmp_path):
     from pretrain.sync import CheckpointSync
 
