@@ -65,14 +65,18 @@ def test_zero2_trains_and_resumes_bit_identically(shards, zero2_run, tmp_path):
     assert len(losses) == 10 and all(map(lambda v: v == v, losses))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
 
-    # Same command, stopped by SIGTERM part-way (every rank checkpoints at the same step), then rerun.
+    # Same command, stopped part-way by SIGUSR1 to rank 1 alone (the slurm launcher's signal; every rank must agree
+    # and checkpoint at the same step), then rerun.
+    import psutil
+
     split = tmp_path / "split"
     proc = subprocess.Popen(command(shards, split, "run.steps=10", "run.checkpoint_every=0"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (split / "metrics.jsonl").exists() or len(metrics(split)) < 3:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    (rank1,) = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     stopped_at = len(metrics(split))
     assert 3 <= stopped_at < 10
