@@ -93,8 +93,6 @@ def load_release(path: str) -> tuple[MultimodalModel, dict]:
         local = join(root, "model.safetensors") if is_local(path) else _download(fs, join(root, "model.safetensors"), tmp)
         state = load_file(local)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # Releases made before the fused patch decoder existed lack it: a pre-training head no fine-tuning task reads.
-    missing = [key for key in missing if not key.startswith("fused_patch_decoder.")]
     if missing or unexpected:
         raise ValueError(f"{redact(path)}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model, release

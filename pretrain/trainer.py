@@ -107,6 +107,8 @@ class PretrainStep(nn.Module):
 
 class Trainer:
     def __init__(self, cfg: PretrainConfig):
+        # The objective's head is part of the model (config.yaml records it, so export rebuilds the same model).
+        cfg.model.fused_patch_decoder |= cfg.objectives.cross_modal_masked.patches
         self.cfg = cfg
         self.topo: Topology = init_distributed()
         if self.topo.device.type == "cpu":

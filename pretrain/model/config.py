@@ -84,6 +84,9 @@ class ModelConfig:
     init_open_clip: str = ""
     """An open_clip checkpoint (release file or trainer checkpoint, local or s3) to initialise the image and text
     towers from; safetensors or weights_only loading only."""
+    fused_patch_decoder: bool = False
+    """Build the head of objectives.cross_modal_masked.patches. The trainer sets it from that option, and the run's
+    config.yaml and releases record it, so export and fine-tuning rebuild the same model."""
     lock: list[str] = field(default_factory=list)
     """Towers to freeze (LiT / ImageBind-style), e.g. [image] or [image, text] to bind a new audio tower."""
     image: VisionConfig = field(default_factory=VisionConfig)

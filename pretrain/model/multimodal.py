@@ -31,9 +31,9 @@ class MultimodalModel(nn.Module):
         self.image_decoder = PatchDecoder(cfg.decoder, cfg.image.width, image_patches, 3 * cfg.image.patch_size**2)
         self.audio_decoder = PatchDecoder(cfg.decoder, cfg.audio.width, self.audio.patches, cfg.audio.patch_size**2)
         self.mlm_head = nn.Linear(cfg.fusion.width, cfg.text.vocab_size)
-        self.fused_patch_decoder = FusedPatchDecoder(cfg.fusion.width, cfg.image.width,
-                                                     {"text": cfg.text.width, "audio": cfg.audio.width}, image_patches,
-                                                     3 * cfg.image.patch_size**2)
+        self.fused_patch_decoder = FusedPatchDecoder(
+            cfg.fusion.width, cfg.image.width, {"text": cfg.text.width, "audio": cfg.audio.width}, image_patches,
+            3 * cfg.image.patch_size**2) if cfg.fused_patch_decoder else None
         self.text_mlm_head = nn.Linear(cfg.text.width, cfg.text.vocab_size)
         self.text_mask_embedding = nn.Parameter(torch.zeros(cfg.text.width))
 
@@ -81,7 +81,8 @@ class MultimodalModel(nn.Module):
             return [self.text_mask_embedding]
         if part not in PARTS:
             raise ValueError(f"unknown model part {part!r}; parts: {', '.join(PARTS)}")
-        return list(getattr(self, part).parameters())
+        module = getattr(self, part)
+        return list(module.parameters()) if module is not None else []  # an optional head not built
 
     def tower_blocks(self, tower: str) -> list[nn.Module]:
         """The transformer blocks of one tower (where its compute and activation memory are)."""

@@ -149,6 +149,8 @@ class CrossModalMasked:
     def patch_loss(self, model, batch, usable, text_tokens, text, contexts, padding, image, ctx) -> torch.Tensor:
         """The dropped patches of the samples with an image, predicted from the visible ones, the (masked) caption
         and the audio."""
+        if model.fused_patch_decoder is None:
+            raise ValueError("objectives.cross_modal_masked.patches needs a model built with model.fused_patch_decoder=true")
         with_image = batch["has_image"][usable]  # of the usable rows
         mine = usable[batch["has_image"]]  # of the rows the image pass encoded
         prediction = model.fused_patch_decoder(model.fusion, image.tokens[mine], image.keep[mine],

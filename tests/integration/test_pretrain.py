@@ -103,6 +103,11 @@ def test_zero3_all_objectives_with_missing_modalities(shards, tmp_path):
                  "masked_audio", "masked_text", "cross_modal_masked", "cross_modal_masked/image"):
         assert f"loss/{name}" in last and last[f"loss/{name}"] == last[f"loss/{name}"]
     assert (run / "checkpoints" / "step_000003" / "COMMITTED").is_file()
+    # The patch objective's head is part of the model: config.yaml records it, so the export rebuilds it.
+    from pretrain.release import load_release
+
+    assert cli(["export", str(run), f"output.path={tmp_path}/release"]) == 0
+    assert load_release(str(tmp_path / "release"))[0].fused_patch_decoder is not None
 
 
 def test_offloaded_optimizer_and_parameters_train_like_no_offload(shards, zero2_run, tmp_path):

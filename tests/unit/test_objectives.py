@@ -67,7 +67,7 @@ def test_mask_tokens_selects_15_percent_and_replaces_80_10_10():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return MultimodalModel(load_config(ModelConfig, ["configs/model/tiny.yaml"]))
+    return MultimodalModel(load_config(ModelConfig, ["configs/model/tiny.yaml"], ["fused_patch_decoder=true"]))
 
 
 def make_batch(n=6, missing=True):
