@@ -159,10 +159,13 @@ class CheckpointManager:
         path = check_resume_path(resume)
         return path.parent, path.name
 
-    def set_aside_newer(self, step: int) -> list[str]:
-        """Resuming at ``step`` while newer checkpoints are committed here (``run.resume`` named an older one): those
-        belong to the abandoned run and would be resumed from next time, or overwritten by this run's saves. Rank 0
-        renames them (and their synced copies) to ``<tag>.abandoned-<time>``, which nothing selects or prunes."""
+    def set_aside_newer(self, step: int, resumed_root: Path | None) -> list[str]:
+        """Resumed at ``step`` from this run's own checkpoints while newer ones are committed here (``run.resume``
+        named an older one): those belong to the abandoned run and would be resumed from next time, or overwritten
+        by this run's saves. Rank 0 renames them (and their synced copies) to ``<tag>.abandoned-<time>``, which
+        nothing selects or prunes. A checkpoint of another run folder leaves this one's as they are."""
+        if resumed_root is None or Path(resumed_root).resolve() != self.root.resolve():
+            return []
         newer = [tag for tag in committed_tags(self.root) if tag_step(tag) > step]
         remote = [tag for tag in self.sync.committed() if tag_step(tag) > step] if self.sync and self.rank == 0 else []
         if self.rank == 0 and (newer or remote):
@@ -170,7 +173,9 @@ class CheckpointManager:
             for tag in newer:
                 os.replace(self.root / tag, self.root / f"{tag}{suffix}")
                 shutil.rmtree(self.root / f"{tag}_universal", ignore_errors=True)  # derived, rebuilt on demand
-            if remote:
+            if newer:
+                (self.root / "latest_committed").write_text(tag_for(step))
+            if remote:  # the other ranks wait at the barrier below: a copy per object, slow for big checkpoints
                 self.sync.set_aside(remote, suffix)
             log.warning("resuming at step %d: the newer checkpoints %s are set aside as <tag>%s", step,
                         ", ".join(sorted(set(newer) | set(remote), key=tag_step)), suffix)

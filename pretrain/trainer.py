@@ -28,7 +28,7 @@ from data_pipeline.loader import Loader, build_loader
 from mmfuse import code_version
 from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import to_dict, to_yaml
-from pretrain.checkpoint import CheckpointManager, tag_step
+from pretrain.checkpoint import CheckpointManager
 from pretrain.config import PretrainConfig
 from pretrain.engine import Topology, build_engine, init_distributed, resolved_precision
 from pretrain.flops import peak_tflops, train_flops_per_sample
@@ -82,6 +82,8 @@ class StepResult:
     """A stop signal reached some rank: checkpoint and stop after this step."""
     checkpoint_due: bool = False
     """run.checkpoint_minutes have passed on rank 0's clock."""
+    scale_overflow: bool = False
+    """fp16: the loss scaler's overflow dropped the update (routine, not a failure)."""
 
 
 class PretrainStep(nn.Module):
@@ -125,8 +127,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, cfg.run.keep, self.topo.rank, self.topo.world_size,
                                              cfg.engine.zero_stage, cfg.run.checkpoint_sync)
         self.resume_from = self.checkpoints.resolve(cfg.run.resume)
-        if self.resume_from is not None:
-            self.checkpoints.set_aside_newer(tag_step(self.resume_from[1]))
+        self.resume_root = self.resume_from[0] if self.resume_from is not None else None
         universal = self.resume_from is not None and self.checkpoints.check_resume_layout(self.resume_from)
         if universal:
             self.resume_from = self.checkpoints.to_universal(self.resume_from)
@@ -141,6 +142,7 @@ class Trainer:
         # DeepSpeed's ZeRO, bf16 and fp16 optimizers drop a step whose gradient norm is not finite; its plain fp32
         # path (ZeRO-0) does not, so the trainer checks that one itself.
         self.guard_gradients = cfg.engine.zero_stage == 0 and resolved_precision(cfg.engine) == "fp32"
+        self.fp16 = resolved_precision(cfg.engine) == "fp16"
         self.maybe_resume()
         self.install_signal_handlers()
 
@@ -230,6 +232,8 @@ class Trainer:
             return
         client = self.checkpoints.load(self.engine, self.resume_from)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
+        # Only once the older checkpoint has loaded: a refused or failed resume must leave the newer ones as they are.
+        self.checkpoints.set_aside_newer(self.step, self.resume_root)
         self.skipped_steps = client.get("skipped_steps", 0)
         # The checkpoint holds the learning rate of the old schedule's next step; the schedule is a function of
         # the step and run.steps, so a resume that extends the run follows the new one from its first step.
@@ -320,6 +324,7 @@ class Trainer:
             if self.topo.rank in bad:
                 log.error("non-finite loss at step %d (micro-batch %d) on rank %d, sample keys %s", self.step + 1,
                           micro, self.topo.rank, batch["__key__"][:8])
+                total = total * float("nan")  # every gradient it reaches non-finite, even where an inf loss's is not
             result.nonfinite_loss_ranks += [rank for rank in bad if rank not in result.nonfinite_loss_ranks]
             result.stop |= stop
             result.checkpoint_due |= due
@@ -332,7 +337,11 @@ class Trainer:
                 self.engine.step()
             for name, value in {**losses, "loss": total}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
-        result.skipped |= bool(result.nonfinite_loss_ranks) or self.engine.skipped_steps > skipped_before
+        dropped = self.engine.skipped_steps > skipped_before
+        result.skipped |= bool(result.nonfinite_loss_ranks) or dropped
+        # fp16's loss scaler overflows by design now and then (it probes for the largest scale): DeepSpeed drops
+        # that step and lowers the scale. Counted as skipped, but not a numerical failure to halt on.
+        result.scale_overflow = dropped and self.fp16 and not result.nonfinite_loss_ranks
         norm = self.engine.get_global_grad_norm()
         self.grad_norm = norm if norm is not None else self.grad_norm
         result.losses = {name: value / accum for name, value in sums.items()}
@@ -385,6 +394,9 @@ class Trainer:
 
     def handle_nonfinite(self, result: StepResult) -> None:
         self.skipped_steps += 1
+        if result.scale_overflow:
+            log.info("step %d: fp16 loss scale overflow, update skipped and the scale lowered", self.step)
+            return
         what = (f"non-finite loss at step {self.step} on rank(s) {result.nonfinite_loss_ranks}"
                 if result.nonfinite_loss_ranks else f"non-finite gradient at step {self.step}")
         if self.cfg.run.nonfinite == "halt":

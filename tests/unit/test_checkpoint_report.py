@@ -81,8 +81,10 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside_intact(tmp_path,
     for step in (100, 200, 300):
         make_tag(tmp_path, step)
     manager = CheckpointManager(tmp_path, keep=1, rank=0, world_size=1, zero_stage=2)
-    assert manager.set_aside_newer(100) == ["step_000200", "step_000300"]
     root = tmp_path / "checkpoints"
+    assert manager.set_aside_newer(100, tmp_path / "elsewhere") == []  # another run's checkpoint: nothing here moves
+    assert manager.set_aside_newer(100, root) == ["step_000200", "step_000300"]
+    assert (root / "latest_committed").read_text() == "step_000100"
     assert committed_tags(root) == ["step_000100"] and manager.resolve("auto") == (root, "step_000100")
     aside = sorted(p.name for p in root.iterdir() if ".abandoned-" in p.name)
     assert [name.split(".")[0] for name in aside] == ["step_000200", "step_000300"]
