@@ -1,9 +1,12 @@
 """mmfuse: an open pipeline for pre-training image-text-audio models. This package is the front door only: the
 ``mmfuse`` command (cli.py) and the one config loader (config.py)."""
 
+import functools
+
 __version__ = "0.1.0"
 
 
+@functools.cache  # the code a process runs does not change under it: asked once, not at every checkpoint
 def code_version() -> str:
     """``__version__``, plus the git commit (and ``.dirty``) when the code runs from a checkout: recorded in
     checkpoints and releases, so a result can be traced to the code that made it."""
