@@ -42,6 +42,8 @@ class FusionEncoder(nn.Module):
         if empty.any():
             memory_padding = memory_padding.clone()
             memory_padding[empty, 0] = False
+        if not len(query):  # a rank whose batch has nothing to fuse: torch's attention cannot shape empty masks
+            query_padding = memory_padding = None
         return self.layers(query, torch.cat(memory, dim=1), tgt_key_padding_mask=query_padding,
                            memory_key_padding_mask=memory_padding)
 

@@ -101,8 +101,8 @@ def encode_text(clip: open_clip.CLIP, text: torch.Tensor, causal: bool = True, m
     if masked is not None:
         x = torch.where(masked.unsqueeze(-1), mask_embedding.to(x.dtype), x)
     x = x + clip.positional_embedding[:n]
-    if causal:
-        attn_mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
+    if causal or not len(text):  # (torch's attention cannot shape a per-sample mask for an empty batch)
+        attn_mask = clip.attn_mask[:n, :n] if causal and clip.attn_mask is not None else None
     else:  # per sample, so [batch x heads, n, n] (open_clip's blocks take no key-padding mask)
         heads = clip.transformer.resblocks[0].attn.num_heads
         padding = torch.zeros(text.shape, dtype=x.dtype, device=x.device).masked_fill(text == 0, float("-inf"))

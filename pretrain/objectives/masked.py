@@ -45,7 +45,7 @@ def _patch_loss(prediction: torch.Tensor, target: torch.Tensor, keep: torch.Tens
                 ctx: DistContext) -> torch.Tensor:
     """MAE's loss: mean squared error over the dropped patches (those not in ``keep``), against per-patch
     normalised targets (norm_pix_loss) when ``norm_targets``."""
-    if norm_targets:
+    if norm_targets and target.numel():
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     masked = torch.ones(target.shape[:2], dtype=torch.bool, device=target.device)
     masked.scatter_(1, keep, False)
@@ -157,5 +157,5 @@ class CrossModalMasked:
                                                text_tokens[with_image], (text == 0)[with_image],
                                                contexts["audio"][with_image], padding["audio"][with_image])
         target = model.image_patches(batch["image"][usable & batch["has_image"]].float())
-        # "+ 0 * ..." keeps the decoder in the graph on a rank with no sample to predict this step.
-        return _patch_loss(prediction, target, image.keep[mine], self.norm_targets, ctx) + 0.0 * prediction.sum()
+        # With no sample to predict, the empty prediction still connects the decoder to the (zero) loss.
+        return _patch_loss(prediction, target, image.keep[mine], self.norm_targets, ctx)

@@ -250,3 +250,26 @@ def test_cross_modal_masked_patches_by_hand(tiny):
         torch.manual_seed(3)
         changed = objective(tiny, other, Forward(tiny, other), WS1)["cross_modal_masked/image"]
     assert changed.item() != loss.item()
+
+
+@pytest.mark.parametrize("case", ["no caption", "captions but one image, uncaptioned"])
+def test_a_batch_with_nothing_to_predict_gives_zero_losses_that_still_reach_every_part(tiny, case):
+    """A rank's micro-batch can hold no sample an objective uses: its loss is 0, and its parts still get (zero)
+    gradients, so every rank's backward runs the same reductions."""
+    cfg = load_config(ObjectivesConfig, [], ["contrastive.weight=0", "masked_text.weight=1", "cross_modal_masked.weight=1",
+                                             "cross_modal_masked.patches=true"])
+    batch = make_batch(missing=False)
+    if case == "no caption":
+        batch["has_text"][:] = False
+    else:
+        batch["has_image"][1:] = False
+        batch["has_text"][0] = False
+    tiny.zero_grad(set_to_none=True)
+    forward, losses = Forward(tiny, batch), {}
+    for objective in build_objectives(cfg):
+        losses.update(objective(tiny, batch, forward, WS1))
+    assert losses["cross_modal_masked/image"].item() == 0.0
+    assert (losses["masked_text"].item() == 0.0) is (case == "no caption")
+    sum(losses.values()).backward()
+    for part in ("fusion", "mlm_head", "text_mlm_head", "fused_patch_decoder"):
+        assert all(p.grad is not None for p in tiny.part_parameters(part)), part
