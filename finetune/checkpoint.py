@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from data_pipeline.storage import filesystem, join, redact
 from finetune.config import FinetuneConfig
@@ -28,6 +28,17 @@ class Checkpoint:
     kind: str  # "release" or "open_clip"
     sha256: str
     flavor: str
+    templates: list[str] = field(default_factory=list)  # the zero-shot prompts a release was evaluated with
+
+    def zeroshot_templates(self, configured: list[str]) -> tuple[list[str], str]:
+        """(templates, where they came from): the configured ones, else the release's, else CLIP's."""
+        from pretrain.evaluate import DEFAULT_TEMPLATES
+
+        if configured:
+            return list(configured), "config"
+        if self.templates:
+            return list(self.templates), "release (pre-training eval.templates)"
+        return list(DEFAULT_TEMPLATES), "default (CLIP-style)"
 
 
 def check_checkpoint(cfg: FinetuneConfig) -> str:
@@ -62,7 +73,8 @@ def load_checkpoint(cfg: FinetuneConfig):
     if kind == "release":
         model, release = load_release(cfg.checkpoint)
         digest = _sha256(cfg.checkpoint.rstrip("/") + "/model.safetensors")
-        return model, Checkpoint(cfg.checkpoint, kind, digest, release["model"]["flavor"])
+        return model, Checkpoint(cfg.checkpoint, kind, digest, release["model"]["flavor"],
+                                 list(release.get("zeroshot", {}).get("templates", [])))
     from pretrain.model import MultimodalModel
     from pretrain.model.pretrained import load_open_clip_weights
 

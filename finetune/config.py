@@ -57,8 +57,9 @@ class ZeroshotConfig:
     """Class names in label order; empty = classnames_file, else the data's label_name fields."""
     classnames_file: str = ""
     """A JSON list or a text file with one class name per line."""
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}.", "a {}.", "{}"])
-    """Prompt templates; a class's embedding is the mean over its templates."""
+    templates: list[str] = field(default_factory=list)
+    """Prompt templates; a class's embedding is the mean over its templates. Empty: the templates the release was
+    evaluated with at pre-training (phrased like its captions), else CLIP's ("a photo of a {}.", "a {}.", "{}")."""
     train: str = "none"
     """none (zero-shot only), linear (linear probe: frozen tower, head initialised from the zero-shot classifier)
     or full (tower + head)."""
@@ -164,7 +165,8 @@ class RetentionConfig:
     data: str = ""
     """Labelled eval data for zero-shot classification before and after fine-tuning (empty: off)."""
     modality: str = "image"
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}.", "a {}.", "{}"])
+    templates: list[str] = field(default_factory=list)
+    """Prompt templates; empty: as zeroshot.templates."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.storage import redact
+from mmfuse.plots import learning_curves
 
 
 def write_outputs(run_dir: Path, cfg, task, checkpoint, results: dict[str, Any], records: list, step: int) -> None:
@@ -21,7 +22,12 @@ def write_outputs(run_dir: Path, cfg, task, checkpoint, results: dict[str, Any],
         "settings": task.card(), "chance": task.chance(), **results,
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
-    (run_dir / "RESULTS.md").write_text(results_card(summary, task.predictions_file))
+    sections = task.details(records, run_dir)
+    curves = learning_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.task}: {run_dir.name}") \
+        if step > 0 and (run_dir / "metrics.jsonl").exists() else None
+    if curves is not None:
+        sections = ["## Learning curves", "", "![learning curves](curves.png)", "", *sections]
+    (run_dir / "RESULTS.md").write_text(results_card(summary, task.predictions_file) + "\n".join(["", *sections]))
 
 
 def _dump(predictions: Any, name: str) -> str:

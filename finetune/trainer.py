@@ -107,14 +107,18 @@ class Finetuner:
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.run_dir = Path(cfg.run.dir)
+        set_seed(cfg.seed)
+        backbone, self.checkpoint = load_checkpoint(cfg)
+        # Prompts phrased like the pre-training captions unless the config names its own (config.yaml records them).
+        cfg.zeroshot.templates, templates_source = self.checkpoint.zeroshot_templates(cfg.zeroshot.templates)
+        cfg.retention.templates = list(cfg.retention.templates or cfg.zeroshot.templates)
         if self.accelerator.is_main_process:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.accelerator.wait_for_everyone()
-        set_seed(cfg.seed)
-        backbone, self.checkpoint = load_checkpoint(cfg)
         self.train_data, self.eval_data = self.build_data(backbone)
-        self.task = build_task(cfg, backbone, TaskContext(self.tokenizer, self.train_data, self.eval_data))
+        self.task = build_task(cfg, backbone, TaskContext(self.tokenizer, self.train_data, self.eval_data,
+                                                          templates_source))
         self.task.freeze_unused()
         if hasattr(self.task, "remember_zero_shot"):
             self.task.remember_zero_shot()

@@ -21,12 +21,16 @@ from data_pipeline.sources import resolve_sources
 from data_pipeline.tarstream import iter_samples
 
 PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))
+# CLIP-style prompts, for data whose captions were not phrased otherwise. A run whose captions follow a pattern
+# sets eval.templates to it; the release records them, and zero-shot fine-tuning uses them by default.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "{}")
 
 
 @dataclass
 class EvalConfig:
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}.", "a {}.", "{}"])
-    """Prompt templates for zero-shot classifiers; the class embedding is the mean over templates."""
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    """Prompt templates for zero-shot classifiers; the class embedding is the mean over templates. Phrase them as
+    the training captions are phrased: the release records them, and zero-shot fine-tuning uses them by default."""
     classnames: list[str] = field(default_factory=list)
     """Class names in label order; empty = taken from the eval data's json label / label_name fields."""
     batch_size: int = 64

@@ -66,7 +66,8 @@ def export(cfg: ExportConfig) -> str:
     output = cfg.output.path or str(run / "release" / tag)
     marker = json.loads((root / tag / MARKER).read_text())
     save_release(state, train_cfg.model, output, {"run": str(run.resolve()), "checkpoint": tag,
-                                                  "code_version": marker.get("code_version")})
+                                                  "code_version": marker.get("code_version")},
+                 templates=list(train_cfg.eval.templates))
     log.info("exported %s to %s", tag, output)
     return output
 

@@ -31,7 +31,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 FILES = ("model.safetensors", "config.json", "open_clip_model.safetensors", "open_clip_config.json")
 
 
-def release_config(cfg: ModelConfig, source: dict) -> dict:
+def release_config(cfg: ModelConfig, source: dict, templates: list[str] | None = None) -> dict:
+    """``templates``: the zero-shot prompts the run evaluated with (phrased like its captions)."""
     return {
         "format": "mmfuse-release/1",
         "model": to_dict(cfg),
@@ -42,6 +43,7 @@ def release_config(cfg: ModelConfig, source: dict) -> dict:
                       "n_fft": 400, "hop_length": 160},
         },
         "source": source,
+        "zeroshot": {"templates": list(templates or [])},
     }
 
 
@@ -53,7 +55,8 @@ def open_clip_state_dict(model: MultimodalModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, source: dict) -> None:
+def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, source: dict,
+                 templates: list[str] | None = None) -> None:
     """Write a release from a full (consolidated) state dict of ``MultimodalModel``."""
     model = MultimodalModel(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -67,7 +70,7 @@ def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, 
         save_file(contiguous, staged / "model.safetensors", metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in open_clip_state_dict(model).items()}, staged / "open_clip_model.safetensors",
                   metadata={"format": "pt"})
-        (staged / "config.json").write_text(json.dumps(release_config(cfg, source), indent=1))
+        (staged / "config.json").write_text(json.dumps(release_config(cfg, source, templates), indent=1))
         (staged / "open_clip_config.json").write_text(json.dumps(open_clip_cfg, indent=1))
         fs, root = filesystem(output)
         if is_local(output):

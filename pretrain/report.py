@@ -1,4 +1,5 @@
-"""``python -m pretrain.report RUN``: the last in-loop evaluation of a run as a table, next to chance."""
+"""``python -m pretrain.report RUN``: the last in-loop evaluation of a run as a table, next to chance; the run's
+learning curves (``curves.png``) and results card (``RESULTS.md``) are (re)written beside its metrics."""
 
 from __future__ import annotations
 
@@ -35,12 +36,38 @@ def format_report(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def write_card(run_dir: Path) -> Path:
+    """``curves.png`` (losses per objective, held-out metrics, learning rate over steps) and ``RESULTS.md`` (the
+    last evaluation next to chance, linking the curves) in ``run_dir``."""
+    from mmfuse.plots import learning_curves, read_metrics
+
+    curves = learning_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"pre-training: {run_dir.name}")
+    trained = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    lines = [f"# pre-training: {run_dir.name}", ""]
+    if trained:
+        last = trained[-1]
+        lines += [f"- Steps: {last['step']}, samples seen: {last.get('samples_seen', 0):.0f}",
+                  "- Final losses: " + ", ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in sorted(last.items())
+                                                 if k.startswith("loss/")), ""]
+    if curves is not None:
+        lines += ["![learning curves](curves.png)", ""]
+    try:
+        lines += ["```", format_report(last_eval(run_dir)), "```", ""]
+    except ValueError as err:
+        lines += [str(err), ""]
+    card = run_dir / "RESULTS.md"
+    card.write_text("\n".join(lines))
+    return card
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m pretrain.report RUN_DIR", file=sys.stderr)
         return 2
-    print(format_report(last_eval(Path(argv[0]))))
+    run_dir = Path(argv[0])
+    write_card(run_dir)
+    print(format_report(last_eval(run_dir)))
     return 0
 
 

@@ -302,6 +302,8 @@ class Trainer:
                     log.warning("stopping at step %d after a signal (checkpoint committed)", self.step)
                     break
         self.metrics.close()
+        if self.topo.is_main:
+            self.write_card()
         return last
 
     def train_step(self, data: Iterator[dict[str, Any]]) -> StepResult:
@@ -456,6 +458,15 @@ class Trainer:
             shown = {k.removeprefix("eval/"): round(v, 1) for k, v in metrics.items() if "R@1" in k or "top1" in k}
             log.info("eval at step %d: %s", self.step, shown)
         return metrics
+
+    def write_card(self) -> None:
+        """Learning curves and the results card; a failure to draw them is logged, never fatal to the run."""
+        from pretrain.report import write_card
+
+        try:
+            log.info("results card: %s", write_card(self.run_dir))
+        except Exception as err:  # noqa: BLE001 - pictures must not cost a trained model
+            log.warning("could not write the learning curves / results card: %s", err)
 
     def save(self) -> str:
         client = {"samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps, "config": to_dict(self.cfg),

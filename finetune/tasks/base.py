@@ -9,6 +9,7 @@ the whole eval set into metrics; ``predictions(records)`` is what gets written i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -42,6 +43,7 @@ class TaskContext:
     tokenizer: Callable
     train_data: Any  # TaskData or None
     eval_data: Any  # TaskData
+    templates_source: str = "config"  # where zeroshot.templates came from (config, the release, the default)
 
 
 class Task(nn.Module):
@@ -102,6 +104,11 @@ class Task(nn.Module):
     def chance(self) -> dict[str, float]:
         """Chance level of the headline metrics, for the demo table."""
         return {}
+
+    def details(self, records: list[dict[str, Any]], run_dir: Path) -> list[str]:
+        """Markdown sections for the results card beyond the metrics table (per-class tables, pictures written
+        into ``run_dir`` and linked by name); rank 0 only, after evaluation."""
+        return []
 
 
 def rows(batch: dict[str, Any], modality: str) -> torch.Tensor:

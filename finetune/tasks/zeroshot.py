@@ -9,6 +9,8 @@ exactly that classifier (scaled by the learned temperature), so step 0 equals ze
 from __future__ import annotations
 
 import json
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 from data_pipeline.storage import filesystem, redact
 from finetune.tasks.base import Task, TaskContext, register, rows
 from mmfuse.schema import ConfigError
-from pretrain.evaluate import text_classifier, topk_accuracy
+from pretrain.evaluate import DEFAULT_TEMPLATES, text_classifier, topk_accuracy
 
 
 def classnames_from_metas(metas: list[dict]) -> list[str]:
@@ -59,7 +61,9 @@ class ZeroShot(Task):
         super().__init__(cfg, backbone, context)
         zs = cfg.zeroshot
         data = context.train_data or context.eval_data
-        self.modality, self.templates = zs.modality, list(zs.templates)
+        self.modality, self.templates, self.templates_source = zs.modality, list(zs.templates), context.templates_source
+        if not self.templates:
+            self.templates, self.templates_source = list(DEFAULT_TEMPLATES), "default (CLIP-style)"
         self.classnames = load_classnames(zs.classnames, zs.classnames_file, data.metas())
         with torch.no_grad():
             classifier = text_classifier(backbone, self.tokenizer, self.classnames, self.templates, torch.device("cpu"))
@@ -118,10 +122,38 @@ class ZeroShot(Task):
     def card(self) -> dict[str, Any]:
         zs = self.cfg.zeroshot
         return {"modality": self.modality, "classes": len(self.classnames), "templates": self.templates,
+                "templates_from": self.templates_source,
                 "training": zs.train, "wise_ft": zs.wise_ft if zs.wise_ft >= 0 else "off"}
 
     def chance(self) -> dict[str, float]:
         return {"top1": 100.0 / len(self.classnames)}
+
+    def details(self, records: list[dict[str, Any]], run_dir: Path) -> list[str]:
+        """Per-class recall with class names (worst first) and a confusion matrix PNG."""
+        from mmfuse.plots import confusion_matrix
+
+        labelled = [r for r in records if r["label"] >= 0]
+        labels = [r["label"] for r in labelled]
+        predicted = [r["prediction"] for r in labelled]
+        confusion_matrix(labels, predicted, self.classnames, run_dir / "confusion.png",
+                         title=f"zero-shot {self.modality}: true class per row")
+        lines = ["## Per-class recall", "", "![confusion matrix](confusion.png)", "",
+                 "| class | samples | recall % | most often predicted instead |", "|---|---:|---:|---|"]
+        for name, total, recall, confused in per_class_recall(labels, predicted, self.classnames):
+            lines.append(f"| {name} | {total} | {recall:.1f} | {confused} |")
+        return lines
+
+
+def per_class_recall(labels: list[int], predicted: list[int], classnames: list[str]) -> list[tuple[str, int, float, str]]:
+    """(class name, samples, recall %, the wrong class predicted most often or "") per class present, worst first."""
+    out = []
+    for c, name in enumerate(classnames):
+        mine = [p for label, p in zip(labels, predicted) if label == c]
+        if not mine:
+            continue
+        wrong = Counter(p for p in mine if p != c).most_common(1)
+        out.append((name, len(mine), 100.0 * mine.count(c) / len(mine), classnames[wrong[0][0]] if wrong else ""))
+    return sorted(out, key=lambda row: (row[2], row[0]))
 
 
 @torch.no_grad()

@@ -70,9 +70,10 @@ def test_our_release_loads_and_refuses_a_mismatched_flavor(tmp_path, tiny):
 
     torch.manual_seed(0)
     original = MultimodalModel(tiny)
-    save_release(original.state_dict(), tiny, str(tmp_path / "release"), {})
+    save_release(original.state_dict(), tiny, str(tmp_path / "release"), {}, templates=["a big {}."])
     model, info = load_checkpoint(config(checkpoint=str(tmp_path / "release"), flavor="tiny"))
     assert info.kind == "release" and info.flavor == "tiny"
+    assert info.templates == ["a big {}."]  # the prompts it was evaluated with travel in the release
     for name, value in original.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     with pytest.raises(ConfigError, match="'tiny' model, but flavor='small'"):
