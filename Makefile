@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 DEMO_STEPS ?= 300
 
-.PHONY: install test test-fast demo demo-finetune bench-shard bench-load clean
+.PHONY: install test test-fast loss-curve demo demo-finetune bench-shard bench-load clean
 
 # The venv is (re)built when missing or when pyproject.toml is newer than the last install.
 $(STAMP): pyproject.toml
@@ -28,6 +28,11 @@ slurm-cluster:
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+# Store the loss curve tests/e2e/test_loss_curve.py compares against (after a change meant to move it; say why in
+# the commit). Without --refresh: compare and print what moved. `--zero-image` / `optim.lr=1e-2` show what it catches.
+loss-curve: $(STAMP)
+	$(PY) -m tests.losscurve --refresh
 
 # The whole pipeline on the embedded default: synthetic data (train + held-out), local shards, verification,
 # pre-training of the tiny flavor on 2 CPU processes (ZeRO-2, every objective) with in-loop zero-shot and

@@ -333,6 +333,7 @@ def write_standard_files(out: Path, rows: list[dict]) -> None:
         {"question_id": r["question_id"], "image_id": int(r["id"]), "question": r["question"]} for r in rows]}
     annotations = {"data_subtype": "shapes", "annotations": [
         {"question_id": r["question_id"], "image_id": int(r["id"]), "question_type": r["question_type"],
+         "answer_type": "number" if r["question_type"] == "count" else "other",
          "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(r["answers"])]} for r in rows]}
     for name, value in (("coco_captions.json", coco), ("vqa_questions.json", questions), ("vqa_annotations.json", annotations)):
         _write_atomic(out / name, json.dumps(value).encode())

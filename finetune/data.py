@@ -35,7 +35,7 @@ from finetune.config import FinetuneConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 PREFETCH = 2  # batches each worker prepares ahead (the size of its batch ring follows)
-TASK_FIELDS = ["label", "label_name", "question", "question_id", "question_type", "answers", "captions", "image_id"]
+TASK_FIELDS = ["label", "label_name", "question", "question_id", "question_type", "answer_type", "answers", "captions", "image_id"]
 
 
 @dataclass
@@ -140,7 +140,8 @@ def _vqa_records(questions: dict, annotations: dict, base: str) -> list[Record]:
         name = files.get(q["image_id"]) or f"{subtype}/COCO_{subtype}_{q['image_id']:012d}.jpg"
         records.append(Record(key=str(q["question_id"]), image=_join(base, name), meta={
             "question_id": q["question_id"], "image_id": q["image_id"], "question": q["question"],
-            "question_type": ann.get("question_type", ""), "answers": [a["answer"] for a in ann["answers"]]}))
+            "question_type": ann.get("question_type", ""), "answer_type": ann.get("answer_type", ""),
+            "answers": [a["answer"] for a in ann["answers"]]}))
     return records
 
 

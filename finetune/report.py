@@ -11,7 +11,7 @@ HEADLINE = {
     "zeroshot": ("top1", "top5"),
     "retrieval": ("mean_recall", "image_to_text/R@1", "text_to_image/R@1", "audio_to_text/R@1", "text_to_audio/R@1"),
     "caption": ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
-    "vqa": ("accuracy",),
+    "vqa": ("accuracy", "without_image/accuracy", "prior/accuracy", "changed_without_image"),
     "classify": ("accuracy", "without_image/accuracy", "without_text/accuracy", "without_audio/accuracy"),
 }
 

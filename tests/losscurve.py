@@ -90,12 +90,25 @@ def compare(stored: dict[str, list[float]], measured: dict[str, list[float]], to
     return problems
 
 
+def zero_images() -> None:
+    """Make the loader's decoder return all-zero images (in this process)."""
+    from data_pipeline.decode import Decoder
+
+    original = Decoder.decode_image
+    Decoder.decode_image = lambda self, data: original(self, data) * 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--refresh", action="store_true", help="store the measured curve as the new reference")
     parser.add_argument("--work", default="", help="folder for the data and run (default: a temporary one)")
+    parser.add_argument("--zero-image", action="store_true",
+                        help="feed every image as zeros (shows what the comparison catches when an input is lost)")
     parser.add_argument("overrides", nargs="*", help="extra pretrain overrides (to see what a change does)")
     args = parser.parse_args(argv)
+    if args.zero_image:
+        zero_images()
+        args.overrides.append("data.workers=0")  # decode in this process, where the input is zeroed
     with tempfile.TemporaryDirectory(prefix="mmfuse-loss-curve-") as tmp:
         measured = run_curve(Path(args.work or tmp), *args.overrides)
     if args.refresh:

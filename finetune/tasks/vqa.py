@@ -8,7 +8,13 @@ against soft scores (min(1, annotators who gave the answer / 3)).
 with the loss on the answer tokens; greedy or beam decoding after the question).
 
 Scored with the standard VQA accuracy (official answer normalisation, mean over the 10 leave-one-annotator-out
-subsets); predictions in the official results format ``[{"question_id", "answer"}]``.
+subsets), overall and per question / answer type; predictions in the official results format
+``[{"question_id", "answer"}]``. Beside the model's answers, every question is also answered
+- without the image (the same model on a blank, mean-colour image: the question alone), and
+- by the text-only prior (the most frequent training answer for the same question string, else for its question
+  type, else overall),
+so the card shows at once whether the model reads the image: ``changed_without_image`` is the share of answers
+that change when the image is blanked.
 """
 
 from __future__ import annotations
@@ -31,24 +37,73 @@ def _questions(batch: dict[str, Any]) -> list[int]:
     return [i for i, q in enumerate(questions) if isinstance(q, str) and q and batch["has_image"][i]]
 
 
-def _record(batch: dict[str, Any], i: int, answer: str) -> dict[str, Any]:
-    qids = batch.get("question_id") or [None] * len(batch["__key__"])
-    types = batch.get("question_type") or [None] * len(batch["__key__"])
-    answers = (batch.get("answers") or [None] * len(batch["__key__"]))[i]
-    return {"key": batch["__key__"][i], "question_id": qids[i] if qids[i] is not None else batch["__key__"][i],
-            "question": batch["question"][i], "answer": answer, "answers": list(answers or []),
-            "question_type": types[i] or ""}
+def _field(batch: dict[str, Any], name: str) -> list:
+    return batch.get(name) or [None] * len(batch["__key__"])
+
+
+def _record(batch: dict[str, Any], i: int, answer: str, without_image: str, prior: str) -> dict[str, Any]:
+    qid = _field(batch, "question_id")[i]
+    return {"key": batch["__key__"][i], "question_id": qid if qid is not None else batch["__key__"][i],
+            "question": batch["question"][i], "answer": answer, "answers": list(_field(batch, "answers")[i] or []),
+            "question_type": _field(batch, "question_type")[i] or "", "answer_type": _field(batch, "answer_type")[i] or "",
+            "without_image": without_image, "prior": prior}
+
+
+class AnswerPrior:
+    """The text-only prior: the most frequent (normalised) training answer for the same question string, else for
+    the question's type, else over all training questions. What a model that ignores the image can reach."""
+
+    def __init__(self, metas: list[dict[str, Any]]):
+        from finetune.metrics.vqa import normalize_answer
+
+        by_question: dict[str, Counter] = {}
+        by_type: dict[str, Counter] = {}
+        overall: Counter = Counter()
+        for meta in metas:
+            question, answers = meta.get("question"), meta.get("answers")
+            if not isinstance(question, str) or not isinstance(answers, list):
+                continue
+            counts = Counter(normalize_answer(a) for a in answers)
+            by_question.setdefault(question.strip().lower(), Counter()).update(counts)
+            by_type.setdefault(meta.get("question_type") or "", Counter()).update(counts)
+            overall.update(counts)
+        best = lambda counts: min(counts.items(), key=lambda item: (-item[1], item[0]))[0] if counts else ""
+        self.by_question = {q: best(c) for q, c in by_question.items()}
+        self.by_type = {t: best(c) for t, c in by_type.items() if t}
+        self.overall = best(overall)
+
+    def __call__(self, question: str, question_type: str | None) -> str:
+        return self.by_question.get(question.strip().lower()) or self.by_type.get(question_type or "") or self.overall
+
+
+def answer_all(batch: dict[str, Any], answer, prior: AnswerPrior) -> list[dict[str, Any]]:
+    """Records of the batch's questions: ``answer(images, questions) -> [str]`` with the image and with a blank
+    one, and the prior's answer."""
+    keep = _questions(batch)
+    if not keep:
+        return []
+    images, questions = batch["image"][keep], [batch["question"][i] for i in keep]
+    with_image, blank = answer(images, questions), answer(torch.zeros_like(images), questions)
+    types = _field(batch, "question_type")
+    return [_record(batch, i, a, b, prior(batch["question"][i], types[i])) for i, a, b in zip(keep, with_image, blank)]
 
 
 def score_records(records: list[dict[str, Any]]) -> dict[str, float]:
+    """VQA accuracy (overall, per question and answer type) of the model, of the model without the image and of the
+    text-only prior, and the share of answers that change without the image."""
     from finetune.metrics.vqa import vqa_score
 
     scored = [r for r in records if r["answers"]]
     if not scored:
         raise ValueError("VQA evaluation found no annotator answers (json answers field / VQA annotations)")
-    result = vqa_score({r["question_id"]: r["answer"] for r in scored}, {r["question_id"]: r["answers"] for r in scored},
-                       {r["question_id"]: r["question_type"] for r in scored})
-    return {"samples": float(len(scored)), **result}
+    answers = {r["question_id"]: r["answers"] for r in scored}
+    types = ({r["question_id"]: r["question_type"] for r in scored}, {r["question_id"]: r["answer_type"] for r in scored})
+    metrics = {"samples": float(len(scored))}
+    for field, prefix in (("answer", ""), ("without_image", "without_image/"), ("prior", "prior/")):
+        result = vqa_score({r["question_id"]: r[field] for r in scored}, answers, *types)
+        metrics.update({prefix + name: value for name, value in result.items()})
+    metrics["changed_without_image"] = 100.0 * sum(r["answer"] != r["without_image"] for r in scored) / len(scored)
+    return metrics
 
 
 @register("vqa")
@@ -69,6 +124,7 @@ class VqaClassifier(Task):
         if not answer_lists:
             raise ConfigError("vqa needs training data with annotator answers (json answers field / VQA annotations)")
         self.vocab = answer_vocab(answer_lists, cfg.vqa.answers)
+        self.prior = AnswerPrior(source.metas())
         self.index = {a: i for i, a in enumerate(self.vocab)}
         width = backbone.cfg.fusion.width
         hidden = cfg.vqa.hidden or 2 * width
@@ -100,11 +156,9 @@ class VqaClassifier(Task):
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        keep = _questions(batch)
-        if not keep:
-            return []
-        best = self.logits(batch["image"][keep], [batch["question"][i] for i in keep]).argmax(dim=1).tolist()
-        return [_record(batch, i, self.vocab[b]) for i, b in zip(keep, best)]
+        return answer_all(batch, lambda images, questions: [self.vocab[b] for b in
+                                                            self.logits(images, questions).argmax(dim=1).tolist()],
+                          self.prior)
 
     def score(self, records: list[dict[str, Any]]) -> dict[str, float]:
         return score_records(records)
@@ -114,6 +168,9 @@ class VqaClassifier(Task):
 
     def chance(self) -> dict[str, float]:
         return {"accuracy": 100.0 / len(self.vocab)}  # a uniformly random answer from the vocabulary, at best
+
+    def details(self, records: list[dict[str, Any]], run_dir) -> list[str]:
+        return type_table(self.score(records))
 
     def card(self) -> dict[str, Any]:
         return {"mode": "classify", "answer_vocabulary": len(self.vocab),
@@ -127,6 +184,7 @@ class VqaGenerator(Captioner):
     def __init__(self, cfg, backbone, context: TaskContext):
         super().__init__(cfg, backbone, context)
         self.max_answer_tokens = 8
+        self.prior = AnswerPrior((context.train_data or context.eval_data).metas())
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         from finetune.metrics.vqa import normalize_answer
@@ -147,20 +205,37 @@ class VqaGenerator(Captioner):
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        keep = _questions(batch)
-        if not keep:
-            return []
-        prefixes = [self.tokenizer.encode(batch["question"][i]) for i in keep]
-        generated = self.generate(batch["image"][keep], prefixes, max_len=self.max_answer_tokens)
         from finetune.metrics.vqa import normalize_answer
 
-        return [_record(batch, i, normalize_answer(self.text(ids))) for i, ids in zip(keep, generated)]
+        def answer(images: torch.Tensor, questions: list[str]) -> list[str]:
+            prefixes = [self.tokenizer.encode(q) for q in questions]
+            return [normalize_answer(self.text(ids)) for ids in self.generate(images, prefixes, max_len=self.max_answer_tokens)]
+
+        return answer_all(batch, answer, self.prior)
 
     def score(self, records: list[dict[str, Any]]) -> dict[str, float]:
         return score_records(records)
+
+    def details(self, records: list[dict[str, Any]], run_dir) -> list[str]:
+        return type_table(self.score(records))
 
     def predictions(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"question_id": r["question_id"], "answer": r["answer"]} for r in records]
 
     def card(self) -> dict[str, Any]:
         return {"mode": "generate", **self.decoding(), "answer_max_tokens": self.max_answer_tokens}
+
+
+def type_table(metrics: dict[str, float]) -> list[str]:
+    """Markdown: accuracy per question type and answer type with the image, without it and from the prior."""
+    kinds = sorted(k.removeprefix("accuracy/") for k in metrics if k.startswith("accuracy/"))
+    lines = ["## Accuracy by question type", "",
+             f"With the image, without it (a blank image: the question alone) and the text-only prior (most frequent "
+             f"training answer for the question). Answers that change without the image: "
+             f"{metrics['changed_without_image']:.1f}%.", "",
+             "| type | with image % | without image % | text-only prior % |", "|---|---:|---:|---:|"]
+    for kind in ["", *kinds]:
+        key = f"accuracy/{kind}" if kind else "accuracy"
+        lines.append(f"| {kind.replace('answer_type/', 'answer: ') or '**all**'} | {metrics[key]:.1f} | "
+                     f"{metrics.get('without_image/' + key, float('nan')):.1f} | {metrics.get('prior/' + key, float('nan')):.1f} |")
+    return lines
