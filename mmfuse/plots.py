@@ -61,6 +61,23 @@ def eval_keys(series: dict) -> list[str]:
     return headline or keys
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    _pyplot().close(fig)
+    return out
+
+
 def learning_curves(metrics_file: Path, out: Path, title: str = "") -> Path | None:
     """Write ``out`` (PNG): losses per objective (log scale), held-out metrics and the learning rate over steps.
     Returns None when the file has no metric to draw."""
@@ -72,10 +89,7 @@ def learning_curves(metrics_file: Path, out: Path, title: str = "") -> Path | No
             panels.append((name, keys, log_y))
     if not panels:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (name, keys, log_y) in zip(axes[0], panels):
@@ -92,20 +106,13 @@ def learning_curves(metrics_file: Path, out: Path, title: str = "") -> Path | No
         ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def confusion_matrix(labels: list[int], predictions: list[int], classnames: list[str], out: Path,
                      title: str = "") -> Path:
     """Write ``out`` (PNG): row-normalised confusion matrix (true class per row), class names on both axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     n = len(classnames)
@@ -121,8 +128,4 @@ def confusion_matrix(labels: list[int], predictions: list[int], classnames: list
     ax.set_ylabel("true")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
