@@ -95,7 +95,7 @@ class Captioner(Task):
                            length_penalty=cc.length_penalty)
 
     def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids).strip()
+        return decoded_text(self.tokenizer, ids)
 
     def decoding(self) -> dict[str, Any]:
         cc = self.cfg.caption
@@ -156,3 +156,9 @@ class Caption(Captioner):
     def card(self) -> dict[str, Any]:
         return {**self.decoding(), "decoder_layers": self.cfg.caption.layers,
                 "metrics": "pycocoevalcap BLEU-1..4, METEOR, ROUGE-L, CIDEr (SPICE left out: it cannot run offline)"}
+
+
+def decoded_text(tokenizer, ids: list[int]) -> str:
+    """The text of one generated token sequence, decoded whole. Byte-level tokens a model emits that form no UTF-8
+    character are dropped rather than shown as U+FFFD (which caption metrics cannot tokenize)."""
+    return " ".join(tokenizer.decode(ids).replace("\ufffd", " ").split())

@@ -188,3 +188,18 @@ def test_bad_settings_are_refused():
         beam_search(Toy(TABLE), 1, SOT, EOT, max_len=3, beam_size=0)
     with pytest.raises(ValueError, match="shape"):
         greedy(lambda tokens, rows: torch.zeros(V), 2, SOT, EOT, max_len=3)
+
+
+def test_generated_text_is_decoded_whole_and_stray_bytes_are_dropped():
+    import open_clip
+
+    from finetune.tasks.caption import decoded_text
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    ids = tokenizer.encode("a café with a red circle")
+    assert decoded_text(tokenizer, ids) == "a café with a red circle"  # multi-byte characters survive whole
+    # A lone byte token of a multi-byte character (what a weak model emits) decodes to U+FFFD; it is dropped.
+    stray = [i for i in range(256, 512) if "\ufffd" in tokenizer.decode([i])][:1]
+    assert stray, "the tokenizer has no lone byte token"
+    text = decoded_text(tokenizer, ids[:2] + stray + ids[2:])
+    assert "\ufffd" not in text and text.endswith("with a red circle")
