@@ -5,6 +5,7 @@ Each component receives only its own sub-config (``ImageConfig`` for the image p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from mmfuse.schema import MISSING, ConfigError
@@ -193,23 +194,86 @@ LOADER_MODES = ("exact", "resampled")
 
 
 @dataclass
+class SpecAugmentConfig:
+    """SpecAugment (Park et al. 2019) on the training log-mel: bands of mel bins and runs of frames set to the
+    spectrogram's floor, the value padding has. Off by default (0 masks); evaluation never masks."""
+
+    freq_masks: int = 0
+    """Frequency masks per clip."""
+    freq_width: int = 8
+    """Widest frequency mask in mel bins (each mask's width is drawn from 0..freq_width)."""
+    time_masks: int = 0
+    """Time masks per clip."""
+    time_width: int = 20
+    """Widest time mask in frames (each mask's width is drawn from 0..time_width)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.freq_masks > 0 or self.time_masks > 0
+
+
+@dataclass
 class AudioFeatureConfig:
-    """Log-mel spectrograms of fixed shape, as the audio tower expects them."""
+    """Log-mel spectrograms of fixed shape, as the audio tower expects them.
+
+    The front end (``FRONT_END``: sample rate, mel bands, FFT, hop, frames, band edges) is part of the model: a
+    pre-training run records it in its release, and fine-tuning takes it from there (``from_recorded``)."""
 
     sample_rate: int = 16000
     """Clips at other rates are resampled (soxr)."""
     n_mels: int = 64
-    """Mel bands (the spectrogram's height)."""
+    """Mel bands (the spectrogram's height). In pretrain and finetune configs 0 (their default): the model's."""
     n_fft: int = 400
     """FFT size (25 ms at 16 kHz)."""
     hop_length: int = 160
     """Hop between frames (10 ms at 16 kHz)."""
     frames: int = 200
-    """Fixed number of frames (the spectrogram's width): longer clips are cropped, shorter padded and masked."""
+    """Frames of one window (the spectrogram's width); a shorter clip is padded and masked. In pretrain and finetune
+    configs 0 (their default): the model's."""
     f_min: float = 0.0
     """Lowest mel band edge in Hz."""
     f_max: float = 0.0
     """Highest mel band edge in Hz; 0 means sample_rate / 2."""
+    max_seconds: float = 30.0
+    """Only this much of a clip counts: a clip longer than one window is cropped at a random offset within its first
+    max_seconds when training, and embedded as pooled windows over them when evaluating. Bounds what a header
+    claiming hours can cost."""
+    eval_windows: int = 4
+    """Evaluation: a clip longer than one window is embedded as the mean of up to this many windows spread evenly
+    over it (1: its first window only)."""
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+
+    def validate(self) -> None:
+        if self.max_seconds <= 0 or self.eval_windows < 1:
+            raise ConfigError(f"audio.max_seconds must be > 0 and audio.eval_windows >= 1, got {self.max_seconds} and "
+                              f"{self.eval_windows}")
+        augment = self.spec_augment
+        if min(augment.freq_masks, augment.freq_width, augment.time_masks, augment.time_width) < 0:
+            raise ConfigError("audio.spec_augment counts and widths must be >= 0")
+
+
+FRONT_END = ("sample_rate", "n_mels", "n_fft", "hop_length", "frames", "f_min", "f_max")
+"""The fields that say what a log-mel input means: a model trained on one setting of them must be fed the same."""
+UNSET = {"f_min": -1.0, "f_max": -1.0}
+"""A front-end field at this value (0 for the others) is not set by the user: it comes from the model or release."""
+LEGACY_FRONT_END = {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "f_min": 0.0, "f_max": 0.0}
+"""What releases from before the front end was recorded in full were made with (the only settings they wrote)."""
+
+
+def from_recorded(configured: AudioFeatureConfig, recorded: dict, source: str, fix: str) -> AudioFeatureConfig:
+    """``configured`` with its unset front-end fields taken from ``recorded`` (the model's or a release's values).
+
+    A field the user set to something else is a conflict, never silently replaced: the error names both values,
+    ``source`` (where the recorded one comes from) and ``fix`` (what to do, formatted with ``name`` and ``want``)."""
+    values = {}
+    for name, want in recorded.items():
+        have = getattr(configured, name)
+        if have == UNSET.get(name, 0):
+            values[name] = type(have)(want)
+        elif have != want:
+            raise ConfigError(f"data.audio.{name}={have} conflicts with {source} {name}={want}: "
+                              + fix.format(name=name, want=want))
+    return dataclasses.replace(configured, **values)
 
 
 @dataclass
@@ -284,3 +348,4 @@ class LoaderConfig:
         unknown = set(self.require) - {"image", "text", "audio"}
         if unknown:
             raise ConfigError(f"require lists unknown modalities {sorted(unknown)}; use image, text, audio")
+        self.audio.validate()

@@ -1,14 +1,18 @@
 """Raw tar members → model inputs, and samples → batches with a presence mask per modality.
 
 The image transform and the tokenizer come from the model (open_clip's ``image_transform`` and tokenizer), so
-train augmentation vs eval is the caller's choice. A sample missing a modality keeps a zero tensor and a False in
-that modality's mask; a sample that fails to decode raises ``SampleError`` with its reason.
+train augmentation vs eval is the caller's choice; so is ``Decoder.train`` for audio: a random window of a long clip
+(and SpecAugment when configured) for training, every window (up to ``eval_windows``) for evaluation, where a batch
+carries the windows after each clip's first as ``audio_more`` (``[W, n_mels, frames]``) with the batch row each
+belongs to in ``audio_more_owner`` (``[W]``). A sample missing a modality keeps a zero tensor and a False in that
+modality's mask; a sample that fails to decode raises ``SampleError`` with its reason.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,7 +26,7 @@ from data_pipeline.batchring import fresh_shared
 from data_pipeline.config import AudioFeatureConfig, LoaderConfig
 from data_pipeline.errors import SampleError
 from data_pipeline.image import decode_jpeg_fast
-from data_pipeline.melspec import log_mel
+from data_pipeline.melspec import log_mel, spec_augment
 from data_pipeline.tarstream import RawSample
 
 MODALITIES = ("image", "text", "audio")
@@ -43,6 +47,8 @@ class Decoder:
     image_transform: Callable[[Image.Image], torch.Tensor] | None
     tokenizer: Callable[[list[str]], torch.Tensor] | None
     image_size: int = 224
+    train: bool = True
+    """Audio: a random window of a long clip and SpecAugment (training), or all its windows (evaluation)."""
 
     def __post_init__(self) -> None:
         members = self.cfg.members
@@ -71,8 +77,17 @@ class Decoder:
         if present["text"]:
             sample["text"] = caption
         if present["audio"]:
-            sample["audio"] = decode_audio(audio_bytes, cfg.audio)
+            sample.update(self.decode_clip(audio_bytes))
         return sample
+
+    def decode_clip(self, data: bytes) -> dict[str, Any]:
+        """``{"audio": (log-mel, mask)}`` of the clip's (first or training) window, and at evaluation
+        ``"audio_more"``: the log-mels of its other windows."""
+        windows = decode_audio(data, self.cfg.audio, self.train)
+        out: dict[str, Any] = {"audio": windows[0]}
+        if len(windows) > 1:
+            out["audio_more"] = [mel for mel, _ in windows[1:]]
+        return out
 
     def decode_image(self, data: bytes) -> torch.Tensor:
         try:
@@ -121,6 +136,10 @@ class Decoder:
         mel_shape = (audio_cfg.n_mels, audio_cfg.frames)
         batch["audio"] = _stack_or_zeros([s["audio"][0] if "audio" in s else None for s in samples], mel_shape, torch.float32, empty)
         batch["audio_mask"] = _stack_or_zeros([s["audio"][1] if "audio" in s else None for s in samples], (audio_cfg.frames,), torch.bool, empty)
+        if not self.train:
+            more = [(row, mel) for row, s in enumerate(samples) for mel in s.get("audio_more", ())]
+            batch["audio_more"] = _stack_or_zeros([mel for _, mel in more], mel_shape, torch.float32, empty)
+            batch["audio_more_owner"] = torch.tensor([row for row, _ in more], dtype=torch.long)
         for name in self.cfg.members.task_fields:
             values = [s["meta"].get(name) for s in samples]
             if name == "label":
@@ -172,22 +191,61 @@ def split_tensor_tail(transform: Callable | None) -> tuple[Callable | None, Batc
     return Compose(steps[:-2]), BatchNormalize(mean, std, Compose(steps[-2:]))
 
 
-def decode_audio(data: bytes, cfg: AudioFeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_audio(data: bytes, cfg: AudioFeatureConfig, train: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(log-mel ``[n_mels, frames]``, valid mask ``[frames]``) per window of a clip: when training one, at a random
+    offset in a clip longer than a window, SpecAugmented when configured; when evaluating up to
+    ``cfg.eval_windows``, spread evenly over the clip, the first at its start. Only the clip's first
+    ``cfg.max_seconds`` count, and only the windows' samples are decoded."""
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate = f.samplerate
-            needed = int(((cfg.frames + 1) * cfg.hop_length + cfg.n_fft) * rate / cfg.sample_rate) + 1
-            samples = f.read(frames=needed, dtype="float32", always_2d=True)
+            segments = _read_windows(f, cfg, train)
     except Exception as err:  # libsndfile errors for corrupt audio
         raise SampleError("audio_decode_error", type(err).__name__) from None
+    windows = [log_mel(_mono(samples, rate, cfg.sample_rate), cfg) for samples in segments]
+    if train and cfg.spec_augment.enabled:
+        spec_augment(windows[0][0], cfg.spec_augment)
+    return windows
+
+
+def _read_windows(f: sf.SoundFile, cfg: AudioFeatureConfig, train: bool) -> list[np.ndarray]:
+    """The samples (at the file's rate) each window's log-mel reads: a seek and a read per window where the file
+    says its length, else one read of what may count, then cut. Windows start so that their frames lie within the
+    clip's first ``max_seconds`` (a header claiming hours costs nothing)."""
+    scale = f.samplerate / cfg.sample_rate
+    span = max(1, round(cfg.frames * cfg.hop_length * scale))  # one window's frames, in samples
+    length = int(((cfg.frames + 1) * cfg.hop_length + cfg.n_fft) * scale) + 1  # what its log-mel reads
+    cap = max(span, int(cfg.max_seconds * f.samplerate))
+    if not (f.seekable() and f.frames > 0):
+        clip = f.read(frames=cap + length - span, dtype="float32", always_2d=True)
+        return [clip[o:o + length] for o in window_offsets(min(len(clip), cap), span, train, cfg.eval_windows)]
+    segments = []
+    for offset in window_offsets(min(f.frames, cap), span, train, cfg.eval_windows):
+        f.seek(offset)
+        segments.append(f.read(frames=length, dtype="float32", always_2d=True))
+    return segments
+
+
+def window_offsets(total: int, span: int, train: bool, max_windows: int) -> list[int]:
+    """Where the windows (``span`` samples each) of a clip of ``total`` samples start. Training: one, uniformly
+    at random (torch's default generator). Evaluation: as many as it takes to cover the clip, at most
+    ``max_windows``, evenly spaced from its start to its end (the last may overlap the one before)."""
+    room = total - span
+    if room <= 0:
+        return [0]
+    if train:
+        return [int(torch.randint(0, room + 1, ()))]
+    count = min(max_windows, math.ceil(total / span))
+    return [round(room * i / (count - 1)) for i in range(count)] if count > 1 else [0]
+
+
+def _mono(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     if samples.size == 0:
         raise SampleError("audio_empty")
     mono = samples.mean(axis=1)
     if not np.isfinite(mono).all():
         raise SampleError("audio_nan")
-    if rate != cfg.sample_rate:
-        mono = soxr.resample(mono, rate, cfg.sample_rate)
-    return log_mel(mono, cfg)
+    return soxr.resample(mono, rate, target_rate) if rate != target_rate else mono
 
 
 def _first(members: dict[str, bytes], exts: list[str]) -> bytes | None:

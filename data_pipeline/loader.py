@@ -318,6 +318,7 @@ class Loader:
             self.epoch, self.step = self.epoch + 1, 0
 
 
-def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
-                 image_transform: Callable | None = None, tokenizer: Callable | None = None, image_size: int = 224) -> Loader:
-    return Loader(cfg, Decoder(cfg, image_transform, tokenizer, image_size), rank, world_size)
+def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, image_transform: Callable | None = None,
+                 tokenizer: Callable | None = None, image_size: int = 224, train: bool = True) -> Loader:
+    """``train``: audio as training sees it (a random window, SpecAugment) or as evaluation does (all windows)."""
+    return Loader(cfg, Decoder(cfg, image_transform, tokenizer, image_size, train), rank, world_size)

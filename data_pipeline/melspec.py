@@ -1,7 +1,8 @@
 """Log-mel spectrograms of fixed shape, in torch (torchaudio's wheels do not pair with the torch used here).
 
 HTK mel scale, triangular filters, power spectrum, natural log with a floor. Output ``[n_mels, frames]`` plus a
-``[frames]`` mask that is True where the clip had signal (padding frames are False).
+``[frames]`` mask that is True where the clip had signal (padding frames are False). Padding and SpecAugment's
+masks both hold ``FLOOR``, the log of silence.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import math
 import numpy as np
 import torch
 
-from data_pipeline.config import AudioFeatureConfig
+from data_pipeline.config import AudioFeatureConfig, SpecAugmentConfig
+
+FLOOR = math.log(1e-10)
 
 
 def hz_to_mel(hz):
@@ -48,8 +51,26 @@ def log_mel(waveform: np.ndarray, cfg: AudioFeatureConfig) -> tuple[torch.Tensor
     power = spectrum.abs().pow(2)
     mel = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.f_min, cfg.f_max) @ power
     mel = torch.log(mel.clamp_min(1e-10))[:, : cfg.frames]
-    out = torch.full((cfg.n_mels, cfg.frames), math.log(1e-10))
+    out = torch.full((cfg.n_mels, cfg.frames), FLOOR)
     out[:, :valid] = mel[:, :valid]
     mask = torch.zeros(cfg.frames, dtype=torch.bool)
     mask[:valid] = True
     return out, mask
+
+
+def spec_augment(mel: torch.Tensor, cfg: SpecAugmentConfig) -> torch.Tensor:
+    """``mel`` (``[n_mels, frames]``) with ``cfg.freq_masks`` bands of mel bins and ``cfg.time_masks`` runs of
+    frames set to ``FLOOR``, in place. Widths and positions come from torch's default generator, which the loaders
+    seed per sample from (seed, epoch, sample): the same masks after a resume."""
+    for _ in range(cfg.freq_masks):
+        _mask_band(mel, 0, cfg.freq_width)
+    for _ in range(cfg.time_masks):
+        _mask_band(mel, 1, cfg.time_width)
+    return mel
+
+
+def _mask_band(mel: torch.Tensor, dim: int, max_width: int) -> None:
+    size = mel.shape[dim]
+    width = int(torch.randint(0, min(max_width, size) + 1, ()))
+    start = int(torch.randint(0, size - width + 1, ()))
+    mel.narrow(dim, start, width).fill_(FLOOR)

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from data_pipeline.config import LEGACY_FRONT_END, AudioFeatureConfig, from_recorded
 from data_pipeline.storage import filesystem, join, redact
 from finetune.config import FinetuneConfig
 from mmfuse.config import CONFIG_ROOT
@@ -29,6 +30,7 @@ class Checkpoint:
     sha256: str
     flavor: str
     templates: list[str] = field(default_factory=list)  # the zero-shot prompts a release was evaluated with
+    audio: dict = field(default_factory=dict)  # the audio front end the model was trained on (FRONT_END fields)
 
     def zeroshot_templates(self, configured: list[str]) -> tuple[list[str], str]:
         """(templates, where they came from): the configured ones, else the release's, else CLIP's."""
@@ -39,6 +41,13 @@ class Checkpoint:
         if self.templates:
             return list(self.templates), "release (pre-training eval.templates)"
         return list(DEFAULT_TEMPLATES), "default (CLIP-style)"
+
+
+def audio_front_end(configured: AudioFeatureConfig, trained_on: dict) -> AudioFeatureConfig:
+    """``configured`` (data.audio) with the front end the checkpoint's model was trained on: log-mels computed any
+    other way are inputs it never saw, so a field set to something else is an error that names both values."""
+    return from_recorded(configured, trained_on, "the checkpoint's", "drop data.audio.{name} (the model was trained "
+                         "with {want}, recorded in its release)")
 
 
 def check_checkpoint(cfg: FinetuneConfig) -> str:
@@ -52,6 +61,9 @@ def check_checkpoint(cfg: FinetuneConfig) -> str:
         if cfg.flavor and flavor != cfg.flavor:
             raise ConfigError(f"checkpoint {redact(cfg.checkpoint)!r} is a {flavor!r} model, but flavor={cfg.flavor!r} was "
                               "requested")
+        from pretrain.release import release_front_end
+
+        audio_front_end(cfg.data.audio, release_front_end(release))
         return "release"
     if not fs.exists(root):
         raise ValueError(f"checkpoint {redact(cfg.checkpoint)!r} does not exist")
@@ -71,17 +83,21 @@ def load_checkpoint(cfg: FinetuneConfig):
 
     kind = check_checkpoint(cfg)
     if kind == "release":
+        from pretrain.release import release_front_end
+
         model, release = load_release(cfg.checkpoint)
         digest = _sha256(cfg.checkpoint.rstrip("/") + "/model.safetensors")
         return model, Checkpoint(cfg.checkpoint, kind, digest, release["model"]["flavor"],
-                                 list(release.get("zeroshot", {}).get("templates", [])))
+                                 list(release.get("zeroshot", {}).get("templates", [])), release_front_end(release))
     from pretrain.model import MultimodalModel
     from pretrain.model.pretrained import load_open_clip_weights
 
     model_cfg = model_config_for_open_clip(cfg.open_clip_model, cfg.flavor)
     model = MultimodalModel(model_cfg)
     load_open_clip_weights(model.clip, cfg.checkpoint)  # shape mismatches name the parameter
-    return model, Checkpoint(cfg.checkpoint, kind, _sha256(cfg.checkpoint), model_cfg.flavor)
+    # open_clip has no audio: the new audio tower gets the loader's default front end at its own mel shape.
+    front_end = {**LEGACY_FRONT_END, "n_mels": model_cfg.audio.n_mels, "frames": model_cfg.audio.frames}
+    return model, Checkpoint(cfg.checkpoint, kind, _sha256(cfg.checkpoint), model_cfg.flavor, audio=front_end)
 
 
 def open_clip_architecture(name: str) -> dict:

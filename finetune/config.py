@@ -46,7 +46,10 @@ class FinetuneDataConfig:
     max_eval_samples: int = 0
     """Evaluate at most this many samples (0 = all)."""
     members: MembersConfig = field(default_factory=MembersConfig)
-    audio: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
+    # The audio front end is the checkpoint's (its release records it): 0 (-1.0 for f_min / f_max) takes the
+    # checkpoint's value, anything else must equal it. max_seconds, eval_windows and spec_augment are this run's.
+    audio: AudioFeatureConfig = field(default_factory=lambda: AudioFeatureConfig(
+        sample_rate=0, n_mels=0, n_fft=0, hop_length=0, frames=0, f_min=-1.0, f_max=-1.0))
 
 
 @dataclass
@@ -242,6 +245,7 @@ class FinetuneConfig:
             raise ConfigError("data.batch_size must be >= 1 and data.workers >= 0")
         if self.run.steps < 0:
             raise ConfigError("run.steps must be >= 0")
+        self.data.audio.validate()
 
     @property
     def trains(self) -> bool:

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from data_pipeline.batchring import RingReceiver, WorkerRing
-from data_pipeline.config import LoaderConfig
-from data_pipeline.decode import Decoder, decode_audio
+from data_pipeline.config import AudioFeatureConfig, LoaderConfig
+from data_pipeline.decode import Decoder
 from data_pipeline.errors import SampleError
 from data_pipeline.storage import filesystem, redact
 from finetune.config import FinetuneConfig
@@ -197,7 +197,7 @@ class RecordDataset(torch.utils.data.Dataset):
             if record.image:
                 sample["image"] = self.decoder.decode_image(_read(record.image, self.decoder.cfg.max_member_bytes))
             if record.audio:
-                sample["audio"] = decode_audio(_read(record.audio, self.decoder.cfg.max_member_bytes), self.decoder.cfg.audio)
+                sample.update(self.decoder.decode_clip(_read(record.audio, self.decoder.cfg.max_member_bytes)))
         except (SampleError, OSError, FileNotFoundError) as err:
             return {"__error__": getattr(err, "reason", type(err).__name__), "__key__": record.key}
         if record.text:
@@ -250,7 +250,7 @@ class TaskData:
     """One split for one rank: ``for batch in data`` runs one epoch (training: from the resume position)."""
 
     def __init__(self, cfg: FinetuneConfig, split: str, rank: int, world: int, transform, tokenizer, image_size: int,
-                 audio_shape: tuple[int, int]):
+                 audio: AudioFeatureConfig):
         data = cfg.data
         self.path = data.train if split == "train" else data.eval
         self.train = split == "train"
@@ -258,8 +258,8 @@ class TaskData:
         loader_cfg = LoaderConfig(train=self.path, mode="exact", batch_size=data.batch_size, workers=data.workers,
                                   seed=data.seed, shuffle_window=data.shuffle_window if self.train else 1,
                                   members=dataclasses.replace(data.members, task_fields=TASK_FIELDS),
-                                  audio=dataclasses.replace(data.audio, n_mels=audio_shape[0], frames=audio_shape[1]))
-        decoder = Decoder(loader_cfg, transform, tokenizer, image_size)
+                                  audio=audio)
+        decoder = Decoder(loader_cfg, transform, tokenizer, image_size, train=self.train)
         self.epoch, self.step = 0, 0
         self.rings = RingReceiver()  # the workers' batch memory (data_pipeline.batchring)
         if self.format == "shards":

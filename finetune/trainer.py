@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from finetune.checkpoint import load_checkpoint
+from finetune.checkpoint import audio_front_end, load_checkpoint
 from finetune.config import FinetuneConfig
 from finetune.data import TaskData
 from finetune.evaluation import evaluate
@@ -112,6 +112,7 @@ class Finetuner:
         # Prompts phrased like the pre-training captions unless the config names its own (config.yaml records them).
         cfg.zeroshot.templates, templates_source = self.checkpoint.zeroshot_templates(cfg.zeroshot.templates)
         cfg.retention.templates = list(cfg.retention.templates or cfg.zeroshot.templates)
+        cfg.data.audio = audio_front_end(cfg.data.audio, self.checkpoint.audio)  # what the model was trained on
         if self.accelerator.is_main_process:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -140,22 +141,22 @@ class Finetuner:
 
         mc = backbone.cfg
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=mc.text.context_length)
-        audio_shape = (mc.audio.n_mels, mc.audio.frames)
+        audio = self.cfg.data.audio
         eval_transform = open_clip.image_transform(mc.image.image_size, is_train=False)
         eval_data = TaskData(self.cfg, "eval", self.rank, self.world, eval_transform, self.tokenizer, mc.image.image_size,
-                             audio_shape)
+                             audio)
         train_data = None
         if self.training:
             if not self.cfg.data.train:
                 raise ValueError(f"task {self.cfg.task} trains for run.steps={self.cfg.run.steps} steps but data.train is empty")
             train_transform = open_clip.image_transform(mc.image.image_size, is_train=True)
             train_data = TaskData(self.cfg, "train", self.rank, self.world, train_transform, self.tokenizer,
-                                  mc.image.image_size, audio_shape)
+                                  mc.image.image_size, audio)
         self.retention_data = None
         if self.cfg.retention.data:
             retention_cfg = _with_eval_data(self.cfg, self.cfg.retention.data)
             self.retention_data = TaskData(retention_cfg, "eval", self.rank, self.world, eval_transform, self.tokenizer,
-                                           mc.image.image_size, audio_shape)
+                                           mc.image.image_size, audio)
         return train_data, eval_data
 
     def request_stop(self, signum, frame) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from data_pipeline.config import LoaderConfig
+from data_pipeline.config import AudioFeatureConfig, LoaderConfig, from_recorded
 from mmfuse.config import MISSING, ConfigError
 from pretrain.evaluate import EvalConfig
 from pretrain.model.config import ModelConfig
@@ -21,6 +21,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass
 class PretrainDataConfig(LoaderConfig):
+    # The mel shape is the audio tower's input: 0 takes the model's (a value that differs from it is an error).
+    audio: AudioFeatureConfig = field(default_factory=lambda: AudioFeatureConfig(n_mels=0, frames=0))
     eval: str = ""
     """Held-out dataset(s) for in-loop evaluation (zero-shot and retrieval); empty disables it."""
 
@@ -141,6 +143,7 @@ class PretrainConfig:
     def validate(self) -> None:
         self.model.validate()
         self.data.validate()
+        model_audio(self.data.audio, self.model)  # a mel shape that disagrees with the model fails here
         if not 0 <= self.engine.zero_stage <= 3:
             raise ConfigError(f"engine.zero_stage must be 0-3, got {self.engine.zero_stage}")
         if self.engine.offload_params and self.engine.zero_stage != 3:
@@ -186,3 +189,10 @@ class PretrainConfig:
         unknown = set(self.objectives.contrastive.pairs) - {"image_text", "audio_text", "image_audio"}
         if unknown:
             raise ConfigError(f"objectives.contrastive.pairs has unknown pairs {sorted(unknown)}")
+
+
+def model_audio(audio: AudioFeatureConfig, model: ModelConfig) -> AudioFeatureConfig:
+    """The audio front end a run uses: ``audio`` with the audio tower's input shape (n_mels x frames)."""
+    shape = {"n_mels": model.audio.n_mels, "frames": model.audio.frames}
+    return from_recorded(audio, shape, "the model's", "drop data.audio.{name} (0 follows the model) or set "
+                         "model.audio.{name} instead")

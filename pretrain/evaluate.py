@@ -63,26 +63,45 @@ def text_classifier(model, tokenizer, classnames: list[str], templates: list[str
     return torch.stack(rows)
 
 
+def embed_rows(model, modality: str, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Normalised embeddings of the batch rows ``rows`` (indices). An evaluation batch's audio clip longer than one
+    window is embedded as the mean direction of its windows' embeddings (``audio_more`` holds the windows after
+    each clip's first, ``audio_more_owner`` their rows): the whole clip counts, not its first seconds."""
+    inputs = batch[modality][rows]
+    more = batch.get("audio_more") if modality == "audio" else None
+    if more is None or not more.shape[0]:
+        return model.embed(modality, inputs)
+    position = torch.full((batch["audio"].shape[0],), -1, dtype=torch.long, device=rows.device)
+    position[rows] = torch.arange(len(rows), device=rows.device)
+    owner = position[batch["audio_more_owner"].to(rows.device)]  # each extra window's place among ``rows``
+    picked = owner >= 0
+    windows = torch.cat([inputs, more[picked.to(more.device)]])
+    owners = torch.cat([torch.arange(len(rows), device=rows.device), owner[picked]])
+    embedded = model.embed("audio", windows)
+    pooled = torch.zeros_like(embedded[: len(rows)]).index_add_(0, owners.to(embedded.device), embedded)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
 @torch.no_grad()
 def evaluate(model, data_cfg: LoaderConfig, eval_cfg: EvalConfig, rank: int, world_size: int, device,
              image_transform, tokenizer, image_size: int) -> dict[str, float]:
     was_training = model.training
     model.eval()
     cfg = dataclasses.replace(data_cfg, mode="exact", batch_size=eval_cfg.batch_size, require=[])
-    loader = build_loader(cfg, rank, world_size, image_transform, tokenizer, image_size)
+    loader = build_loader(cfg, rank, world_size, image_transform, tokenizer, image_size, train=False)
     local: dict[str, Any] = {"keys": [], "labels": []}
     embeddings: dict[str, list] = {m: [] for m in ("image", "text", "audio")}
     presence: dict[str, list] = {m: [] for m in ("image", "text", "audio")}
     seen = 0
     dtype = next(model.parameters()).dtype  # bf16 / fp16 weights take inputs of their own dtype
     for batch in loader:
-        inputs = {"image": batch["image"], "text": batch["text"], "audio": batch["audio"]}
-        for modality, tensor in inputs.items():
+        inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()
+                  if k in ("image", "text", "audio", "audio_more", "audio_more_owner")}
+        for modality in ("image", "text", "audio"):
             has = batch[f"has_{modality}"]
             out = torch.zeros(has.shape[0], model.cfg.embed_dim)
             if has.any():
-                values = tensor[has].to(device, dtype if tensor.is_floating_point() else tensor.dtype)
-                out[has] = model.embed(modality, values).float().cpu()
+                out[has] = embed_rows(model, modality, inputs, has.nonzero().squeeze(1).to(device)).float().cpu()
             embeddings[modality].append(out)
             presence[modality].append(has)
         local["keys"] += batch["__key__"]

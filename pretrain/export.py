@@ -13,7 +13,7 @@ import torch
 
 from mmfuse.config import MISSING, parse_args
 from pretrain.checkpoint import MARKER, committed_tags, saved_zero_stage, tag_for
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, model_audio
 from pretrain.release import save_release
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,16 @@ def export(cfg: ExportConfig) -> str:
         raise ValueError(f"step {cfg.step} has no committed checkpoint in {run} (have: {', '.join(tags)})")
     from mmfuse.config import load_config
 
-    train_cfg = load_config(PretrainConfig, [str(run / "config.yaml")])
+    # The mel shape always came from the model; a config.yaml from before that was enforced may hold the loader's
+    # unused defaults there, so it is read as "follow the model".
+    train_cfg = load_config(PretrainConfig, [str(run / "config.yaml")], ["data.audio.n_mels=0", "data.audio.frames=0"])
     # The stage the checkpoint was written with, whatever config.yaml says now (a later resume may have rewritten it).
     state = consolidated_state(root, tag, saved_zero_stage(root / tag))
     output = cfg.output.path or str(run / "release" / tag)
     marker = json.loads((root / tag / MARKER).read_text())
     save_release(state, train_cfg.model, output, {"run": str(run.resolve()), "checkpoint": tag,
                                                   "code_version": marker.get("code_version")},
-                 templates=list(train_cfg.eval.templates))
+                 templates=list(train_cfg.eval.templates), audio=model_audio(train_cfg.data.audio, train_cfg.model))
     log.info("exported %s to %s", tag, output)
     return output
 

@@ -3,7 +3,7 @@
 A release folder (local or object store) holds:
 - ``model.safetensors``: every weight of the multimodal model;
 - ``config.json``: the model config and the preprocessing that goes with it (image size, mean/std, tokenizer,
-  audio features), plus where it came from;
+  the run's whole audio front end: ``preprocess.audio``, which fine-tuning enforces), plus where it came from;
 - ``open_clip_model.safetensors`` + ``open_clip_config.json``: the image-text part in open_clip's own format, so
   ``open_clip.create_model_and_transforms("local-dir:RELEASE")`` loads it (temperatures squeezed back to 0-dim).
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.config import FRONT_END, LEGACY_FRONT_END, AudioFeatureConfig
 from data_pipeline.storage import commit_file, filesystem, is_local, join, redact
 from mmfuse.config import to_dict
 from pretrain.model import ModelConfig, MultimodalModel
@@ -31,16 +32,19 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 FILES = ("model.safetensors", "config.json", "open_clip_model.safetensors", "open_clip_config.json")
 
 
-def release_config(cfg: ModelConfig, source: dict, templates: list[str] | None = None) -> dict:
-    """``templates``: the zero-shot prompts the run evaluated with (phrased like its captions)."""
+def release_config(cfg: ModelConfig, source: dict, templates: list[str] | None = None,
+                   audio: AudioFeatureConfig | None = None) -> dict:
+    """``templates``: the zero-shot prompts the run evaluated with (phrased like its captions). ``audio``: the
+    run's audio settings as its loader used them (default: the loader's defaults at the model's mel shape)."""
+    audio = audio or AudioFeatureConfig(n_mels=cfg.audio.n_mels, frames=cfg.audio.frames)
+    assert (audio.n_mels, audio.frames) == (cfg.audio.n_mels, cfg.audio.frames), "the mel shape is the model's input"
     return {
         "format": "mmfuse-release/1",
         "model": to_dict(cfg),
         "preprocess": {
             "image_size": cfg.image.image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic",
             "tokenizer": "open_clip.SimpleTokenizer", "context_length": cfg.text.context_length,
-            "audio": {"sample_rate": 16000, "n_mels": cfg.audio.n_mels, "frames": cfg.audio.frames,
-                      "n_fft": 400, "hop_length": 160},
+            "audio": to_dict(audio),
         },
         "source": source,
         "zeroshot": {"templates": list(templates or [])},
@@ -56,7 +60,7 @@ def open_clip_state_dict(model: MultimodalModel) -> dict[str, torch.Tensor]:
 
 
 def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, source: dict,
-                 templates: list[str] | None = None) -> None:
+                 templates: list[str] | None = None, audio: AudioFeatureConfig | None = None) -> None:
     """Write a release from a full (consolidated) state dict of ``MultimodalModel``."""
     model = MultimodalModel(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -70,7 +74,7 @@ def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, 
         save_file(contiguous, staged / "model.safetensors", metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in open_clip_state_dict(model).items()}, staged / "open_clip_model.safetensors",
                   metadata={"format": "pt"})
-        (staged / "config.json").write_text(json.dumps(release_config(cfg, source, templates), indent=1))
+        (staged / "config.json").write_text(json.dumps(release_config(cfg, source, templates, audio), indent=1))
         (staged / "open_clip_config.json").write_text(json.dumps(open_clip_cfg, indent=1))
         fs, root = filesystem(output)
         if is_local(output):
@@ -99,6 +103,14 @@ def load_release(path: str) -> tuple[MultimodalModel, dict]:
     if missing or unexpected:
         raise ValueError(f"{redact(path)}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model, release
+
+
+def release_front_end(release: dict) -> dict:
+    """The audio front end (``FRONT_END`` fields) a release's model was trained on. Releases from before it was
+    recorded in full wrote only the mel shape and the settings of ``LEGACY_FRONT_END``, which the rest default to."""
+    recorded = release.get("preprocess", {}).get("audio", {})
+    shape = {"n_mels": release["model"]["audio"]["n_mels"], "frames": release["model"]["audio"]["frames"]}
+    return {name: recorded.get(name, {**LEGACY_FRONT_END, **shape}[name]) for name in FRONT_END}
 
 
 def _model_config(values: dict) -> ModelConfig:

@@ -29,7 +29,7 @@ from mmfuse import code_version
 from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import to_dict, to_yaml
 from pretrain.checkpoint import CheckpointManager
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, model_audio
 from pretrain.engine import Topology, build_engine, init_distributed, resolved_precision
 from pretrain.flops import peak_tflops, train_flops_per_sample
 from pretrain.logger import MetricsLogger
@@ -111,6 +111,8 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig):
         # The objective's head is part of the model (config.yaml records it, so export rebuilds the same model).
         cfg.model.fused_patch_decoder |= cfg.objectives.cross_modal_masked.patches
+        # What the loader really computes (config.yaml and checkpoints record it, export puts it in the release).
+        cfg.data.audio = model_audio(cfg.data.audio, cfg.model)
         self.cfg = cfg
         self.topo: Topology = init_distributed()
         if self.topo.device.type == "cpu":
@@ -184,20 +186,19 @@ class Trainer:
         return model
 
     def data_inputs(self, dataset: str, is_train: bool) -> tuple:
-        """(loader config for ``dataset``, image transform, tokenizer). Derived values come from the model: the
-        loader's audio shape is the audio tower's input, image size and context length are the towers'."""
+        """(loader config for ``dataset``, image transform, tokenizer). Derived values come from the model: image
+        size and context length are the towers' (the audio shape was set from it in ``__init__``)."""
         import open_clip
 
         model_cfg, data = self.cfg.model, self.cfg.data
-        audio = dataclasses.replace(data.audio, n_mels=model_cfg.audio.n_mels, frames=model_cfg.audio.frames)
         transform = open_clip.image_transform(model_cfg.image.image_size, is_train=is_train)
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg.text.context_length)
-        return dataclasses.replace(data, train=dataset, audio=audio), transform, tokenizer
+        return dataclasses.replace(data, train=dataset), transform, tokenizer
 
     def build_loader(self) -> Loader:
         loader_cfg, transform, tokenizer = self.data_inputs(self.cfg.data.train, is_train=True)
         return build_loader(loader_cfg, self.topo.rank, self.topo.world_size, transform, tokenizer,
-                            self.cfg.model.image.image_size)
+                            self.cfg.model.image.image_size, train=True)
 
     def build_step(self) -> PretrainStep:
         objectives_cfg = self.cfg.objectives

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from finetune.tasks.base import Task, TaskContext, register, rows
+from pretrain.evaluate import embed_rows
 from pretrain.objectives.contrastive import MAX_LOG_SCALE, clip_loss, siglip_loss
 from pretrain.objectives.gather import DistContext
 
@@ -67,7 +68,7 @@ class Retrieval(Task):
         for modality in self.modalities:
             keep = rows(batch, modality)
             if keep.numel():
-                embedded = self.backbone.embed(modality, batch[modality][keep]).float().cpu()
+                embedded = embed_rows(self.backbone, modality, batch, keep).float().cpu()  # long clips: pooled
                 for j, i in enumerate(keep.tolist()):
                     out[i][modality] = embedded[j]
         captions = batch.get("captions")

@@ -20,7 +20,7 @@ from torch import nn
 from data_pipeline.storage import filesystem, redact
 from finetune.tasks.base import Task, TaskContext, register, rows
 from mmfuse.schema import ConfigError
-from pretrain.evaluate import DEFAULT_TEMPLATES, text_classifier, topk_accuracy
+from pretrain.evaluate import DEFAULT_TEMPLATES, embed_rows, text_classifier, topk_accuracy
 
 
 def classnames_from_metas(metas: list[dict]) -> list[str]:
@@ -100,7 +100,10 @@ class ZeroShot(Task):
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         keep = rows(batch, self.modality)
-        logits = self.logits(batch[self.modality][keep]).float().cpu() if keep.numel() else torch.zeros(0)
+        # A long clip counts whole: the head reads the pooled embedding of its windows.
+        logits = torch.zeros(0)
+        if keep.numel():
+            logits = self.head(embed_rows(self.backbone, self.modality, batch, keep)).float().cpu()
         out = []
         for j, i in enumerate(keep.tolist()):
             out.append({"key": batch["__key__"][i], "label": int(batch["label"][i]), "logits": logits[j],
@@ -168,7 +171,7 @@ def zero_shot_accuracy(backbone, tokenizer, data, classnames: list[str], templat
     for batch in data:
         keep = rows(batch, modality)
         if keep.numel():
-            logits = (backbone.embed(modality, batch[modality][keep]).float() @ classifier.float().T).cpu()
+            logits = (embed_rows(backbone, modality, batch, keep).float() @ classifier.float().T).cpu()
             records += [{"key": batch["__key__"][i], "label": int(batch["label"][i]), "logits": logits[j]}
                         for j, i in enumerate(keep.tolist())]
     records = [r for r in gather_records(records, rank, world) if r["label"] >= 0]

@@ -194,6 +194,8 @@ def test_bad_config_fails_before_any_process_starts(shards, tmp_path):
     assert result.returncode != 0 and "not a committed checkpoint" in result.stderr
     result = pretrain(shards, tmp_path / "bad", "engine.extra={zero_optimization: {stage: 3}}", check=False)
     assert result.returncode != 0 and "set engine.zero_stage instead" in result.stderr
+    result = pretrain(shards, tmp_path / "bad", "data.audio.frames=200", check=False)
+    assert result.returncode != 0 and "data.audio.frames=200 conflicts with the model's frames=192" in result.stderr
     if not torch.cuda.is_available():
         result = pretrain(shards, tmp_path / "bad", "engine.precision=fp16", check=False)
         assert result.returncode != 0 and "engine.precision=fp16 needs a GPU" in result.stderr

@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+from data_pipeline.config import AudioFeatureConfig
 from finetune.checkpoint import check_checkpoint, load_checkpoint, model_config_for_open_clip
 from finetune.config import FinetuneConfig
 from finetune.data import BatchPlan, detect_format, read_records
@@ -265,7 +266,7 @@ def test_record_batches_from_workers_keep_their_values_while_held(synth_world):
     cfg = config(task="caption", **{"data.train": path, "data.batch_size": 1, "data.workers": 2})
 
     def batches():
-        return TaskData(cfg, "train", 0, 1, None, None, image_size=32, audio_shape=(8, 10))
+        return TaskData(cfg, "train", 0, 1, None, None, image_size=32, audio=AudioFeatureConfig(n_mels=8, frames=10))
 
     copies = [{k: v.clone() for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches()]
     held = list(batches())  # batch memory comes from the workers' rings: none may be written while held
