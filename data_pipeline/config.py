@@ -110,10 +110,13 @@ class ImageConfig:
     """Encoding of the stored image: jpg, webp or png."""
     quality: int = 90
     """JPEG/WebP quality."""
-    min_side: int = 0
-    """Images whose shorter side is below this fail with image_too_small."""
-    max_aspect_ratio: float = 0.0
-    """Images with longer/shorter side above this fail with bad_aspect_ratio; 0 disables the check."""
+    min_side: int = 8
+    """Images whose shorter side is below this fail with image_too_small (1x1 tracking pixels, spacers); 1 keeps
+    every image."""
+    max_aspect_ratio: float = 20.0
+    """Images with longer/shorter side above this fail with bad_aspect_ratio (a 468x1 banner would resize to
+    119808x256); 0 disables the check (an image whose resized size no encoder can write still fails, as
+    image_too_large)."""
     max_pixels: int = 89_478_485
     """Header pixel count above which an image is refused before decoding (decompression bomb)."""
     border_color: int = 255
@@ -322,6 +325,9 @@ class LoaderConfig:
     """Tar members larger than this are skipped unread (counted as member_too_large)."""
     max_image_pixels: int = 89_478_485
     """Images whose header claims more pixels are skipped (decompression bombs)."""
+    max_image_aspect_ratio: float = 20.0
+    """Images with longer/shorter side above this are skipped (bad_aspect_ratio): the model's resize would blow a
+    20000x1 strip up to billions of pixels. 0 disables the check."""
     read_retries: int = 3
     """Reopen-and-seek retries after a transient read error mid-shard (object stores)."""
     prefetch_factor: int = 2

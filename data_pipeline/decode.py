@@ -24,10 +24,11 @@ from PIL import Image
 
 from data_pipeline.batchring import fresh_shared
 from data_pipeline.config import AudioFeatureConfig, LoaderConfig
-from data_pipeline.errors import SampleError
-from data_pipeline.image import decode_jpeg_fast
+from data_pipeline.errors import SampleError, sample_step
+from data_pipeline.image import decode_jpeg_fast, to_rgb, upright_transpose
 from data_pipeline.melspec import log_mel, spec_augment
 from data_pipeline.tarstream import RawSample
+from data_pipeline.text import strip_control
 
 MODALITIES = ("image", "text", "audio")
 # Batch tensors that are all zeros when no sample of the batch has the modality: ``collate`` zero-fills missing
@@ -63,7 +64,9 @@ class Decoder:
         meta = _json(members.get(cfg.members.json))
         image_bytes = _first(members, self.image_exts)
         text = _first(members, self.text_exts)
-        caption = text.decode("utf-8", "replace").strip() if text is not None else meta.get(cfg.members.text_json_field)
+        caption = text.decode("utf-8", "replace") if text is not None else meta.get(cfg.members.text_json_field)
+        if isinstance(caption, str):
+            caption = strip_control(caption).strip()  # shards made elsewhere may hold NULs and escapes
         audio_bytes = _first(members, self.audio_exts)
         sample: dict[str, Any] = {"__key__": raw.key, "meta": meta}
         present = {"image": image_bytes is not None, "text": isinstance(caption, str) and bool(caption), "audio": audio_bytes is not None}
@@ -83,7 +86,8 @@ class Decoder:
     def decode_clip(self, data: bytes) -> dict[str, Any]:
         """``{"audio": (log-mel, mask)}`` of the clip's (first or training) window, and at evaluation
         ``"audio_more"``: the log-mels of its other windows."""
-        windows = decode_audio(data, self.cfg.audio, self.train)
+        with sample_step("audio_decode_error"):  # the log-mel and resampling of an odd clip fail it alone
+            windows = decode_audio(data, self.cfg.audio, self.train)
         out: dict[str, Any] = {"audio": windows[0]}
         if len(windows) > 1:
             out["audio_more"] = [mel for mel, _ in windows[1:]]
@@ -92,16 +96,33 @@ class Decoder:
     def decode_image(self, data: bytes) -> torch.Tensor:
         try:
             image = Image.open(io.BytesIO(data))
-            if image.width * image.height > self.cfg.max_image_pixels:
-                raise SampleError("image_too_large", f"{image.width}x{image.height}")
+            width, height = image.size
+            if width * height > self.cfg.max_image_pixels:
+                raise SampleError("image_too_large", f"{width}x{height}")
+            limit = self.cfg.max_image_aspect_ratio
+            if limit and max(width, height) > limit * max(1, min(width, height)):
+                raise SampleError("bad_aspect_ratio", f"{width}x{height}")
             # TurboJPEG through simplejpeg: the same pixels as Pillow's decoder, ~30% less time (anything it
             # refuses, truncated data included, goes through Pillow, which decides the failure reason).
             decoded = decode_jpeg_fast(data, None) if image.format == "JPEG" and image.mode in ("RGB", "L") else None
-            image = decoded if decoded is not None else image.convert("RGB")
+            if decoded is None:
+                image.load()  # decode errors are raised here, not later in the transform
+            # Raw files (fine-tuning's COCO, VQA and folder readers) may carry an EXIF rotation; shards made here
+            # are stored upright, without EXIF, and pay one dict lookup.
+            transpose = upright_transpose(image) if "exif" in image.info else None
+            image = decoded if decoded is not None else to_rgb(image)  # 16-bit, CMYK, palette + alpha included
+            if transpose is not None:
+                image = image.transpose(transpose)
         except SampleError:
             raise
+        except Image.DecompressionBombError as err:  # Pillow's own limit (twice its default) tripped at open
+            raise SampleError("image_too_large", str(err)[:100]) from None
         except Exception as err:  # Pillow raises many types for corrupt data
             raise SampleError("image_decode_error", type(err).__name__) from None
+        with sample_step("image_transform_error"):  # the model's resize and crop, on this image's odd size
+            return self._transform(image)
+
+    def _transform(self, image: Image.Image) -> torch.Tensor:
         if self.image_transform is None:
             return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
         if self._normalize is None:
@@ -257,7 +278,7 @@ def _json(data: bytes | None) -> dict:
         return {}
     try:
         value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested deep
         raise SampleError("bad_json") from None
     return value if isinstance(value, dict) else {}
 

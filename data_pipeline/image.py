@@ -26,7 +26,7 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.config import ImageConfig
-from data_pipeline.errors import SampleError
+from data_pipeline.errors import SampleError, sample_step
 
 # EXIF orientation → the transpose that shows the picture upright (ImageOps.exif_transpose's table).
 _ORIENTATION_TRANSPOSE = {
@@ -41,6 +41,8 @@ _ORIENTATION_TRANSPOSE = {
 # Orientations 5-8 swap width and height.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\0", b"MM\0*")
+# The longest side each encoder writes (libjpeg: 65500, libwebp: 16383); PNG's limit is far above any bomb guard.
+_MAX_ENCODED_SIDE = {"jpg": 65500, "webp": 16383, "png": 2**31 - 1}
 _ENCODE_ARGS = {
     "jpg": lambda q: {"format": "JPEG", "quality": q},
     "webp": lambda q: {"format": "WEBP", "quality": q, "method": 4},
@@ -65,7 +67,10 @@ _keep_freed_image_memory()
 
 
 def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, dict]:
-    """Returns the encoded image and its metadata; raises SampleError with the reason it was refused."""
+    """Returns the encoded image and its metadata; raises SampleError with the reason it was refused.
+
+    Every error of the decode, resize and encode steps fails this image alone (``image_decode_error``,
+    ``image_resize_error``, ``image_encode_error``, with the exception's type and message as detail)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -90,16 +95,18 @@ def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, dict]:
         # The decode target is in the stored (not yet oriented) frame; the scale is the same in both.
         scale = _scale(width, height, cfg)
         shrunk = (math.ceil(stored_width * scale), math.ceil(stored_height * scale)) if scale < 1 else None
-        decoded = decode_jpeg_fast(data, shrunk) if image.format == "JPEG" and image.mode in ("RGB", "L") else None
-        if decoded is None:
-            decoded = _decode_pillow(image, shrunk)
-
-    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
-    image = decoded.transpose(transpose) if transpose is not None else decoded
-    image = to_rgb(image, cfg.border_color)
-    image = resize(image, cfg, (width, height))
+        with sample_step("image_decode_error"):
+            decoded = decode_jpeg_fast(data, shrunk) if image.format == "JPEG" and image.mode in ("RGB", "L") else None
+            if decoded is None:
+                decoded = _decode_pillow(image, shrunk)
+            transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+            image = decoded.transpose(transpose) if transpose is not None else decoded
+            image = to_rgb(image, cfg.border_color)
+    with sample_step("image_resize_error"):
+        image = resize(image, cfg, (width, height))
     out = io.BytesIO()
-    image.save(out, **_ENCODE_ARGS[cfg.format](cfg.quality))
+    with sample_step("image_encode_error"):
+        image.save(out, **_ENCODE_ARGS[cfg.format](cfg.quality))
     meta = {"width": image.width, "height": image.height, "original_width": width, "original_height": height}
     return out.getvalue(), meta
 
@@ -131,7 +138,16 @@ def _decode_pillow(image: Image.Image, shrunk: tuple[int, int] | None) -> Image.
     return image
 
 
+def upright_transpose(image: Image.Image) -> Image.Transpose | None:
+    """The transpose that shows ``image`` upright per its EXIF orientation; None when it already is."""
+    return _ORIENTATION_TRANSPOSE.get(_orientation(image))
+
+
 def _orientation(image: Image.Image) -> int:
+    if image.format == "PNG" and "exif" not in image.info:
+        # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels; a decode error
+        # there, swallowed below, left a broken PNG "loaded" as black pixels. An eXIf chunk before them is in info.
+        return 1
     try:
         return int(image.getexif().get(0x0112, 1))
     except Exception:  # a broken EXIF block is not worth failing the image over
@@ -139,10 +155,21 @@ def _orientation(image: Image.Image) -> int:
 
 
 def _check_filters(width: int, height: int, cfg: ImageConfig) -> None:
+    """The guards that need only the header: extreme aspect ratio, tiny, and a resized size no encoder can write
+    or that would itself be a bomb (a 20000x1 strip resized to a 256 short side is 5,120,000x256)."""
+    if cfg.max_aspect_ratio and max(width, height) > cfg.max_aspect_ratio * max(1, min(width, height)):
+        raise SampleError("bad_aspect_ratio", f"{width}x{height}")
     if min(width, height) < max(cfg.min_side, 1):
         raise SampleError("image_too_small", f"{width}x{height}")
-    if cfg.max_aspect_ratio and max(width, height) / min(width, height) > cfg.max_aspect_ratio:
-        raise SampleError("bad_aspect_ratio", f"{width}x{height}")
+    scale = _scale(width, height, cfg)
+    resized = (max(1, round(width * scale)), max(1, round(height * scale)))
+    stored = resized  # what the encoder gets
+    if cfg.resize_mode == "center_crop":
+        stored = (min(cfg.size, *resized),) * 2
+    elif cfg.resize_mode == "border":
+        stored = (cfg.size, cfg.size)
+    if resized[0] * resized[1] > cfg.max_pixels or max(stored) > _MAX_ENCODED_SIDE[cfg.format]:
+        raise SampleError("image_too_large", f"{width}x{height} would resize to {resized[0]}x{resized[1]}")
 
 
 def _scale(width: int, height: int, cfg: ImageConfig) -> float:

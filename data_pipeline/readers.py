@@ -116,16 +116,19 @@ def read_rows(task: ShardTask, cfg: InputConfig) -> list[Row]:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_rows(source: str, fmt: str, columns: tuple[str, str, str], pass_through: bool) -> tuple[Row, ...]:
+def _cached_rows(source: str, fmt: str, columns: tuple[str, str, str], pass_through: bool,
+                 require_text: bool) -> tuple[Row, ...]:
     if fmt == "folder":
         return tuple(_folder_rows(source))
     table = _read_table(source, fmt, columns)
-    return tuple(_table_rows(table, source, columns, pass_through))
+    return tuple(_table_rows(table, source, columns, pass_through, require_text))
 
 
-def load_rows(source: str, fmt: str, cfg: InputConfig) -> tuple[Row, ...]:
-    """All rows of one source (cached per process: a worker writing many shards reads its manifest once)."""
-    return _cached_rows(source, fmt, (cfg.image_column, cfg.text_column, cfg.audio_column), cfg.pass_through)
+def load_rows(source: str, fmt: str, cfg: InputConfig, require_text: bool = True) -> tuple[Row, ...]:
+    """All rows of one source (cached per process: a worker writing many shards reads its manifest once).
+    ``require_text``: a manifest without ``cfg.text_column`` (unless that is empty) is an error."""
+    columns = (cfg.image_column, cfg.text_column, cfg.audio_column)
+    return _cached_rows(source, fmt, columns, cfg.pass_through, require_text)
 
 
 def _read_table(source: str, fmt: str, columns: tuple[str, str, str]) -> pa.Table:
@@ -165,13 +168,20 @@ def _resolve(location: Any, base: str) -> str | None:
     return posixpath.join(base, location)
 
 
-def _table_rows(table: pa.Table, source: str, columns: tuple[str, str, str], pass_through: bool) -> list[Row]:
+def _table_rows(table: pa.Table, source: str, columns: tuple[str, str, str], pass_through: bool,
+                require_text: bool) -> list[Row]:
     image_col, text_col, audio_col = columns
-    present = [c for c in columns if c in table.column_names]
+    present = [c for c in columns if c and c in table.column_names]
     if not present:
         raise ValueError(
             f"manifest {redact(source)!r} has none of the columns {list(columns)} (it has {table.column_names}); "
             "set input.image_column / input.text_column / input.audio_column"
+        )
+    if require_text and text_col and text_col not in table.column_names:
+        # Without this, a caption column named otherwise (img2dataset's "caption") shards every image without text.
+        raise ValueError(
+            f"manifest {redact(source)!r} has no text column {text_col!r} (it has {table.column_names}); "
+            "set input.text_column, or input.text_column='' for a dataset without captions"
         )
     base = posixpath.dirname(source)
     data = table.to_pydict()

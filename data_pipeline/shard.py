@@ -15,8 +15,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tqdm import tqdm
-
 from data_pipeline.config import ShardConfig
 from data_pipeline.distributor import run_local
 from data_pipeline.readers import ShardTask, plan_shards
@@ -24,6 +22,8 @@ from data_pipeline.storage import filesystem, is_local, join, redact, write_byte
 from data_pipeline.worker import ShardWorker, config_fingerprint
 from data_pipeline.writer import shard_name
 from mmfuse.config import parse_args, to_dict
+from mmfuse.logs import setup_logging
+from mmfuse.progress import progress
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -65,6 +65,7 @@ def prepare_output(url: str) -> None:
 def run(cfg: ShardConfig) -> dict:
     """Shard the input; returns the dataset summary (also written as dataset.json)."""
     started = time.time()
+    preflight(cfg)
     prepare_output(cfg.output.path)
     fingerprint = config_fingerprint(cfg)
     tasks = plan_shards(cfg.input, cfg.output.samples_per_shard, cfg.dedup)
@@ -72,7 +73,7 @@ def run(cfg: ShardConfig) -> dict:
     total_rows = sum(t.row_end - t.row_start for t in todo)
     log.info("%d shards planned, %d to write (%d rows)", len(tasks), len(todo), total_rows)
 
-    bar = tqdm(total=total_rows, unit="sample", disable=not cfg.progress, dynamic_ncols=True, desc="shard")
+    bar = progress(total_rows, "shard", "sample", disable=not cfg.progress)
 
     def on_tick(done: int, written: int) -> None:
         if done != bar.n:
@@ -85,7 +86,28 @@ def run(cfg: ShardConfig) -> dict:
     bar.close()
     summary = finalize(cfg, tasks, time.time() - started)
     print(format_summary(summary), file=sys.stderr)
+    if summary["input_rows"] and not summary["written"]:
+        reasons = ", ".join(f"{reason}={count}" for reason, count in summary["failed"].items())
+        raise ValueError(f"no sample was written: all {summary['input_rows']} input rows failed ({reasons}); the first "
+                         f"inputs: {', '.join(repr(redact(path)) for path in example_inputs(cfg, tasks))}")
     return summary
+
+
+def preflight(cfg: ShardConfig) -> None:
+    """Before any worker process or array job starts: credentials for object-store URLs, a writable output (the
+    input's existence and format are checked when the shards are planned, also before any worker)."""
+    from data_pipeline.preflight import check_credentials, check_output
+
+    check_credentials("input.path", cfg.input.path)
+    check_output("output.path", cfg.output.path)
+
+
+def example_inputs(cfg: ShardConfig, tasks: list[ShardTask], count: int = 3) -> list[str]:
+    """The media locations of the first input rows, for an error message."""
+    from data_pipeline.readers import load_rows
+
+    rows = load_rows(tasks[0].source, tasks[0].format, cfg.input)[:count] if tasks else ()
+    return [path for row in rows for path in (row.image, row.audio) if path][:count]
 
 
 def finalize(cfg: ShardConfig, tasks: list[ShardTask], seconds: float) -> dict:
@@ -99,8 +121,10 @@ def finalize(cfg: ShardConfig, tasks: list[ShardTask], seconds: float) -> dict:
         stats.append(json.loads(fs.cat_file(path)))
     sizes = {f"{s['shard']}.tar": s["written"] for s in stats}
     failed: Counter[str] = Counter()
+    cleaned: Counter[str] = Counter()
     for s in stats:
         failed.update(s["failed"])
+        cleaned.update(s.get("cleaned", {}))
     members: Counter[str] = Counter()
     for s in stats:
         members.update(s["bytes"]["members"])
@@ -110,6 +134,7 @@ def finalize(cfg: ShardConfig, tasks: list[ShardTask], seconds: float) -> dict:
         "input_rows": sum(s["input_rows"] for s in stats),
         "written": sum(s["written"] for s in stats),
         "failed": dict(sorted(failed.items())),
+        "cleaned": dict(sorted(cleaned.items())),
         "bytes": sum(s["bytes"]["tar"] for s in stats),
         "modalities": sorted({"image" if ext in ("jpg", "webp", "png") else {"txt": "text", "flac": "audio"}.get(ext, "") for ext in members} - {""}),
         "member_bytes": dict(sorted(members.items())),
@@ -135,7 +160,8 @@ def _public_config(cfg: ShardConfig) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    rows = [("written", summary["written"])] + [(f"failed: {r}", n) for r, n in summary["failed"].items()]
+    rows = [("written", summary["written"])] + [(f"  cleaned: {r}", n) for r, n in summary.get("cleaned", {}).items()]
+    rows += [(f"failed: {r}", n) for r, n in summary["failed"].items()]
     total = summary["input_rows"] or 1
     width = max(len("input rows"), *(len(name) for name, _ in rows))
     lines = [f"{'status':<{width}}  {'samples':>9}  {'share':>7}", "-" * (width + 20)]
@@ -146,7 +172,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = parse_args(ShardConfig, argv, prog="mmfuse shard", description=__doc__.split("\n\n")[0])
     return run(cfg)
 

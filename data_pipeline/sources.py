@@ -1,8 +1,8 @@
 """Where the loader's samples come from: datasets resolved into shard URLs with sample counts.
 
-A dataset is a folder or object-store prefix with ``sizes.json`` (made by ``mmfuse shard``, img2dataset or
-DataComp), a brace pattern (``s3://b/shard-{000000..000099}.tar``) or a single ``.tar``. Counts come from a
-``sizes.json`` beside the shards; without one, each tar's headers are read once to count its samples.
+A dataset is a folder or object-store prefix with ``sizes.json`` (made by ``mmfuse shard``), a folder of ``.tar`` files without one (img2dataset's output as it is), a brace pattern
+(``s3://b/shard-{000000..000099}.tar``) or a single ``.tar``. Counts come from ``sizes.json``, else from each
+shard's ``_stats.json`` (img2dataset's ``successes``); a shard neither lists has its tar headers read once.
 """
 
 from __future__ import annotations
@@ -37,14 +37,19 @@ class Source:
         return sum(s.count for s in self.shards)
 
 
-def resolve_sources(spec: str, weights: list[float] | None = None) -> list[Source]:
-    """``a::b::c`` → one Source per dataset; weights default to dataset sizes."""
+def dataset_names(spec: str) -> list[str]:
+    """``a::b::c`` → the datasets it names."""
     names = [part.strip() for part in spec.split("::") if part.strip()]
     if not names:
         raise ValueError("no dataset given (train is empty)")
+    return names
+
+
+def resolve_sources(spec: str, weights: list[float] | None = None) -> list[Source]:
+    """``a::b::c`` → one Source per dataset; weights default to dataset sizes."""
     sources = []
-    for i, name in enumerate(names):
-        shards = tuple(_resolve_one(name))
+    for i, name in enumerate(dataset_names(spec)):
+        shards = tuple(ShardInfo(url, count if count is not None else _count(url)) for url, count in shard_listing(name))
         if not shards:
             raise ValueError(f"dataset {redact(name)!r} has no shards")
         samples = sum(s.count for s in shards)
@@ -53,18 +58,42 @@ def resolve_sources(spec: str, weights: list[float] | None = None) -> list[Sourc
     return sources
 
 
-def _resolve_one(name: str) -> list[ShardInfo]:
+def shard_listing(name: str) -> list[tuple[str, int | None]]:
+    """One dataset's shard URLs with their sample counts from ``sizes.json`` (None where it has no entry), reading
+    no tar: what the launcher can check in a second before any rank starts."""
     if name.endswith(".tar") or "{" in name:
         urls = list(braceexpand.braceexpand(name))
         sizes = _sizes_beside(urls[0])
-        return [ShardInfo(url, _count(url, sizes)) for url in urls]
+        return [(url, _listed(url, sizes)) for url in urls]
     fs, root = filesystem(name)
-    sizes_path = posixpath.join(root, "sizes.json")
-    if not fs.exists(sizes_path):
-        raise ValueError(f"{redact(name)!r} is neither a .tar, a brace pattern, nor a folder with sizes.json")
-    sizes = json.loads(fs.cat_file(sizes_path))
     base = name.rstrip("/")
-    return [ShardInfo(f"{base}/{shard}", int(count)) for shard, count in sorted(sizes.items())]
+    sizes_path = posixpath.join(root, "sizes.json")
+    if fs.exists(sizes_path):
+        sizes = json.loads(fs.cat_file(sizes_path))
+        return [(f"{base}/{shard}", int(count)) for shard, count in sorted(sizes.items())]
+    counts = stats_counts(fs, root)
+    if not counts:
+        raise ValueError(f"{redact(name)!r} is neither a .tar, a brace pattern, nor a folder of shards (sizes.json, or "
+                         ".tar files as img2dataset writes them)")
+    return [(f"{base}/{shard}", count) for shard, count in counts.items()]
+
+
+def stats_counts(fs, root: str) -> dict[str, int | None]:
+    """A folder without sizes.json (img2dataset's output as it is): its .tar files, each with the samples its
+    ``NNNNN_stats.json`` says it holds (img2dataset's ``successes``, our ``written``), None where there is none. The
+    stats files are fetched in one concurrent batch: a 10,000-shard prefix is listed in seconds."""
+    tars = sorted(posixpath.basename(path) for path in fs.glob(posixpath.join(root, "*.tar")))
+    stats_paths = {tar: posixpath.join(root, tar.removesuffix(".tar") + "_stats.json") for tar in tars}
+    found = fs.cat(list(stats_paths.values()), on_error="omit") if tars else {}
+    found = {posixpath.basename(path.rstrip("/")): data for path, data in found.items()}
+    counts: dict[str, int | None] = {}
+    for tar, path in stats_paths.items():
+        try:
+            stats = json.loads(found[posixpath.basename(path)])
+            counts[tar] = int(stats["successes"] if "successes" in stats else stats["written"])
+        except (KeyError, ValueError, TypeError):
+            counts[tar] = None
+    return counts
 
 
 def _sizes_beside(url: str) -> dict[str, int]:
@@ -76,9 +105,11 @@ def _sizes_beside(url: str) -> dict[str, int]:
         return {}
 
 
-def _count(url: str, sizes: dict[str, int]) -> int:
+def _listed(url: str, sizes: dict[str, int]) -> int | None:
     name = url.rsplit("/", 1)[-1]
-    if name in sizes:
-        return int(sizes[name])
+    return int(sizes[name]) if name in sizes else None
+
+
+def _count(url: str) -> int:
     log.info("no sizes.json entry for %s: counting its samples from the tar headers", redact(url))
     return count_samples(url)

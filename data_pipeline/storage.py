@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from mmfuse.redact import redact, redact_text, redact_values  # noqa: F401 (their home before mmfuse/)
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +45,6 @@ def is_local(url: str) -> bool:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
-
-
-def redact(url: str) -> str:
-    """Drop user:password@ and the fragment, and replace the query string by ``<redacted>`` (signed URLs carry
-    their secrets there; the marker tells a reader that the original had one). Paths without a scheme are left
-    alone: ``?`` is a legal file-name character."""
-    if not isinstance(url, str) or "://" not in url:
-        return url
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "<redacted>" if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
-_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
-
-
-def redact_text(text: str) -> str:
-    """Redact every URL inside a message (exception texts often embed the full URL)."""
-    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
 
 
 def commit_file(local_path: str, fs: fsspec.AbstractFileSystem, remote_path: str, retries: int = 3) -> None:

@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from data_pipeline.config import SynthConfig
 from mmfuse.config import parse_args, to_dict
+from mmfuse.progress import progress
 
 # Pitch rises along the rainbow. Neighbours are ~1.3x apart, a ratio chosen so that no low harmonic of one
 # colour lands within a few percent of another colour's fundamental.
@@ -304,7 +304,7 @@ def run(cfg: SynthConfig) -> Path:
     (out / "audio").mkdir(exist_ok=True)
     manifest.unlink(missing_ok=True)  # the manifest marks a finished folder, so it goes first and comes back last
     rows = []
-    for index in tqdm(range(cfg.num_samples), desc="synth", unit="sample", disable=cfg.num_samples < 1000):
+    for index in progress(cfg.num_samples, "synth", "sample", disable=cfg.num_samples < 1000, iterable=range(cfg.num_samples)):
         scene = make_scene(cfg.seed, index)
         row = make_row(cfg.seed, index, scene)
         jpeg = io.BytesIO()

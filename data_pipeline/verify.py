@@ -1,4 +1,5 @@
-"""``mmfuse verify DATASET``: read every shard (local or object store) and check it against sizes.json and stats.
+"""``mmfuse verify DATASET``: read every shard (local or object store) and check it against sizes.json and stats
+(an img2dataset folder, which has no sizes.json: against each shard's ``_stats.json``).
 
 Reports missing, truncated and corrupt shards, and counts that disagree; exits non-zero if anything is wrong.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from data_pipeline.config import VerifyConfig
+from data_pipeline.sources import stats_counts
 from data_pipeline.storage import filesystem, join, redact
 from mmfuse.config import parse_args
 
@@ -24,6 +26,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 class Report:
     shards: int = 0
     samples: int = 0
+    layout: str = "mmfuse"
+    """``mmfuse`` (sizes.json, dataset.json) or ``img2dataset`` (tars and their _stats.json only)."""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -34,12 +38,16 @@ class Report:
 def verify(cfg: VerifyConfig) -> Report:
     fs, root = filesystem(cfg.path)
     report = Report()
-    if not fs.exists(join(root, "sizes.json")):
-        report.problems.append(f"{redact(cfg.path)}: no sizes.json (sharding unfinished or not a dataset)")
-        return report
-    sizes = json.loads(fs.cat_file(join(root, "sizes.json")))
-    if not fs.exists(join(root, "dataset.json")):
-        report.problems.append("no dataset.json: the sharding run did not finish")
+    if fs.exists(join(root, "sizes.json")):
+        sizes: dict[str, int | None] = json.loads(fs.cat_file(join(root, "sizes.json")))
+        if not fs.exists(join(root, "dataset.json")):
+            report.problems.append("no dataset.json: the sharding run did not finish")
+    else:  # img2dataset's output as it is: its tars, counted against their _stats.json
+        sizes = stats_counts(fs, root)
+        if not sizes:
+            report.problems.append(f"{redact(cfg.path)}: no sizes.json and no .tar files (sharding unfinished or not a dataset)")
+            return report
+        report.layout = "img2dataset"
     for name, expected in sorted(sizes.items()):
         report.shards += 1
         path = join(root, name)
@@ -49,7 +57,7 @@ def verify(cfg: VerifyConfig) -> Report:
         stats_path = join(root, name.removesuffix(".tar") + "_stats.json")
         if not fs.exists(stats_path):
             report.problems.append(f"{name}: no stats file")
-        elif json.loads(fs.cat_file(stats_path))["written"] != expected:
+        elif report.layout == "mmfuse" and json.loads(fs.cat_file(stats_path)).get("written") != expected:
             report.problems.append(f"{name}: stats and sizes.json disagree")
         try:
             found = _check_tar(fs, path, cfg.decode, report.problems, name)
@@ -57,8 +65,9 @@ def verify(cfg: VerifyConfig) -> Report:
             report.problems.append(f"{name}: truncated or corrupt tar ({type(err).__name__}: {err})")
             continue
         report.samples += found
-        if found != expected:
-            report.problems.append(f"{name}: {found} samples, sizes.json says {expected}")
+        if expected is not None and found != expected:
+            said = "sizes.json says" if report.layout == "mmfuse" else "its stats say"
+            report.problems.append(f"{name}: {found} samples, {said} {expected}")
     listed = set(sizes)
     for path in fs.glob(join(root, "*.tar")):
         if path.rsplit("/", 1)[-1] not in listed:
@@ -111,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     for problem in report.problems:
         print(f"PROBLEM {problem}", file=sys.stderr)
     verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
-    print(f"{redact(cfg.path)}: {report.shards} shards, {report.samples} samples: {verdict}")
+    layout = " (img2dataset layout)" if report.layout == "img2dataset" else ""
+    print(f"{redact(cfg.path)}{layout}: {report.shards} shards, {report.samples} samples: {verdict}")
     return 0 if report.ok else 1
 
 

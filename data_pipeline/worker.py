@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import pyarrow.parquet as pq
 
 from data_pipeline.config import ShardConfig
-from data_pipeline.errors import SampleError
+from data_pipeline.errors import SampleError, sample_step
 from data_pipeline.fetchers import Fetcher
 from data_pipeline.image import process_image
 from data_pipeline.readers import Row, ShardTask, read_rows
@@ -44,6 +44,8 @@ class Processed:
     content_hash: str = ""
     reason: str = ""
     detail: str = ""
+    cleaned: str = ""
+    """What was repaired in a sample that is kept (``text_control_chars``), counted in the stats' ``cleaned``."""
 
 
 class ShardWorker:
@@ -65,6 +67,7 @@ class ShardWorker:
         previous = self._previous_successes(task) if self.cfg.retry_failed else {}
         writer = ShardWriter(self.cfg.output, task.shard_id)
         failed: Counter[str] = Counter()
+        cleaned: Counter[str] = Counter()
         seen_hashes: set[str] = set()
         sizes: Counter[str] = Counter()
         duplicate_rows = set(task.duplicate_rows)
@@ -76,6 +79,8 @@ class ShardWorker:
                     failed[result.reason] += 1
                 else:
                     seen_hashes.add(result.content_hash)
+                    if result.cleaned:
+                        cleaned[result.cleaned] += 1
                     writer.write({"__key__": result.key, **result.members})
                     for ext, data in result.members.items():
                         sizes[ext] += len(data)
@@ -87,6 +92,7 @@ class ShardWorker:
                 "input_rows": len(rows),
                 "written": writer.written,
                 "failed": dict(sorted(failed.items())),
+                "cleaned": dict(sorted(cleaned.items())),
                 "bytes": {"members": dict(sorted(sizes.items()))},
                 "seconds": round(time.time() - started, 3),
                 "config_fingerprint": self.fingerprint,
@@ -117,7 +123,7 @@ class ShardWorker:
             self._fill(result)
         except SampleError as err:
             result.reason, result.detail = err.reason, err.detail
-            result.members = {}
+            result.members, result.cleaned = {}, ""
         return result
 
     def _fill(self, result: Processed) -> None:
@@ -134,12 +140,15 @@ class ShardWorker:
         if present["image"]:
             raw = fetch(row.image)
             digest.update(b"image" + hashlib.sha256(raw).digest())
-            result.members[cfg.image.format], image_meta = process_image(raw, cfg.image)
+            with sample_step("image_decode_error"):  # process_image names its own steps; this is the net
+                result.members[cfg.image.format], image_meta = process_image(raw, cfg.image)
             meta["source"]["image"] = redact(row.image)
             meta.update(image_meta)
             meta["sha256_image"] = hashlib.sha256(result.members[cfg.image.format]).hexdigest()
         if present["text"]:
-            caption = process_text(text, cfg.text)
+            caption, stripped = process_text(text, cfg.text)
+            if stripped:
+                result.cleaned, result.detail = "text_control_chars", f"{stripped} control characters stripped"
             digest.update(b"text" + caption.encode())
             result.members["txt"] = caption.encode()
         if present["audio"]:
@@ -147,7 +156,8 @@ class ShardWorker:
 
             raw = fetch(row.audio)
             digest.update(b"audio" + hashlib.sha256(raw).digest())
-            result.members["flac"], audio_meta = process_audio(raw, cfg.audio)
+            with sample_step("audio_decode_error"):
+                result.members["flac"], audio_meta = process_audio(raw, cfg.audio)
             meta["source"]["audio"] = redact(row.audio)
             meta.update(audio_meta)
             meta["sha256_audio"] = hashlib.sha256(result.members["flac"]).hexdigest()
@@ -167,7 +177,8 @@ class ShardWorker:
         if not fs.exists(base + "_stats.json"):
             return {}
         table = pq.read_table(io.BytesIO(fs.cat_file(base + ".parquet")))
-        good = {r["key"]: r["content_hash"] for r in table.select(["key", "status", "content_hash"]).to_pylist() if r["status"] == "success"}
+        listed = table.select(["key", "status", "content_hash", "detail"]).to_pylist()
+        good = {r["key"]: r for r in listed if r["status"] == "success"}
         members: dict[str, dict[str, bytes]] = {}
         with fs.open(base + ".tar", "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
@@ -178,15 +189,18 @@ class ShardWorker:
         out = {}
         for key, found in members.items():
             meta = json.loads(found.get("json", b"{}"))
-            out[key] = Processed(key, rows[key], found, meta, content_hash=good[key])
+            # A kept sample's detail says what was cleaned (only captions are, so far): the stats count it again.
+            detail = good[key]["detail"] or ""
+            out[key] = Processed(key, rows[key], found, meta, content_hash=good[key]["content_hash"], detail=detail,
+                                 cleaned="text_control_chars" if detail else "")
         return out
 
 
 def _json_fields(data: bytes) -> dict:
     try:
         value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SampleError("bad_json", str(err)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: "[[[[..." nested deep
+        raise SampleError("bad_json", f"{type(err).__name__}: {err}"[:200]) from None
     if not isinstance(value, dict):
         raise SampleError("bad_json", "not an object")
     return value

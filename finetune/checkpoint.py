@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from data_pipeline.config import LEGACY_FRONT_END, AudioFeatureConfig, from_recorded
 from data_pipeline.storage import filesystem, join, redact
 from finetune.config import FinetuneConfig
 from mmfuse.config import CONFIG_ROOT
 from mmfuse.schema import ConfigError
+from pretrain.tags import MARKER, committed_tags
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -56,6 +58,9 @@ def check_checkpoint(cfg: FinetuneConfig) -> str:
     if fs.isdir(root):
         if not fs.exists(join(root, "config.json")):
             raise ValueError(f"checkpoint {redact(cfg.checkpoint)!r} is a folder without config.json: not an mmfuse release")
+        if not fs.exists(join(root, "model.safetensors")):
+            raise ValueError(f"checkpoint {redact(cfg.checkpoint)!r} has config.json but no model.safetensors: an "
+                             "unfinished or partly copied release")
         release = json.loads(fs.cat_file(join(root, "config.json")))
         flavor = release.get("model", {}).get("flavor", "")
         if cfg.flavor and flavor != cfg.flavor:
@@ -159,3 +164,18 @@ def _sha256(path: str) -> str:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def resolve_resume(cfg: FinetuneConfig) -> Path | None:
+    """The checkpoint to resume from, checked before any work starts."""
+    resume = cfg.run.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        root = Path(cfg.run.dir) / "checkpoints"
+        found = committed_tags(root)
+        return root / found[-1] if found else None
+    folder = Path(resume)
+    if not (folder / MARKER).is_file():
+        raise ValueError(f"run.resume={resume!r} is not a committed fine-tuning checkpoint (no {MARKER} marker)")
+    return folder

@@ -35,6 +35,14 @@ class FinetuneDataConfig:
     """VQA format: the annotations JSON that goes with the train questions JSON."""
     eval_annotations: str = ""
     """VQA format: the annotations JSON that goes with the eval questions JSON."""
+    image_template: str = ""
+    """VQA format without an ``images`` list: a question's image file name, relative to data.train_images /
+    data.eval_images, from {image_id} (an int: {image_id:012d} pads it) and {subtype} (the JSON's data_subtype),
+    e.g. {image_id}.png. Empty: COCO's naming, {subtype}/COCO_{subtype}_{image_id:012d}.jpg, which needs a
+    data_subtype in the questions JSON."""
+    warn_skipped_fraction: float = 0.1
+    """Warn loudly at the end when more than this share of the training samples read was skipped (a missing or
+    undecodable file); a split with no usable sample at all is an error."""
     batch_size: int = 32
     """Samples per batch on each rank (training and evaluation)."""
     workers: int = 1
@@ -241,6 +249,12 @@ class FinetuneConfig:
         if not 0 <= self.run.deepspeed_stage <= 2:
             raise ConfigError(f"run.deepspeed_stage must be 0 (DDP), 1 or 2, got {self.run.deepspeed_stage} (ZeRO-3 would "
                               "partition the weights the evaluation and the heads read directly)")
+        if self.data.image_template:
+            try:
+                self.data.image_template.format(image_id=0, subtype="")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ConfigError(f"data.image_template={self.data.image_template!r} must use only {{image_id}} and "
+                                  f"{{subtype}} ({type(err).__name__}: {err})") from None
         if self.data.batch_size < 1 or self.data.workers < 0:
             raise ConfigError("data.batch_size must be >= 1 and data.workers >= 0")
         if self.run.steps < 0:

@@ -18,163 +18,24 @@ Training order is a function of (seed, epoch); every rank gets the same number o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import posixpath
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from data_pipeline.batchring import RingReceiver, WorkerRing
-from data_pipeline.config import AudioFeatureConfig, LoaderConfig
+from data_pipeline.config import AudioFeatureConfig, FetchConfig, LoaderConfig
 from data_pipeline.decode import Decoder
 from data_pipeline.errors import SampleError
-from data_pipeline.storage import filesystem, redact
+from data_pipeline.fetchers import Fetcher
+from data_pipeline.storage import filesystem
+from data_pipeline.text import decode_caption
 from finetune.config import FinetuneConfig
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+from finetune.records import Record, detect_format, read_records  # noqa: F401 (the readers moved there; re-exported)
 PREFETCH = 2  # batches each worker prepares ahead (the size of its batch ring follows)
 TASK_FIELDS = ["label", "label_name", "question", "question_id", "question_type", "answer_type", "answers", "captions", "image_id"]
-
-
-@dataclass
-class Record:
-    """One sample of a standard file, before decoding."""
-
-    key: str
-    image: str | None = None
-    audio: str | None = None
-    text: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def detect_format(path: str, configured: str) -> str:
-    if configured != "auto":
-        return configured
-    fs, inner = filesystem(path)
-    lower = inner.lower()
-    if "{" in lower or "::" in lower:
-        return "shards"
-    if not fs.exists(inner):
-        raise ValueError(f"data {redact(path)!r} does not exist")
-    if lower.endswith(".tar"):
-        return "shards"
-    if fs.isdir(inner):
-        return "shards" if fs.exists(posixpath.join(inner, "sizes.json")) else "folder"
-    if lower.endswith(".json"):
-        head = json.loads(fs.cat_file(inner))
-        if isinstance(head, dict) and "questions" in head:
-            return "vqa"
-        if isinstance(head, dict) and "annotations" in head and "images" in head:
-            return "coco"
-    if lower.endswith((".csv", ".tsv", ".jsonl", ".parquet", ".jsonl.gz", ".csv.gz")):
-        return "manifest"
-    raise ValueError(f"cannot tell the format of {redact(path)!r}; set data.format to shards, coco, vqa, folder or manifest")
-
-
-def check_data(cfg: FinetuneConfig, train: bool) -> None:
-    """Every data path of the run exists and has a readable format (before any process starts)."""
-    data = cfg.data
-    paths = [data.eval] + ([data.train] if train and data.train else []) + ([cfg.retention.data] if cfg.retention.data else [])
-    for path in paths:
-        fmt = detect_format(path, data.format if path in (data.train, data.eval) else "auto")
-        if fmt == "vqa":
-            annotations = data.train_annotations if path == data.train else data.eval_annotations
-            if not annotations:
-                raise ValueError(f"VQA questions {redact(path)!r} need their annotations JSON (data.train_annotations / "
-                                 "data.eval_annotations)")
-            detect_format(annotations, "manifest")  # exists
-
-
-def read_records(path: str, fmt: str, images: str = "", annotations: str = "") -> list[Record]:
-    """The samples of a standard file, in a fixed order (sorted by key)."""
-    fs, inner = filesystem(path)
-    if not fs.exists(inner):
-        raise ValueError(f"data {redact(path)!r} does not exist")
-    base = images or posixpath.dirname(path)
-    if fmt == "coco":
-        records = _coco_records(json.loads(fs.cat_file(inner)), base)
-    elif fmt == "vqa":
-        if not annotations:
-            raise ValueError(f"VQA questions {redact(path)!r} need their annotations JSON (data.train_annotations / "
-                             "data.eval_annotations)")
-        afs, ainner = filesystem(annotations)
-        records = _vqa_records(json.loads(fs.cat_file(inner)), json.loads(afs.cat_file(ainner)), base)
-    elif fmt == "folder":
-        records = _folder_records(path)
-    elif fmt == "manifest":
-        records = _manifest_records(path, images)
-    else:
-        raise ValueError(f"read_records does not read format {fmt!r}")
-    if not records:
-        raise ValueError(f"data {redact(path)!r} ({fmt}) holds no samples")
-    return sorted(records, key=lambda r: r.key)
-
-
-def _join(base: str, name: str) -> str:
-    return name if "://" in name or name.startswith("/") else posixpath.join(base, name)
-
-
-def _coco_records(coco: dict, base: str) -> list[Record]:
-    captions: dict[Any, list[str]] = {}
-    for ann in coco["annotations"]:
-        captions.setdefault(ann["image_id"], []).append(ann["caption"])
-    records = []
-    for image in coco["images"]:
-        refs = captions.get(image["id"], [])
-        records.append(Record(key=str(image["id"]), image=_join(base, image["file_name"]), text=refs[0] if refs else None,
-                              meta={"image_id": image["id"], "captions": refs}))
-    return records
-
-
-def _vqa_records(questions: dict, annotations: dict, base: str) -> list[Record]:
-    answers = {a["question_id"]: a for a in annotations["annotations"]}
-    files = {img["id"]: img["file_name"] for img in questions.get("images", [])}
-    subtype = questions.get("data_subtype", "")
-    records = []
-    for q in questions["questions"]:
-        ann = answers.get(q["question_id"])
-        if ann is None:
-            raise ValueError(f"question {q['question_id']} has no annotation in the annotations JSON")
-        name = files.get(q["image_id"]) or f"{subtype}/COCO_{subtype}_{q['image_id']:012d}.jpg"
-        records.append(Record(key=str(q["question_id"]), image=_join(base, name), meta={
-            "question_id": q["question_id"], "image_id": q["image_id"], "question": q["question"],
-            "question_type": ann.get("question_type", ""), "answer_type": ann.get("answer_type", ""),
-            "answers": [a["answer"] for a in ann["answers"]]}))
-    return records
-
-
-def _folder_records(path: str) -> list[Record]:
-    fs, inner = filesystem(path)
-    root = inner.rstrip("/")
-    classes = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p))
-    if not classes:
-        raise ValueError(f"{redact(path)!r} has no class subfolders (expected ROOT/<class name>/<image>)")
-    protocol = path.split("://", 1)[0] + "://" if "://" in path else ""
-    records = []
-    for label, name in enumerate(classes):
-        for file in sorted(fs.find(f"{root}/{name}")):
-            if file.lower().endswith(IMAGE_SUFFIXES):
-                stem = file[len(root):].lstrip("/").rsplit(".", 1)[0]
-                records.append(Record(key=stem, image=protocol + file, meta={"label": label, "label_name": name}))
-    return records
-
-
-def _manifest_records(path: str, images: str) -> list[Record]:
-    from data_pipeline.config import InputConfig
-    from data_pipeline.readers import detect_format as manifest_format, load_rows
-
-    fmt = manifest_format(path, "auto")
-    rows = load_rows(path, fmt, InputConfig(path=path, pass_through=True))
-    records = []
-    for row in rows:
-        meta = dict(row.extra)
-        key = str(meta.pop("key", None) or meta.pop("id", None) or f"{row.index:09d}")
-        image = _join(images, posixpath.relpath(row.image, posixpath.dirname(path))) if images and row.image else row.image
-        text = row.text.decode() if isinstance(row.text, bytes) else row.text
-        records.append(Record(key=key, image=image, audio=row.audio, text=text, meta=meta))
-    return records
 
 
 class RecordDataset(torch.utils.data.Dataset):
@@ -198,10 +59,11 @@ class RecordDataset(torch.utils.data.Dataset):
                 sample["image"] = self.decoder.decode_image(_read(record.image, self.decoder.cfg.max_member_bytes))
             if record.audio:
                 sample.update(self.decoder.decode_clip(_read(record.audio, self.decoder.cfg.max_member_bytes)))
-        except (SampleError, OSError, FileNotFoundError) as err:
-            return {"__error__": getattr(err, "reason", type(err).__name__), "__key__": record.key}
-        if record.text:
-            sample["text"] = record.text
+            text = decode_caption(record.text)[0] if record.text else ""
+        except SampleError as err:
+            return {"__error__": err.reason, "__key__": record.key}
+        if text:
+            sample["text"] = text
         return sample
 
     def collate(self, samples: list[dict | None]) -> dict[str, Any]:
@@ -215,10 +77,15 @@ class RecordDataset(torch.utils.data.Dataset):
 
 
 def _read(location: str, limit: int) -> bytes:
-    fs, inner = filesystem(location)
-    if fs.size(inner) > limit:
-        raise SampleError("member_too_large")
-    return fs.cat_file(inner)
+    """The file's bytes, or SampleError with the sharding stage's reasons (file_not_found, not_a_file for a named
+    pipe or device, which is never opened, too_large, read_error, ...)."""
+    return _fetcher(limit).fetch(location)
+
+
+@functools.lru_cache(maxsize=4)
+def _fetcher(limit: int) -> Fetcher:
+    """One per process (a loader worker makes its own): it holds per-thread http sessions, which do not pickle."""
+    return Fetcher(FetchConfig(max_bytes=limit))
 
 
 class BatchPlan(torch.utils.data.Sampler):
@@ -270,7 +137,7 @@ class TaskData:
         else:
             images = data.train_images if self.train else data.eval_images
             annotations = data.train_annotations if self.train else data.eval_annotations
-            self.records = read_records(self.path, self.format, images, annotations)
+            self.records = read_records(self.path, self.format, images, annotations, data.image_template)
             dataset = RecordDataset(self.records, decoder, prefetch_factor=PREFETCH)
             self.plan = BatchPlan(len(self.records), data.batch_size, rank, world, data.seed, self.train)
             self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.plan, collate_fn=dataset.collate,

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from mmfuse.config import parse_args
+from mmfuse.logs import setup_logging
 from finetune.config import FinetuneConfig
 
 DESCRIPTION = {
@@ -17,27 +17,35 @@ DESCRIPTION = {
 
 
 def run(cfg: FinetuneConfig, train: bool = True) -> dict:
+    from pretrain.engine import name_the_accelerator
+
+    name_the_accelerator()
     from finetune.trainer import Finetuner
 
     return Finetuner(cfg, train=train).run()
+
+
+def preflight(cfg: FinetuneConfig, stage: str = "finetune") -> None:
+    """Everything that can be checked without the model, in the launching process before any rank starts: the
+    checkpoint, every data split and the media files it names, the run folder, the checkpoint to resume."""
+    from data_pipeline.preflight import check_input, check_output
+    from finetune.checkpoint import check_checkpoint, resolve_resume
+    from finetune.records import check_data
+
+    check_input("checkpoint", cfg.checkpoint)
+    check_checkpoint(cfg)
+    check_output("run.dir", cfg.run.dir)
+    check_data(cfg, train=stage == "finetune" and cfg.trains)
+    if stage == "finetune":
+        resolve_resume(cfg)
 
 
 def main(argv: list[str] | None = None, stage: str = "finetune") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(FinetuneConfig, argv, prog=f"mmfuse {stage}", description=DESCRIPTION[stage])
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    # Everything that can be checked without the model fails here, before any process starts.
-    from finetune.checkpoint import check_checkpoint
-    from finetune.trainer import resolve_resume
-
-    from finetune.data import check_data
-
-    check_checkpoint(cfg)
-    check_data(cfg, train=stage == "finetune" and cfg.trains)
-    if stage == "finetune":
-        resolve_resume(cfg)
+    setup_logging(rank)
+    preflight(cfg, stage)
     if cfg.launch.nproc > 0 and "WORLD_SIZE" not in os.environ:
         from pretrain.launch import spawn_local
 

@@ -16,20 +16,22 @@ import re
 import shutil
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from finetune.checkpoint import audio_front_end, load_checkpoint
+from data_pipeline.storage import redact, redact_text
+from finetune.checkpoint import audio_front_end, load_checkpoint, resolve_resume
 from finetune.config import FinetuneConfig
 from finetune.data import TaskData
 from finetune.evaluation import evaluate
 from finetune.results import write_outputs
 from finetune.tasks import TaskContext, build_task
 from mmfuse.config import to_yaml
-from pretrain.checkpoint import MARKER, committed_tags, tag_for
+from pretrain.tags import MARKER, committed_tags, tag_for
 from pretrain.logger import MetricsLogger
 
 log = logging.getLogger("mmfuse.finetune")
@@ -100,6 +102,10 @@ class Finetuner:
 
                 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                                   MASTER_PORT=str(free_port()))
+            if not torch.cuda.is_available():
+                from pretrain.engine import skip_shm_comm_build
+
+                skip_shm_comm_build()
             plugin = DeepSpeedPlugin(zero_stage=cfg.run.deepspeed_stage, gradient_clipping=cfg.optim.grad_clip or 0.0)
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
         self.accelerator = Accelerator(cpu=plugin is None and not torch.cuda.is_available(),
@@ -115,7 +121,7 @@ class Finetuner:
         cfg.data.audio = audio_front_end(cfg.data.audio, self.checkpoint.audio)  # what the model was trained on
         if self.accelerator.is_main_process:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            (self.run_dir / "config.yaml").write_text(redact_text(to_yaml(cfg)))
         self.accelerator.wait_for_everyone()
         self.train_data, self.eval_data = self.build_data(backbone)
         self.task = build_task(cfg, backbone, TaskContext(self.tokenizer, self.train_data, self.eval_data,
@@ -125,6 +131,7 @@ class Finetuner:
             self.task.remember_zero_shot()
         self.metrics = MetricsLogger(self.run_dir, self.accelerator.is_main_process)
         self.step, self.stop_requested = 0, False
+        self.train_used, self.train_skipped = 0, Counter()
         if self.training:
             optimizer = torch.optim.AdamW(param_groups(self.task, cfg), betas=(0.9, 0.98), eps=1e-6)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -195,13 +202,14 @@ class Finetuner:
         return results
 
     def train(self) -> None:
-        from tqdm import tqdm
+        from mmfuse.progress import progress
 
         cfg = self.cfg.run
         batches = self.train_data.forever()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"finetune {self.cfg.task}", unit="step",
-                   disable=not self.accelerator.is_main_process)
+        bar = progress(cfg.steps, f"finetune {self.cfg.task}", "step", initial=self.step,
+                       disable=not self.accelerator.is_main_process)
         window_start, window_samples = time.perf_counter(), 0
+        checked_first_step = False
         self.model.train()
         while self.step < cfg.steps:
             batch = self.to_device(next(batches))
@@ -214,6 +222,11 @@ class Finetuner:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             window_samples += len(batch["__key__"])
+            self.train_used += len(batch["__key__"])
+            self.train_skipped.update(batch.get("__errors__", []))
+            if not checked_first_step:
+                self.check_usable(self.train_data, "data.train", self.train_used, self.train_skipped)
+                checked_first_step = True
             bar.update(1)
             stop = self.agree(self.stop_requested)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -232,10 +245,44 @@ class Finetuner:
                 bar.close()
                 raise SystemExit(f"stopped at step {self.step} after a signal; checkpoint committed, rerun to resume")
         bar.close()
+        self.report_skipped()
+
+    def check_usable(self, data: TaskData, key: str, used: int, skipped: Counter) -> None:
+        """No rank got a usable sample (every file missing or undecodable): an error naming the reasons and a few
+        of the split's files, not a run that trains or scores nothing and exits 0."""
+        total = self.all_ranks([used, sum(skipped.values())])
+        if total[0] == 0:
+            reasons = ", ".join(f"{reason}={count}" for reason, count in skipped.most_common()) or "none read"
+            raise ValueError(f"{key} yielded no usable sample ({total[1]} skipped; this rank: {reasons}); its first files: "
+                             f"{', '.join(repr(redact(path)) for path in example_paths(data))}")
+
+    def report_skipped(self) -> None:
+        """The training samples skipped on every rank: in metrics.jsonl, and loud past data.warn_skipped_fraction."""
+        used, skipped = self.all_ranks([self.train_used, sum(self.train_skipped.values())])
+        fraction = skipped / max(used + skipped, 1)
+        self.metrics.log(self.step, {"train/samples": used, "train/skipped_samples": skipped})
+        if self.accelerator.is_main_process and fraction > self.cfg.data.warn_skipped_fraction:
+            reasons = ", ".join(f"{reason}={count}" for reason, count in self.train_skipped.most_common(5))
+            log.warning("!" * 100)
+            log.warning("%.1f%% of the training samples read were skipped (%d of %d; rank 0: %s), above "
+                        "data.warn_skipped_fraction=%g", 100 * fraction, skipped, used + skipped, reasons,
+                        self.cfg.data.warn_skipped_fraction)
+            log.warning("!" * 100)
+
+    def all_ranks(self, values: list[int]) -> list[int]:
+        """``values`` summed over the ranks."""
+        if self.world == 1:
+            return list(values)
+        total = torch.tensor(values, dtype=torch.long, device=self.accelerator.device)
+        dist.all_reduce(total)
+        return total.tolist()
 
     def evaluate(self) -> tuple[dict[str, float], list]:
         task = self.accelerator.unwrap_model(self.model)
         metrics, records = evaluate(task, _OnDevice(self.eval_data, self), self.rank, self.world, self.cfg.data.max_eval_samples)
+        if not records:  # the same on every rank: records and skipped counts are gathered
+            raise ValueError(f"data.eval yielded no usable sample ({int(metrics['skipped_samples'])} skipped); its first "
+                             f"files: {', '.join(repr(redact(path)) for path in example_paths(self.eval_data))}")
         if self.accelerator.is_main_process:
             log.info("eval at step %d: %s", self.step, {k: round(v, 2) for k, v in metrics.items()})
         return metrics, records
@@ -296,25 +343,18 @@ class Finetuner:
                              "resume with the same launch.nproc")
         self.accelerator.load_state(str(folder))
         self.step = int(state["step"])
+        self.metrics.resume_at(self.step)
         mine = state["ranks"][self.rank]
         self.train_data.load_state_dict(mine["data"])
         self.task.generator.set_state(torch.tensor(mine["task_rng"], dtype=torch.uint8))
         log.info("resumed from %s at step %d", folder, self.step)
 
 
-def resolve_resume(cfg: FinetuneConfig) -> Path | None:
-    """The checkpoint to resume from, checked before any work starts."""
-    resume = cfg.run.resume
-    if resume == "none":
-        return None
-    if resume == "auto":
-        root = Path(cfg.run.dir) / "checkpoints"
-        found = committed_tags(root)
-        return root / found[-1] if found else None
-    folder = Path(resume)
-    if not (folder / MARKER).is_file():
-        raise ValueError(f"run.resume={resume!r} is not a committed fine-tuning checkpoint (no {MARKER} marker)")
-    return folder
+def example_paths(data: TaskData, count: int = 3) -> list[str]:
+    """The first files of a split (a shard dataset: its path), for an error message."""
+    records = getattr(data, "records", None) or []
+    found = [path for record in records for path in (record.image, record.audio) if path]
+    return found[:count] or [data.path]
 
 
 def _with_eval_data(cfg: FinetuneConfig, path: str) -> FinetuneConfig:

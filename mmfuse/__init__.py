@@ -1,5 +1,6 @@
-"""mmfuse: an open pipeline for pre-training image-text-audio models. This package is the front door only: the
-``mmfuse`` command (cli.py) and the one config loader (config.py)."""
+"""mmfuse: an open pipeline for pre-training image-text-audio models. This package is the front door and the
+runtime every stage shares: the ``mmfuse`` command (cli.py), the one config loader (config.py), logging
+(logs.py), progress (progress.py), credential redaction (redact.py), plots and the allocator setting."""
 
 import functools
 

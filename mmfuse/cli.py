@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from mmfuse.config import ConfigError
+from mmfuse.redact import redact_text
 
 # name → (module with main(argv), one-line summary)
 STAGES = {
@@ -41,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = module.main(rest)
     except ConfigError as err:
-        print(f"mmfuse {stage}: config error: {err}", file=sys.stderr)
+        print(f"mmfuse {stage}: config error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     except ValueError as err:
         # Bad input the user can fix (a missing manifest column, an unreadable path): say what, no traceback.
-        print(f"mmfuse {stage}: error: {err}", file=sys.stderr)
+        print(f"mmfuse {stage}: error: {redact_text(str(err))}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
 

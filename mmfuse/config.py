@@ -22,6 +22,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -78,10 +79,35 @@ def _merge(merged, files, overrides):
             raise ConfigError(f"expected key=value, got {item!r}")
         key, value = item.split("=", 1)
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key.strip()}={value}"]))
+            override = OmegaConf.from_dotlist([f"{key.strip()}={value}"])
+            if isinstance(OmegaConf.select(override, key.strip()), bool) and isinstance(
+                    OmegaConf.select(merged, key.strip(), default=None), str):
+                override = OmegaConf.from_dotlist([f"{key.strip()}='{value}'"])  # YAML 1.1 reads no/off/yes/on as booleans
+            merged = OmegaConf.merge(merged, override)
         except OmegaConfBaseException as err:
             raise ConfigError(_explain(err, key.strip())) from None
+        except yaml.YAMLError as err:  # {image_id}.png reads as a YAML mapping followed by text
+            items = _plain_list(value)
+            if items is None:
+                raise ConfigError(f"bad value for config key {key.strip()!r}: {value!r} is not valid YAML "
+                                  f"({' '.join(str(err).split()[:6])}...); quote it: \"{key.strip()}='{value}'\"") from None
+            merged = OmegaConf.merge(merged, OmegaConf.create(_nested(key.strip(), items)))
     return merged
+
+
+def _plain_list(value: str) -> list[str] | None:
+    """``[a photo of a {}., a {}]`` as users type a list of strings (YAML reads ``{}`` as a mapping): its
+    comma-separated items, stripped; None for anything not in brackets."""
+    value = value.strip()
+    if not (value.startswith("[") and value.endswith("]")):
+        return None
+    return [item.strip() for item in value[1:-1].split(",") if item.strip()]
+
+
+def _nested(dotted: str, value: Any) -> dict:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
 
 
 def parse_args(schema: type[T], argv: list[str] | None, prog: str, description: str = "", positional: str | None = None,

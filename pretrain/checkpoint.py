@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -21,27 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.tags import MARKER, check_resume_path, committed_tags, tag_for, tag_step  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
-MARKER = "COMMITTED"
-_TAG = re.compile(r"^step_(\d+)$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def tag_step(name: str) -> int | None:
-    """The step of a checkpoint tag (``step_000100`` → 100); None for any other name."""
-    match = _TAG.match(name)
-    return int(match.group(1)) if match else None
-
-
-def committed_tags(root: Path) -> list[str]:
-    """Committed checkpoint tags, oldest first."""
-    if not root.is_dir():
-        return []
-    tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]  # *_universal excluded
-    return sorted(tags, key=tag_step)
 
 
 def saved_zero_stage(folder: Path) -> int:
@@ -53,16 +34,6 @@ def saved_zero_stage(folder: Path) -> int:
     if any(folder.glob("zero_pp_rank_*_model_states.pt")):
         return 3
     return 2 if any(folder.glob("*optim_states.pt")) else 0
-
-
-def check_resume_path(resume: str) -> Path | None:
-    """The checkpoint folder ``run.resume`` names (None for auto / none); raises if it is not a committed one."""
-    if resume in ("auto", "none"):
-        return None
-    path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise ValueError(f"run.resume={resume!r} is not a committed checkpoint folder (no {MARKER} file in it)")
-    return path
 
 
 def rng_state() -> dict:
@@ -133,13 +104,13 @@ class CheckpointManager:
     def _prune(self, newest: str) -> None:
         """Keep the newest ``keep`` committed checkpoints; drop uncommitted leftovers older than the newest."""
         tags = committed_tags(self.root)
-        newest_step = int(_TAG.match(newest).group(1))
+        newest_step = tag_step(newest)
         for tag in tags[: -self.keep]:
             shutil.rmtree(self.root / tag, ignore_errors=True)
             shutil.rmtree(self.root / f"{tag}_universal", ignore_errors=True)
         for path in self.root.iterdir():
-            match = _TAG.match(path.name)
-            if match and int(match.group(1)) < newest_step and not (path / MARKER).exists():
+            step = tag_step(path.name)
+            if step is not None and step < newest_step and not (path / MARKER).exists():
                 shutil.rmtree(path, ignore_errors=True)
 
     def resolve(self, resume: str) -> tuple[Path, str] | None:

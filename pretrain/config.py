@@ -7,7 +7,6 @@ from urllib.parse import urlsplit
 
 from data_pipeline.config import AudioFeatureConfig, LoaderConfig, from_recorded
 from mmfuse.config import MISSING, ConfigError
-from pretrain.evaluate import EvalConfig
 from pretrain.model.config import ModelConfig
 from pretrain.objectives.config import ObjectivesConfig
 
@@ -19,12 +18,35 @@ TOWERS = ("image", "text", "audio")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+# CLIP-style prompts, for data whose captions were not phrased otherwise. A run whose captions follow a pattern
+# sets eval.templates to it; the release records them, and zero-shot fine-tuning uses them by default.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "{}")
+
+
+@dataclass
+class EvalConfig:
+    """In-loop evaluation (``pretrain.evaluate``)."""
+
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    """Prompt templates for zero-shot classifiers; the class embedding is the mean over templates. Phrase them as
+    the training captions are phrased: the release records them, and zero-shot fine-tuning uses them by default."""
+    classnames: list[str] = field(default_factory=list)
+    """Class names in label order; empty = taken from the eval data's json label / label_name fields."""
+    batch_size: int = 64
+    """Samples per eval batch on each rank."""
+    max_samples: int = 0
+    """Evaluate at most this many samples (0 = all)."""
+
+
 @dataclass
 class PretrainDataConfig(LoaderConfig):
     # The mel shape is the audio tower's input: 0 takes the model's (a value that differs from it is an error).
     audio: AudioFeatureConfig = field(default_factory=lambda: AudioFeatureConfig(n_mels=0, frames=0))
     eval: str = ""
     """Held-out dataset(s) for in-loop evaluation (zero-shot and retrieval); empty disables it."""
+    warn_skipped_fraction: float = 0.1
+    """At the end of the run, warn loudly when more than this share of the training samples read was skipped
+    (undecodable, missing, too large); the counts per reason are in metrics.jsonl as data_errors/*."""
 
 
 @dataclass

@@ -44,9 +44,29 @@ def init_distributed() -> Topology:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         _init_process_group("nccl" if cuda else "gloo")
+    if not cuda:
+        skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     return Topology(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank,
                     torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def name_the_accelerator() -> None:
+    """Tell DeepSpeed it runs on the CPU where there is no CUDA device, before anything imports it: left to
+    detect that itself, it warns "Setting accelerator to CPU" in every process of every stage."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce (``deepspeed_shm_comm``) when it joins a
+    process group: a C++ build into ~/.cache/torch_extensions, minutes on a fresh machine before the first step,
+    and concurrent jobs rebuild or wait on each other's copy. Only DeepSpeed's ``inference_all_reduce`` uses the op;
+    training's collectives go through torch.distributed (gloo) either way. Marked incompatible, DeepSpeed falls back
+    as it does where the op cannot build."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _init_process_group(backend: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,24 +18,9 @@ from data_pipeline.config import LoaderConfig
 from data_pipeline.loader import build_loader
 from data_pipeline.sources import resolve_sources
 from data_pipeline.tarstream import iter_samples
+from pretrain.config import DEFAULT_TEMPLATES, EvalConfig  # noqa: F401 (re-exported: they were defined here)
 
 PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))
-# CLIP-style prompts, for data whose captions were not phrased otherwise. A run whose captions follow a pattern
-# sets eval.templates to it; the release records them, and zero-shot fine-tuning uses them by default.
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "{}")
-
-
-@dataclass
-class EvalConfig:
-    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    """Prompt templates for zero-shot classifiers; the class embedding is the mean over templates. Phrase them as
-    the training captions are phrased: the release records them, and zero-shot fine-tuning uses them by default."""
-    classnames: list[str] = field(default_factory=list)
-    """Class names in label order; empty = taken from the eval data's json label / label_name fields."""
-    batch_size: int = 64
-    """Samples per eval batch on each rank."""
-    max_samples: int = 0
-    """Evaluate at most this many samples (0 = all)."""
 
 
 def recall_at_k(similarity: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:

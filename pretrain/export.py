@@ -8,13 +8,15 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mmfuse.config import MISSING, parse_args
-from pretrain.checkpoint import MARKER, committed_tags, saved_zero_stage, tag_for
+from mmfuse.logs import setup_logging
+from pretrain.tags import MARKER, committed_tags, tag_for
 from pretrain.config import PretrainConfig, model_audio
-from pretrain.release import save_release
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class ExportConfig:
 
 def consolidated_state(checkpoint_root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of the trained model from a (sharded) DeepSpeed checkpoint."""
+    import torch
+
     if zero_stage == 0:
         # No partitioning: rank 0's model file holds the module. It is our own run's file (trusted), written by
         # DeepSpeed with pickled client state, so it cannot be read with weights_only.
@@ -63,6 +67,9 @@ def export(cfg: ExportConfig) -> str:
     # The mel shape always came from the model; a config.yaml from before that was enforced may hold the loader's
     # unused defaults there, so it is read as "follow the model".
     train_cfg = load_config(PretrainConfig, [str(run / "config.yaml")], ["data.audio.n_mels=0", "data.audio.frames=0"])
+    from pretrain.checkpoint import saved_zero_stage
+    from pretrain.release import save_release
+
     # The stage the checkpoint was written with, whatever config.yaml says now (a later resume may have rewritten it).
     state = consolidated_state(root, tag, saved_zero_stage(root / tag))
     output = cfg.output.path or str(run / "release" / tag)
@@ -75,7 +82,7 @@ def export(cfg: ExportConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = parse_args(ExportConfig, argv, prog="mmfuse export", description=__doc__.strip(), positional="run")
     print(export(cfg))
     return 0

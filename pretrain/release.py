@@ -17,15 +17,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from data_pipeline.config import FRONT_END, LEGACY_FRONT_END, AudioFeatureConfig
 from data_pipeline.storage import commit_file, filesystem, is_local, join, redact
 from mmfuse.config import to_dict
-from pretrain.model import ModelConfig, MultimodalModel
-from pretrain.model.towers import open_clip_config
+from pretrain.model.config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported where weights are touched: reading a release's config.json needs none of it
+    import torch
+
+    from pretrain.model import MultimodalModel
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,6 +64,11 @@ def open_clip_state_dict(model: MultimodalModel) -> dict[str, torch.Tensor]:
 def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, source: dict,
                  templates: list[str] | None = None, audio: AudioFeatureConfig | None = None) -> None:
     """Write a release from a full (consolidated) state dict of ``MultimodalModel``."""
+    from safetensors.torch import save_file
+
+    from pretrain.model import MultimodalModel
+    from pretrain.model.towers import open_clip_config
+
     model = MultimodalModel(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -89,6 +96,10 @@ def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, 
 
 def load_release(path: str) -> tuple[MultimodalModel, dict]:
     """(model with weights, release config) from a release folder, local or on an object store."""
+    from safetensors.torch import load_file
+
+    from pretrain.model import MultimodalModel
+
     fs, root = filesystem(path)
     if not fs.exists(join(root, "config.json")):
         raise ValueError(f"{redact(path)!r} is not a release folder (no config.json)")

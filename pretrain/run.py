@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from mmfuse.config import parse_args
+from mmfuse.logs import setup_logging
 from pretrain.config import PRESETS, PretrainConfig
 
 
 def run(cfg: PretrainConfig) -> dict:
     import torch.distributed as dist
 
+    from pretrain.engine import name_the_accelerator
+
+    name_the_accelerator()
     from pretrain.trainer import Trainer
 
     last = Trainer(cfg).run()
@@ -22,19 +25,36 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 def preflight(cfg: PretrainConfig) -> None:
-    """What the config alone cannot tell, checked on this machine before any process or process group starts."""
-    import torch
-
+    """Everything the config alone cannot tell, checked in the launching process before any rank, process group or
+    SLURM job starts: datasets and checkpoints to read, folders to write, credentials, the objectives' modalities."""
+    from data_pipeline.preflight import PreflightError, check_dataset, check_input, check_output, dataset_modalities
     from mmfuse.config import ConfigError
-    from pretrain.checkpoint import check_resume_path
-    from pretrain.engine import resolved_precision
+    from pretrain.objectives.config import missing_modalities
+    from pretrain.tags import check_resume_path
 
-    if resolved_precision(cfg.engine) == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("engine.precision=fp16 needs a GPU (dynamic loss scaling); on CPU use fp32 (auto) or bf16")
+    if cfg.engine.precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("engine.precision=fp16 needs a GPU (dynamic loss scaling); on CPU use fp32 (auto) or bf16")
     try:
         check_resume_path(cfg.run.resume)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_output("run.dir", cfg.run.dir)
+    if cfg.run.checkpoint_sync:
+        check_output("run.checkpoint_sync", cfg.run.checkpoint_sync)
+    if cfg.model.init_open_clip:
+        check_input("model.init_open_clip", cfg.model.init_open_clip)
+    check_dataset("data.train", cfg.data.train)
+    if cfg.data.eval:
+        check_dataset("data.eval", cfg.data.eval)
+    found = dataset_modalities(cfg.data.train, cfg.data.members)
+    lacking = missing_modalities(cfg.objectives, found)
+    if lacking:
+        needs = "; ".join(f"objectives.{name} needs {what}" for name, what in lacking.items())
+        raise PreflightError(f"data.train has {', '.join(sorted(found)) or 'no known modality'} only: {needs} (set "
+                             "their weight to 0, or add the missing modality to the data)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(PretrainConfig, argv, prog="mmfuse pretrain", description=__doc__.strip(), presets=PRESETS)
     preflight(cfg)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    setup_logging(rank)
     # Under an external launcher (torchrun, srun, the slurm launcher) this process already is a rank.
     if cfg.launch.nproc > 0 and "WORLD_SIZE" not in os.environ:
         from pretrain.launch import spawn_local

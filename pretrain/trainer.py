@@ -25,10 +25,11 @@ from torch import nn
 
 from data_pipeline.decode import ZERO_WHEN_ABSENT
 from data_pipeline.loader import Loader, build_loader
+from data_pipeline.storage import redact, redact_text, redact_values
 from mmfuse import code_version
 from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import to_dict, to_yaml
-from pretrain.checkpoint import CheckpointManager
+from pretrain.checkpoint import CheckpointManager, tag_for
 from pretrain.config import PretrainConfig, model_audio
 from pretrain.engine import Topology, build_engine, init_distributed, resolved_precision
 from pretrain.flops import peak_tflops, train_flops_per_sample
@@ -37,6 +38,10 @@ from pretrain.model import MultimodalModel
 from pretrain.objectives import DistContext, Forward, build_objectives
 
 log = logging.getLogger("mmfuse.pretrain")
+# Loader counts that are not samples lost: decoded samples, waiting time, a member skipped from a sample that was
+# still used, and shard events (each planned sample a broken shard loses is counted as sample_missing).
+NOT_SAMPLE_LOSSES = ("samples", "wait_seconds", "member_too_large", "shard_missing", "shard_unreadable", "shard_truncated",
+                     "shard_corrupt", "shard_shorter_than_sizes", "shard_longer_than_sizes")
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -153,7 +158,7 @@ class Trainer:
         if self.topo.is_main:
             for sub in ("checkpoints", "logs", "release"):
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.run_dir / "config.yaml").write_text(redact_text(to_yaml(self.cfg)))
         dist.barrier()
 
     def seed_everything(self, seed: int) -> None:
@@ -196,7 +201,14 @@ class Trainer:
         return dataclasses.replace(data, train=dataset), transform, tokenizer
 
     def build_loader(self) -> Loader:
+        """The training loader, decoding only the modalities some objective reads (an image-text run on shards
+        with audio decodes no audio)."""
+        from pretrain.objectives.config import read_modalities
+
         loader_cfg, transform, tokenizer = self.data_inputs(self.cfg.data.train, is_train=True)
+        unread = {modality: "" for modality in ("image", "audio") if modality not in read_modalities(self.cfg.objectives)}
+        if unread:
+            loader_cfg = dataclasses.replace(loader_cfg, members=dataclasses.replace(loader_cfg.members, **unread))
         return build_loader(loader_cfg, self.topo.rank, self.topo.world_size, transform, tokenizer,
                             self.cfg.model.image.image_size, train=True)
 
@@ -233,6 +245,7 @@ class Trainer:
             return
         client = self.checkpoints.load(self.engine, self.resume_from)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
+        self.metrics.resume_at(self.step)
         # Only once the older checkpoint has loaded: a refused or failed resume must leave the newer ones as they are.
         self.checkpoints.set_aside_newer(self.step, self.resume_root)
         self.skipped_steps = client.get("skipped_steps", 0)
@@ -271,15 +284,15 @@ class Trainer:
             yield from self.loader
 
     def run(self) -> dict[str, float]:
-        from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from mmfuse.progress import progress as progress_bar
 
         cfg = self.cfg.run
         data = self.batches()
         window = _Window(self.loader.wait_seconds)
         last: dict[str, float] = {}
-        progress = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                        disable=not self.topo.is_main, mininterval=1 if sys.stderr.isatty() else 60)
+        progress = progress_bar(cfg.steps, "pretrain", "step", initial=self.step, disable=not self.topo.is_main)
         with logging_redirect_tqdm(), progress:
             while self.step < cfg.steps:
                 result = self.train_step(data)
@@ -293,19 +306,58 @@ class Trainer:
                     last = self.log_metrics(result.losses, window, self.loader.wait_seconds)
                     progress.set_postfix(loss=f"{last['loss']:.4f}" if "loss" in last else "-", refresh=False)
                     window = _Window(self.loader.wait_seconds)
-                if self.cfg.data.eval and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
-                    last.update(self.evaluate())
+                if self.samples_seen == 0:
+                    self.fail_without_samples()
+                # The checkpoint first: an evaluation that fails must not cost the steps it would have saved.
                 at_end = self.step == cfg.steps and cfg.save_at_end
-                if result.stop or result.checkpoint_due or at_end or (
-                        cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                saved = result.stop or result.checkpoint_due or at_end or (
+                    cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+                if saved:
                     self.save()
+                if self.cfg.data.eval and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
+                    last.update(self.evaluate_after_save(saved))
                 if result.stop:
                     log.warning("stopping at step %d after a signal (checkpoint committed)", self.step)
                     break
+        self.report_skipped()
         self.metrics.close()
         if self.topo.is_main:
             self.write_card()
         return last
+
+    def fail_without_samples(self) -> None:
+        """Every sample of a whole step was skipped on every rank: the data yields nothing to train on (a wrong
+        member layout, an image format nobody decodes). Stop now, not after run.steps steps of zero losses."""
+        errors = {reason: count for reason, count in self.loader.metrics().items() if reason not in ("samples", "wait_seconds")}
+        shown = ", ".join(f"{reason}={count}" for reason, count in sorted(errors.items())) or "no sample read"
+        shards = [shard.url for source in self.loader.sources for shard in source.shards][:3]
+        raise ValueError(f"data.train yielded no usable sample in step {self.step} on any rank (this rank: {shown}; "
+                         f"shards {', '.join(redact(url) for url in shards)}); the warnings above name the sample keys")
+
+    def evaluate_after_save(self, saved: bool) -> dict[str, float]:
+        """In-loop evaluation; a failure is re-raised (the run exits non-zero) after saying what was kept."""
+        try:
+            return self.evaluate()
+        except Exception:
+            kept = f"checkpoint {tag_for(self.step)} is committed" if saved else "no checkpoint was due at this step"
+            log.error("evaluation at step %d failed (%s); the traceback follows", self.step, kept)
+            raise
+
+    def report_skipped(self) -> None:
+        """Samples skipped over the run, on every rank (metrics.jsonl counts them by reason as data_errors/*): loud past
+        data.warn_skipped_fraction."""
+        counts = self.loader.metrics()
+        skipped = sum(count for reason, count in counts.items() if reason not in NOT_SAMPLE_LOSSES)
+        totals = torch.tensor([counts.get("samples", 0), skipped], dtype=torch.long, device=self.topo.device)
+        dist.all_reduce(totals)
+        used, skipped = totals.tolist()
+        fraction = skipped / max(used + skipped, 1)
+        if self.topo.is_main and fraction > self.cfg.data.warn_skipped_fraction:
+            log.warning("!" * 100)
+            log.warning("%.1f%% of the training samples read were skipped (%d of %d), above data.warn_skipped_fraction=%g: "
+                        "see data_errors/* in metrics.jsonl for the reasons", 100 * fraction, skipped, used + skipped,
+                        self.cfg.data.warn_skipped_fraction)
+            log.warning("!" * 100)
 
     def train_step(self, data: Iterator[dict[str, Any]]) -> StepResult:
         """One optimizer step over ``engine.grad_accum`` micro-batches.
@@ -470,7 +522,8 @@ class Trainer:
             log.warning("could not write the learning curves / results card: %s", err)
 
     def save(self) -> str:
-        client = {"samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps, "config": to_dict(self.cfg),
+        client = {"samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
+                  "config": redact_values(to_dict(self.cfg)),
                   "code_version": code_version()}
         tag = self.checkpoints.save(self.engine, self.step, client, self.loader.state_dict())
         self.last_save = time.monotonic()

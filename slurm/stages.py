@@ -28,6 +28,9 @@ class Stage:
     and paths made absolute (the tasks start in the submission directory, but the run folder is printed)."""
     array: bool = False
     """Split over a job array (``slurm.array_size``) instead of one multi-task job."""
+    preflight: str = ""
+    """Module exposing ``preflight(cfg)``: the stage's own checks of its inputs and outputs (paths, credentials,
+    modalities), run on the login node before anything is submitted."""
 
     def load_schema(self) -> type:
         module, _, name = self.schema.partition(":")
@@ -35,6 +38,10 @@ class Stage:
 
     def run(self, cfg: Any) -> Any:
         return importlib.import_module(self.runner).run(cfg)
+
+    def check_inputs(self, cfg: Any) -> None:
+        if self.preflight:
+            importlib.import_module(self.preflight).preflight(cfg)
 
 
 def _pretrain_check(cfg, slurm) -> None:
@@ -48,7 +55,7 @@ def _pretrain_check(cfg, slurm) -> None:
 
 
 def _pretrain_finished(cfg) -> bool:
-    from pretrain.checkpoint import committed_tags
+    from pretrain.tags import committed_tags
 
     tags = committed_tags(Path(cfg.run.dir) / "checkpoints")
     return bool(tags) and int(tags[-1].removeprefix("step_")) >= cfg.run.steps
@@ -61,6 +68,7 @@ def _shard_run_dir(cfg) -> str:
 
 STAGES: dict[str, Stage] = {
     "pretrain": Stage("pretrain.config:PretrainConfig", "pretrain.run", lambda cfg: cfg.run.dir, _pretrain_finished,
-                      check=_pretrain_check),
-    "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard", _shard_run_dir, array=True),
+                      check=_pretrain_check, preflight="pretrain.run"),
+    "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard", _shard_run_dir, array=True,
+                   preflight="data_pipeline.shard"),
 }

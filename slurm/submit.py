@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dry_run(plan), end="")
         return 0
     preflight(plan.slurm)
+    plan.spec.check_inputs(plan.cfg)  # data, checkpoints, run folder, credentials: before any job exists
     refuse_if_running(plan)
     prepare(plan, create_output=True)
     if not plan.callables:  # a shard run with every shard written: only the totals may be missing

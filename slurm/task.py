@@ -29,6 +29,7 @@ from typing import Any
 
 import submitit
 
+from mmfuse.logs import setup_logging as _setup_logging
 from slurm.env import torch_env
 from slurm.stages import STAGES
 
@@ -169,8 +170,7 @@ class StopSignals:
 
 
 def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    _setup_logging(rank, force=True)
     logging.getLogger("submitit").propagate = False  # it has its own handler
 
 

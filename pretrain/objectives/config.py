@@ -50,3 +50,35 @@ class ObjectivesConfig:
     masked_audio: MaskedPatchConfig = field(default_factory=MaskedPatchConfig)
     masked_text: MaskedTextConfig = field(default_factory=MaskedTextConfig)
     cross_modal_masked: CrossModalMaskedConfig = field(default_factory=CrossModalMaskedConfig)
+
+
+PAIR_MODALITIES = {"image_text": ("image", "text"), "audio_text": ("audio", "text"), "image_audio": ("image", "audio")}
+
+
+def read_modalities(cfg: ObjectivesConfig) -> set[str]:
+    """The modalities some enabled objective reads: the training loader decodes only these."""
+    read: set[str] = set()
+    if cfg.contrastive.weight > 0:
+        read |= {m for pair, weight in cfg.contrastive.pairs.items() if weight > 0 for m in PAIR_MODALITIES[pair]}
+    for name, modality in (("masked_image", "image"), ("masked_audio", "audio"), ("masked_text", "text")):
+        if getattr(cfg, name).weight > 0:
+            read.add(modality)
+    if cfg.cross_modal_masked.weight > 0:
+        read |= {"text", "image", "audio"}
+    return read
+
+
+def missing_modalities(cfg: ObjectivesConfig, found: set[str]) -> dict[str, str]:
+    """Enabled objectives that ``found`` (the data's modalities) cannot feed, with what each one lacks. Such an
+    objective would log 0 at every step and train nothing."""
+    lacking: dict[str, str] = {}
+    if cfg.contrastive.weight > 0:
+        pairs = [pair for pair, weight in cfg.contrastive.pairs.items() if weight > 0]
+        if not any(set(PAIR_MODALITIES[pair]) <= found for pair in pairs):
+            lacking["contrastive"] = "a pair with both modalities (" + ", ".join(pairs) + ")"
+    for name, modality in (("masked_image", "image"), ("masked_audio", "audio"), ("masked_text", "text")):
+        if getattr(cfg, name).weight > 0 and modality not in found:
+            lacking[name] = modality
+    if cfg.cross_modal_masked.weight > 0 and not ("text" in found and found & {"image", "audio"}):
+        lacking["cross_modal_masked"] = "text and image or audio"
+    return lacking

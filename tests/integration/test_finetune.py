@@ -165,7 +165,10 @@ def test_bad_input_fails_before_any_work(world, tmp_path, capsys):
     weights = world / "release" / "open_clip_model.safetensors"
     assert cli(["eval", *common(world, run_dir, "retrieval", shards, f"checkpoint={weights}")]) == 2
     assert "set open_clip_model" in capsys.readouterr().err
-    assert cli(["finetune", *common(world, run_dir, "vqa", shards, "run.resume=/nowhere")]) == 1
+    assert cli(["finetune", *common(world, run_dir, "vqa", shards)]) == 1
+    assert "data.train is empty, but task vqa trains" in capsys.readouterr().err
+    train_and_eval = [d.format(w=world) for d in SHARDS]
+    assert cli(["finetune", *common(world, run_dir, "retrieval", *train_and_eval, "run.resume=/nowhere")]) == 1
     assert "not a committed fine-tuning checkpoint" in capsys.readouterr().err
     assert not (run_dir / "metrics.json").exists()
 

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from data_pipeline.config import ShardConfig, VerifyConfig
 from data_pipeline.readers import _cached_rows
 from data_pipeline.shard import run
 from data_pipeline.verify import verify
 from mmfuse.config import load_config
-from tests.datagen import BAD_REASONS, bad_input_zoo, good_rows, write_manifest
+from tests.datagen import BAD_REASONS, DIRTY_CAPTION, bad_input_zoo, good_rows, write_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -72,11 +73,14 @@ def zoo(tmp_path_factory):
 
 
 def test_bad_inputs_counted_by_reason_and_good_samples_bit_identical(zoo, tmp_path):
+    """Issue 20: no bad sample (banners, strips, a named pipe, a device, a NUL in a path, ...) stops the run."""
     zoo_manifest, good_manifest, rows, good = zoo
-    summary = shard(zoo_manifest, tmp_path / "zoo", "output.samples_per_shard=8")
+    assert len(rows) >= 40
+    summary = shard(zoo_manifest, tmp_path / "zoo", "output.samples_per_shard=8", "processes=2")
     assert summary["failed"] == BAD_REASONS
     assert summary["written"] == len(good) == len(rows) - sum(BAD_REASONS.values())
     assert summary["input_rows"] == len(rows)
+    assert summary["cleaned"] == {"text_control_chars": 1}
 
     clean = shard(good_manifest, tmp_path / "clean", "output.samples_per_shard=8")
     assert clean["failed"] == {} and clean["written"] == len(good)
@@ -91,12 +95,28 @@ def test_bad_inputs_counted_by_reason_and_good_samples_bit_identical(zoo, tmp_pa
         if r["error"]:
             reasons[r["error"]] = reasons.get(r["error"], 0) + 1
     assert reasons == BAD_REASONS
+    # Each shard's stats count exactly the failed rows of its parquet.
+    for stats_path in sorted((tmp_path / "zoo").glob("*_stats.json")):
+        stats = json.loads(stats_path.read_text())
+        shard_rows = pq.read_table(stats_path.with_name(stats["shard"] + ".parquet")).to_pylist()
+        failed = {}
+        for r in shard_rows:
+            if r["error"]:
+                failed[r["error"]] = failed.get(r["error"], 0) + 1
+        assert stats["failed"] == failed and stats["written"] == len(shard_rows) - sum(failed.values())
+    dirty = next(r for r in listed if (r["image"] or "").endswith("dirty.jpg"))
+    assert (dirty["status"], dirty["detail"]) == ("success", "6 control characters stripped")
+    assert samples_by_source(tmp_path / "zoo")[dirty["image"]]["txt"] == b"a [1mred[0m kite"
     assert verify(VerifyConfig(path=str(tmp_path / "zoo"))).ok
+    # Retrying the failures finds the same reasons and keeps counting the cleaned caption.
+    retried = shard(zoo_manifest, tmp_path / "zoo", "output.samples_per_shard=8", "processes=2", "retry_failed=true")
+    assert retried["failed"] == BAD_REASONS and retried["written"] == len(good)
+    assert retried["cleaned"] == {"text_control_chars": 1}
 
 
 def test_tricky_images_decoded_correctly(zoo, tmp_path):
     zoo_manifest, *_ = zoo
-    shard(zoo_manifest, tmp_path / "out", "output.samples_per_shard=50")
+    shard(zoo_manifest, tmp_path / "out", "output.samples_per_shard=100")
     metas = {}
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
         for m in tar.getmembers():
@@ -107,6 +127,10 @@ def test_tricky_images_decoded_correctly(zoo, tmp_path):
     assert (rotated["original_width"], rotated["original_height"]) == (120, 240)
     assert rotated["width"] == 64 and rotated["height"] == 128
     assert (metas["cmyk.jpg"]["width"], metas["deep16.png"]["height"]) == (85, 64)
+    # Odd but valid images are converted, not lost (palette + transparency, animated GIF, 1-bit, 16-bit TIFF, ...).
+    odd = {"palette_alpha.png": (96, 64), "animated.gif": (85, 64), "rgba.png": (85, 64), "bilevel.png": (85, 64),
+           "wide19.jpg": (1216, 64), "photo.webp": (80, 64), "progressive.jpg": (96, 64), "grey16.tif": (96, 64)}
+    assert {name: (metas[name]["width"], metas[name]["height"]) for name in odd} == odd
 
 
 def test_one_and_two_processes_write_identical_shards(tmp_path):
@@ -199,3 +223,17 @@ def test_shard_parquets_read_together_as_one_table(zoo, tmp_path):
     table = pq.read_table(sorted(str(p) for p in (tmp_path / "out").glob("*.parquet")))
     assert table.num_rows == len(rows)
     assert table.schema.field("width").type == "int64" and table.schema.field("error").type == "string"
+
+
+@pytest.mark.parametrize("guard, reason", [("20", "bad_aspect_ratio"), ("0", "image_too_large")])
+def test_a_468x1_png_fails_alone_and_the_shard_is_written(tmp_path, guard, reason):
+    """Issue 20 as reported: the banner aborted its shard (OSError from the JPEG encoder) and every rerun with it."""
+    rows = good_rows(tmp_path, 3)
+    good = [r["image"] for r in rows]
+    for name, size in (("banner", (468, 1)), ("tower", (1, 468)), ("strip", (20000, 1))):
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / "files" / f"{name}.png")
+        rows.insert(1, {"image": f"files/{name}.png", "text": name.encode(), "audio": None})
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    summary = shard(manifest, tmp_path / "out", "image.size=256", f"image.max_aspect_ratio={guard}", "image.min_side=1")
+    assert summary["failed"] == {reason: 3} and summary["written"] == 3
+    assert sorted(samples_by_source(tmp_path / "out")) == sorted(str(tmp_path / image) for image in good)

@@ -100,10 +100,10 @@ def test_unknown_stage_names_the_submittable_ones(capsys):
     assert "submittable: pretrain, shard" in capsys.readouterr().err
 
 
-def test_what_only_sbatch_can_refuse_is_a_clear_error(slurm_cluster, tmp_path, capsys):
-    capsys.readouterr()
+def test_what_only_sbatch_can_refuse_is_a_clear_error(slurm_cluster, tiny_shards, tmp_path, capsys):
+    capsys.readouterr()  # real shards: a missing one would be refused before sbatch is asked
     assert cli(["submit", "pretrain", "--config", "configs/pretrain/tiny.yaml", "--slurm", "configs/slurm/local.yaml",
-                "data.train=/nowhere", f"run.dir={tmp_path}/run", "slurm.mem=999999G"]) == 1
+                f"data.train={tiny_shards}", f"run.dir={tmp_path}/run", "slurm.mem=999999G"]) == 1
     err = capsys.readouterr().err
     assert "mmfuse submit: error: sbatch refused the job:" in err and "Memory specification can not be satisfied" in err
     assert not (tmp_path / "run" / "slurm" / "jobs.jsonl").exists()  # no job on record

@@ -131,6 +131,19 @@ def processes_of(folder: Path) -> list[int]:
     return found
 
 
+def describe(pids: list[int]) -> str:
+    """Each process as ``pid (state, parent) command line``, for a failure message."""
+    lines = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            lines.append(f"{pid} (state {stat[0]}, parent {stat[1]}) {command[:200]}")
+        except OSError:
+            lines.append(f"{pid} (gone)")
+    return "; ".join(lines)
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_preempted_array_tasks_are_requeued_and_skip_their_finished_shards(slurm_cluster, server, reference, tmp_path,
                                                                            capsys, processes):
@@ -196,7 +209,11 @@ def test_preempted_array_tasks_are_requeued_and_skip_their_finished_shards(slurm
         assert set(first) <= done and len(first) == len(set(first))  # a pool worker's last one may go unlogged
         assert committed(out, before[task]) == before[task]
     assert_same_dataset(out, reference)
-    wait_for(lambda: not processes_of(folder / "jobs"), 10, "the tasks' processes to exit")  # none left behind
+    # None left behind. A task's forkserver leaves when it sees its task's end, which on a loaded host takes a while.
+    try:
+        wait_for(lambda: not processes_of(folder / "jobs"), 60, "the tasks' processes to exit")
+    except AssertionError as err:
+        raise AssertionError(f"{err}: {describe(processes_of(folder / 'jobs'))}") from None
 
 
 def test_local_executor_restarts_a_signalled_shard_task(server, reference, tmp_path):

@@ -68,13 +68,15 @@ def test_zero_length_nan_and_broken_header():
     assert err.value.reason == "audio_decode_error"
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("  two red   circles\n", "two red circles"),
-    (b"a \xc3\xa9t\xc3\xa9 photo", "a été photo"),
-    ("cafe\u0301", "café"),
+@pytest.mark.parametrize("value, expected, stripped", [
+    ("  two red   circles\n", "two red circles", 0),
+    (b"a \xc3\xa9t\xc3\xa9 photo", "a été photo", 0),
+    ("cafe\u0301", "café", 0),
+    (b"a red\x00 car\x00\x00", "a red car", 3),  # C-string padding
+    ("\x1b[1mbold\x1b[0m \x07bell\x7f \x9bC1", "[1mbold[0m bell C1", 5),
 ])
-def test_text_normalised(value, expected):
-    assert process_text(value, TextConfig()) == expected
+def test_text_normalised(value, expected, stripped):
+    assert process_text(value, TextConfig()) == (expected, stripped)
 
 
 @pytest.mark.parametrize("value, reason", [
@@ -83,6 +85,7 @@ def test_text_normalised(value, expected):
     (b"\xff\xfe bad", "text_not_utf8"),
     ("x" * 3000, "text_too_long"),
     (12, "text_not_a_string"),
+    ("\x00\x01\x02 \x7f", "text_empty"),  # nothing left once the control characters go
 ])
 def test_text_failures(value, reason):
     with pytest.raises(SampleError) as err:

@@ -116,3 +116,27 @@ def test_report_shows_metrics_next_to_chance(tmp_path):
     assert "step 10 on 200 held-out samples" in text
     assert "image" in text and "41.5" in text and "3.3" in text
     assert "image → text" in text and "12.0" in text and "0.50" in text  # chance R@1 = 1/200
+
+
+def test_a_resume_drops_the_records_after_its_checkpoint_from_metrics_and_tensorboard(tmp_path):
+    """Steps 1-10 were logged before a crash (the last line torn); the run resumes from step 5's checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.logger import MetricsLogger
+
+    first = MetricsLogger(tmp_path, enabled=True)
+    for step in range(1, 11):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 11, "lo')
+    second = MetricsLogger(tmp_path, enabled=True)
+    second.resume_at(5)
+    for step in range(6, 8):
+        second.log(step, {"loss": 100.0 + step})
+    second.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(s, float(s)) for s in range(1, 6)] + [(6, 106.0), (7, 107.0)]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, float(s)) for s in range(1, 6)] + [(6, 106.0), (7, 107.0)]

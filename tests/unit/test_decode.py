@@ -10,6 +10,9 @@ from PIL import Image
 
 from data_pipeline.config import LoaderConfig
 from data_pipeline.decode import Decoder
+from data_pipeline.errors import SampleError
+from data_pipeline.tarstream import RawSample
+from tests.datagen import animated_gif, bomb_png, palette_with_transparency, rotated_jpeg
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,3 +108,24 @@ def test_a_modality_no_sample_has_is_made_on_the_device_as_the_zeros_the_decoder
         for key in ("audio", "audio_mask", "image"):
             assert moved[key].dtype == (torch.bool if key == "audio_mask" else torch.bfloat16)
             assert torch.equal(moved[key], batch[key].to(moved[key].dtype)), key
+
+
+def _reason(decoder: Decoder, members: dict[str, bytes]) -> str:
+    with pytest.raises(SampleError) as err:
+        decoder(RawSample("k", members))
+    return err.value.reason
+
+
+def test_nasty_members_fail_alone_with_their_reason_and_odd_ones_are_converted():
+    """Issue 20, the loader's side: shards made elsewhere hold whatever their writer stored."""
+    decoder = Decoder(LoaderConfig(train="x"), None, None)
+    png = io.BytesIO()
+    Image.new("RGB", (468, 1)).save(png, "PNG")
+    assert _reason(decoder, {"jpg": png.getvalue()}) == "bad_aspect_ratio"  # Resize(224) would make 104832x224
+    assert _reason(decoder, {"jpg": bomb_png(80_000_000, 1)}) == "bad_aspect_ratio"
+    assert _reason(decoder, {"jpg": bomb_png()}) == "image_too_large"  # Pillow's own bomb error, named as such
+    assert _reason(decoder, {"txt": b"x", "json": b"[" * 100_000}) == "bad_json"  # RecursionError, not a crash
+    sample = decoder(RawSample("k", {"jpg": rotated_jpeg(), "txt": b"\x00a \x1b[1mkite\x07\x00"}))
+    assert sample["text"] == "a [1mkite" and tuple(sample["image"].shape) == (3, 240, 120)  # EXIF 6: upright
+    for odd in (palette_with_transparency(), animated_gif()):
+        assert decoder(RawSample("k", {"png": odd}))["image"].shape[0] == 3

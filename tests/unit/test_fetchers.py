@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import fsspec
@@ -75,7 +76,19 @@ def test_local_file_reasons(tmp_path, fetcher):
     assert _reason(fetcher, f"file://{tmp_path}/missing.jpg") == "file_not_found"
     assert _reason(fetcher, str(tmp_path / "empty.jpg")) == "empty_file"
     assert _reason(fetcher, str(tmp_path / "big.jpg")) == "too_large"
-    assert _reason(fetcher, str(tmp_path)) == "read_error"  # a folder
+    assert _reason(fetcher, str(tmp_path)) == "not_a_file"  # a folder
+    assert _reason(fetcher, str(tmp_path / "nul\0byte.jpg")) == "bad_path"
+    assert _reason(fetcher, "http://[not-an-ipv6/a.jpg") == "read_error"
+
+
+@pytest.mark.timeout(20)  # open() on a named pipe blocks until a writer comes: a hang here is the bug
+def test_special_files_are_refused_without_opening(tmp_path, fetcher):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(SampleError) as failure:
+        fetcher.fetch(str(tmp_path / "pipe.jpg"))
+    assert (failure.value.reason, failure.value.detail) == ("not_a_file", f"{tmp_path}/pipe.jpg: a named pipe")
+    # /dev/zero would otherwise be read up to max_bytes and fail as too_large, /dev/null as empty_file.
+    assert _reason(fetcher, "/dev/zero") == _reason(fetcher, "/dev/null") == "not_a_file"
 
 
 def test_fsspec_reasons_are_not_retried_into_read_error(fetcher):

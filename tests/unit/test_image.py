@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline.config import ImageConfig
-from data_pipeline.errors import SampleError
+from data_pipeline.errors import SampleError, sample_step
 from data_pipeline.image import process_image
 
 
@@ -160,3 +160,70 @@ def test_quality_changes_size_and_output_is_deterministic():
     high, _ = process_image(source, ImageConfig(quality=95))
     again, _ = process_image(source, ImageConfig(quality=95))
     assert len(low) < len(high) and high == again
+
+
+@pytest.mark.parametrize("size", [(468, 1), (1, 468), (20000, 1), (210, 10)])
+def test_extreme_aspect_ratio_is_refused_by_default(size):
+    """Issue 20: a 468x1 PNG resized to a 256 short side is 119808x256, which JPEG cannot encode; it crashed the
+    shard. The default guard (20:1) refuses it from the header, before any pixel is decoded."""
+    with pytest.raises(SampleError) as err:
+        process_image(encode(Image.new("RGB", size, (9, 9, 9)), "PNG"), ImageConfig())
+    assert (err.value.reason, err.value.detail) == ("bad_aspect_ratio", f"{size[0]}x{size[1]}")
+
+
+def test_aspect_ratio_just_under_the_guard_is_kept():
+    _, meta = process_image(encode(photo(380, 20)), ImageConfig())
+    assert (meta["width"], meta["height"]) == (4864, 256)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("size, cfg", [
+    ((468, 1), ImageConfig(max_aspect_ratio=0, min_side=1)),  # 119808x256: past JPEG's 65500 side
+    ((20000, 1), ImageConfig(max_aspect_ratio=0, min_side=1)),  # 5,120,000x256: a bomb made by the resize (took 22 s)
+    ((400, 20), ImageConfig(max_aspect_ratio=0, format="webp", size=1000)),  # 20000x1000: past WebP's 16383 side
+])
+def test_guard_off_an_unencodable_resize_is_refused_not_crashed(size, cfg):
+    with pytest.raises(SampleError) as err:
+        process_image(encode(Image.new("L", size, 50), "PNG"), cfg)
+    assert err.value.reason == "image_too_large" and "would resize to" in err.value.detail
+
+
+def test_tiny_images_are_refused_by_default():
+    with pytest.raises(SampleError) as err:
+        process_image(encode(Image.new("P", (1, 1)), "GIF"), ImageConfig())
+    assert err.value.reason == "image_too_small"
+    assert process_image(encode(Image.new("P", (1, 1)), "GIF"), ImageConfig(min_side=1))[1]["width"] == 256
+
+
+def test_broken_png_fails_instead_of_becoming_black():
+    """Pillow's PNG getexif() decoded the pixels and the error was swallowed: the PNG was stored all black."""
+    data = bytearray(encode(photo(64, 64), "PNG"))
+    idat = data.index(b"IDAT")
+    data[idat + 4 : idat + 6] = b"\0\0"
+    with pytest.raises(SampleError) as err:
+        process_image(bytes(data), ImageConfig())
+    assert err.value.reason == "image_decode_error"
+
+
+def test_sample_step_names_the_failure_and_lets_interrupts_through():
+    with pytest.raises(SampleError) as err, sample_step("image_encode_error"):
+        Image.new("RGB", (119808, 256)).save(io.BytesIO(), format="JPEG")  # what crashed the shard in issue 20
+    assert err.value.reason == "image_encode_error" and err.value.detail.startswith("OSError: broken data stream")
+    with pytest.raises(KeyboardInterrupt), sample_step("image_encode_error"):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("image", [
+    photo(90, 60).convert("P", palette=Image.Palette.ADAPTIVE, colors=8),
+    photo(90, 60).convert("RGBA"),
+    photo(90, 60).convert("1"),
+    Image.fromarray(np.tile(np.linspace(0, 65535, 90), (60, 1)).astype(np.uint16)),
+], ids=["palette", "rgba", "bilevel", "grey16"])
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "TIFF", "WEBP"])
+def test_odd_but_valid_images_are_converted(image, fmt):
+    try:
+        data = encode(image, fmt, **({"transparency": 0} if fmt == "PNG" and image.mode == "P" else {}))
+    except (OSError, ValueError, KeyError):
+        pytest.skip(f"Pillow cannot write {image.mode} as {fmt}")
+    out, meta = process_image(data, ImageConfig(size=32))
+    assert (meta["width"], meta["height"]) == (48, 32) and decoded(out).mode == "RGB"

@@ -244,3 +244,21 @@ def test_the_bidirectional_text_pass_does_not_attend_to_padding():
         short, long = model.encode_text(text[:, :16], causal=False).tokens, model.encode_text(text, causal=False).tokens
     caption = (text[:, :16] != 0)
     assert torch.allclose(short[caption], long[:, :16][caption], atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU backend's build")
+def test_joining_the_process_group_builds_no_cpp_extension(tmp_path):
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce here (minutes on a fresh machine)."""
+    import subprocess
+    import sys
+
+    script = ("from pretrain.engine import init_distributed; import torch.distributed as dist; "
+              "topo = init_distributed(); print('world', dist.get_world_size(), topo.rank)")
+    env = {**__import__("os").environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0 and "world 1 0" in result.stdout, result.stderr[-2000:]
+    built = list((tmp_path / "ext").rglob("*")) if (tmp_path / "ext").exists() else []
+    assert not any("shm_comm" in path.name for path in built), built

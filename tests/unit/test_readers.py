@@ -62,6 +62,18 @@ def test_missing_columns_error_names_them(tmp_path):
         plan_shards(InputConfig(path=str(path)), 10, False)
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl.gz"])
+def test_missing_text_column_lists_the_columns_it_has(tmp_path, fmt):
+    path = write_manifest(tmp_path / f"m.{fmt}", fmt, [{"url": "a.jpg", "caption": "a cat"}])
+    with pytest.raises(ValueError) as err:
+        plan_shards(InputConfig(path=str(path), image_column="url"), 10, False)
+    assert "no text column 'text'" in str(err.value) and "['url', 'caption']" in str(err.value)
+    _cached_rows.cache_clear()
+    rows = read_rows(plan_shards(InputConfig(path=str(path), image_column="url", text_column=""), 10, False)[0],
+                     InputConfig(path=str(path), image_column="url", text_column=""))
+    assert rows[0].text is None and rows[0].extra == {"caption": "a cat"}  # captionless on purpose: allowed
+
+
 def test_glob_of_manifests_shards_each_file(tmp_path):
     write_manifest(tmp_path / "a.parquet", "parquet", ROWS[:5])
     write_manifest(tmp_path / "b.parquet", "parquet", ROWS[5:])

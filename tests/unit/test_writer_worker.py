@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.config import OutputConfig, ShardConfig
-from data_pipeline.worker import config_fingerprint, ordered_map
+from data_pipeline.errors import SampleError
+from data_pipeline.worker import _json_fields, config_fingerprint, ordered_map
 from data_pipeline.writer import ShardWriter, sample_key
 from mmfuse.config import load_config
 
@@ -79,3 +80,11 @@ def test_fingerprint_ignores_runtime_settings_only():
     fp = config_fingerprint(load_config(ShardConfig, [], base))
     assert fp == config_fingerprint(load_config(ShardConfig, [], base + ["processes=7", "fetch.threads=2", "progress=false"]))
     assert fp != config_fingerprint(load_config(ShardConfig, [], base + ["image.size=128"]))
+
+
+@pytest.mark.parametrize("data, detail", [(b"[" * 100_000, "RecursionError"), (b"\xff{", "UnicodeDecodeError"),
+                                          (b"[1, 2]", "not an object")])
+def test_folder_json_that_cannot_pass_through_fails_the_sample_as_bad_json(data, detail):
+    with pytest.raises(SampleError) as err:
+        _json_fields(data)
+    assert err.value.reason == "bad_json" and err.value.detail.startswith(detail)
