@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 MMFUSE := $(VENV)/bin/mmfuse
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
-DEMO_STEPS ?= 300
+# 8,192 training samples (the synthetic world's 30 classes need them: a supervised CNN reaches 32% from 1,024 and
+# 85% from 8,192), 1,200 steps of 64, and a 64-wide text tower (32 learns shape words slowly); docs/demo.md.
+DEMO_SAMPLES ?= 8192
+DEMO_STEPS ?= 1200
 
 .PHONY: install test test-fast loss-curve demo demo-finetune bench-shard bench-load clean
 
@@ -36,15 +39,15 @@ loss-curve: $(STAMP)
 
 # The whole pipeline on the embedded default: synthetic data (train + held-out), local shards, verification,
 # pre-training of the tiny flavor on 2 CPU processes (ZeRO-2, every objective) with in-loop zero-shot and
-# retrieval on the held-out shards, then the release export (fine-tuning appends here with its issue).
+# retrieval on the held-out shards, the release export and its report, then demo-finetune.
 demo: $(STAMP)
-	$(MMFUSE) synth output.path=$(DEMO)/raw num_samples=1024 seed=0
-	$(MMFUSE) synth output.path=$(DEMO)/raw_eval num_samples=256 seed=1
+	$(MMFUSE) synth output.path=$(DEMO)/raw num_samples=$(DEMO_SAMPLES) seed=0
+	$(MMFUSE) synth output.path=$(DEMO)/raw_eval num_samples=512 seed=1
 	$(MMFUSE) shard --config configs/data/shapes.yaml input.path=$(DEMO)/raw/manifest.parquet output.path=$(DEMO)/shards
 	$(MMFUSE) shard --config configs/data/shapes.yaml input.path=$(DEMO)/raw_eval/manifest.parquet output.path=$(DEMO)/eval_shards
 	$(MMFUSE) verify $(DEMO)/shards
 	$(MMFUSE) pretrain --config configs/pretrain/tiny.yaml data.train=$(DEMO)/shards data.eval=$(DEMO)/eval_shards \
-		run.dir=$(DEMO)/run run.steps=$(DEMO_STEPS) run.eval_every=100
+		run.dir=$(DEMO)/run run.steps=$(DEMO_STEPS) run.eval_every=300 model.text.width=64
 	$(MMFUSE) export $(DEMO)/run output.path=$(DEMO)/release
 	$(PY) -m pretrain.report $(DEMO)/run
 	$(MAKE) --no-print-directory demo-finetune
@@ -56,6 +59,7 @@ FT := $(MMFUSE) finetune checkpoint=$(DEMO)/release run.baseline=true launch.npr
 EV := $(MMFUSE) eval checkpoint=$(DEMO)/release launch.nproc=2
 SHARDS := data.train=$(DEMO)/shards data.eval=$(DEMO)/eval_shards
 FT_STEPS ?= 150
+VQA_STEPS ?= 600  # 150 steps stay at the text-only prior (33.0 vs 33.4%); 600 reach 53% (docs/demo.md)
 demo-finetune: $(STAMP)
 	$(EV) --config configs/finetune/zeroshot.yaml data.eval=$(DEMO)/eval_shards run.dir=$(DEMO)/finetune/zeroshot-image
 	$(EV) --config configs/finetune/zeroshot.yaml data.eval=$(DEMO)/eval_shards zeroshot.modality=audio \
@@ -63,7 +67,7 @@ demo-finetune: $(STAMP)
 	$(EV) --config configs/finetune/retrieval.yaml data.eval=$(DEMO)/eval_shards run.dir=$(DEMO)/finetune/retrieval
 	$(FT) --config configs/finetune/caption.yaml data.train=$(DEMO)/raw/coco_captions.json \
 		data.eval=$(DEMO)/raw_eval/coco_captions.json run.steps=$(FT_STEPS) run.dir=$(DEMO)/finetune/caption
-	$(FT) --config configs/finetune/vqa.yaml run.steps=$(FT_STEPS) run.dir=$(DEMO)/finetune/vqa retention.data=$(DEMO)/eval_shards \
+	$(FT) --config configs/finetune/vqa.yaml run.steps=$(VQA_STEPS) run.dir=$(DEMO)/finetune/vqa retention.data=$(DEMO)/eval_shards \
 		data.train=$(DEMO)/raw/vqa_questions.json data.train_annotations=$(DEMO)/raw/vqa_annotations.json \
 		data.eval=$(DEMO)/raw_eval/vqa_questions.json data.eval_annotations=$(DEMO)/raw_eval/vqa_annotations.json
 	for fusion in early late hybrid cross_attention; do \
