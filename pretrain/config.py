@@ -131,6 +131,9 @@ class RunConfig:
     """torch deterministic algorithms (bit-identical resume on CPU)."""
     eval_every: int = 0
     """Steps between in-loop evaluations (0: only at the end, when data.eval is set)."""
+    eval_untrained: bool = True
+    """With data.eval: evaluate the untrained model at step 0 too (not on resume), the baseline that curves.png and
+    RESULTS.md show beside every later figure. The training run is the same with or without it."""
     debug_nan_step: int = -1
     """Testing the non-finite policy: make this step non-finite (-1: never), in its first micro-batch."""
     debug_nan_in: str = "loss"

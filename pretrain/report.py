@@ -8,31 +8,49 @@ import sys
 from pathlib import Path
 
 
-def last_eval(run_dir: Path) -> dict[str, float]:
+def evaluations(run_dir: Path) -> list[dict[str, float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     if not evals:
         raise ValueError(f"{run_dir} has no evaluation in metrics.jsonl (set data.eval)")
-    return evals[-1]
+    return evals
 
 
-def format_report(metrics: dict[str, float]) -> str:
+def last_eval(run_dir: Path) -> dict[str, float]:
+    return evaluations(run_dir)[-1]
+
+
+def untrained_eval(run_dir: Path) -> dict[str, float] | None:
+    """The evaluation of the untrained model (step 0, ``run.eval_untrained``), if the run made one."""
+    first = evaluations(run_dir)[0]
+    return first if first["step"] == 0 else None
+
+
+def format_report(metrics: dict[str, float], untrained: dict[str, float] | None = None) -> str:
+    """The evaluation as tables, each figure beside chance and, where given, the untrained model's."""
     samples = metrics.get("eval/samples", 0)
+    before = untrained or {}
+    head = f"{'untrained %':>13}" if untrained else ""
+
+    def was(key: str) -> str:
+        return f"{before[key]:>13.1f}" if key in before else (f"{'-':>13}" if untrained else "")
+
     lines = [f"evaluation at step {metrics['step']} on {samples:.0f} held-out samples", ""]
     chance = metrics.get("eval/zeroshot/chance_top1")
     if chance is not None:
-        lines.append(f"{'zero-shot classification':<28}{'top-1 %':>9}{'chance %':>10}")
+        lines.append(f"{'zero-shot classification':<28}{'top-1 %':>9}{head}{'chance %':>10}")
         for modality in ("image", "audio"):
-            value = metrics.get(f"eval/zeroshot/{modality}/top1")
-            if value is not None:
-                lines.append(f"  {modality:<26}{value:>9.1f}{chance:>10.1f}")
+            key = f"eval/zeroshot/{modality}/top1"
+            if key in metrics:
+                lines.append(f"  {modality:<26}{metrics[key]:>9.1f}{was(key)}{chance:>10.1f}")
         lines.append("")
     retrieval = sorted(k for k in metrics if k.startswith("eval/retrieval/") and k.endswith("R@1"))
     if retrieval:
-        lines.append(f"{'retrieval':<28}{'R@1 %':>9}{'R@10 %':>9}{'chance R@1 %':>14}")
+        lines.append(f"{'retrieval':<28}{'R@1 %':>9}{'R@10 %':>9}{head}{'chance R@1 %':>14}")
         for key in retrieval:
             pair = key.split("/")[2].replace("_to_", " → ")
-            lines.append(f"  {pair:<26}{metrics[key]:>9.1f}{metrics[key[:-1] + '10']:>9.1f}{100 / max(samples, 1):>14.2f}")
+            lines.append(f"  {pair:<26}{metrics[key]:>9.1f}{metrics[key[:-1] + '10']:>9.1f}{was(key)}"
+                         f"{100 / max(samples, 1):>14.2f}")
     return "\n".join(lines)
 
 
@@ -52,7 +70,7 @@ def write_card(run_dir: Path) -> Path:
     if curves is not None:
         lines += ["![learning curves](curves.png)", ""]
     try:
-        lines += ["```", format_report(last_eval(run_dir)), "```", ""]
+        lines += ["```", format_report(last_eval(run_dir), untrained_eval(run_dir)), "```", ""]
     except ValueError as err:
         lines += [str(err), ""]
     card = run_dir / "RESULTS.md"
@@ -67,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(argv[0])
     write_card(run_dir)
-    print(format_report(last_eval(run_dir)))
+    print(format_report(last_eval(run_dir), untrained_eval(run_dir)))
     return 0
 
 

@@ -292,6 +292,9 @@ class Trainer:
         data = self.batches()
         window = _Window(self.loader.wait_seconds)
         last: dict[str, float] = {}
+        if self.cfg.data.eval and cfg.eval_untrained and self.step == 0:
+            with torch.random.fork_rng(devices=[]):  # the eval loader draws its seed: training's stream stays as it was
+                self.evaluate()
         progress = progress_bar(cfg.steps, "pretrain", "step", initial=self.step, disable=not self.topo.is_main)
         with logging_redirect_tqdm(), progress:
             while self.step < cfg.steps:

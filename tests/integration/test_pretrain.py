@@ -89,6 +89,46 @@ def test_zero2_trains_and_resumes_bit_identically(shards, zero2_run, tmp_path):
         assert a["samples_seen"] == b["samples_seen"]
 
 
+def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_bit_identically(shards, zero2_run, tmp_path):
+    """What a terminal's Ctrl-C-like stop, `kill -TERM -PGID` or a container runtime does: the launcher and both ranks
+    get SIGTERM at once. Every rank checkpoints at the same step; the rerun resumes and each step appears once."""
+    import os
+
+    run = tmp_path / "term"
+    proc = subprocess.Popen(command(shards, run, "run.steps=10", "run.checkpoint_every=0"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "metrics.jsonl").exists() or len(metrics(run)) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    stopped_at = len(metrics(run))
+    assert 3 <= stopped_at < 10
+    assert (run / "checkpoints" / f"step_{stopped_at:06d}" / "COMMITTED").is_file()
+    pretrain(shards, run, "run.steps=10", "run.checkpoint_every=0")
+    resumed = metrics(run)
+    assert [m["step"] for m in resumed] == list(range(1, 11))
+    for a, b in zip(zero2_run, resumed):
+        assert {k: v for k, v in a.items() if k.startswith(("loss", "lr"))} == {k: v for k, v in b.items() if k.startswith(("loss", "lr"))}
+
+
+def test_a_run_that_skipped_many_samples_says_so_loudly_at_the_end(tmp_path):
+    from tests.loaderdata import sample, write_tar
+
+    items = [sample(f"k{i:04d}", i) for i in range(48)]
+    for item in items[::3]:  # a third of the images are not images
+        item["jpg"] = b"<html>not found</html>"
+    (tmp_path / "data").mkdir()
+    write_tar(tmp_path / "data" / "shard-000000.tar", items)
+    result = pretrain(tmp_path / "data" / "shard-000000.tar", tmp_path / "run", "run.steps=4", "launch.nproc=1",
+                      "engine.zero_stage=0", "run.save_at_end=false", "run.checkpoint_every=0",
+                      "objectives.contrastive.pairs.audio_text=0", "objectives.contrastive.pairs.image_audio=0",
+                      "objectives.masked_audio.weight=0", "model.image.image_size=64")
+    banner = re.search(r"(\d+\.\d)% of the training samples read were skipped \((\d+) of (\d+)\)", result.stderr)
+    assert banner, result.stderr[-3000:]
+    assert 25 <= float(banner.group(1)) <= 40 and int(banner.group(2)) > 0
+
+
 def test_zero3_all_objectives_with_missing_modalities(shards, tmp_path):
     run = tmp_path / "z3"
     # Gradient checkpointing recomputes the blocks in backward, where ZeRO-3 must gather their parameters again.
@@ -136,13 +176,25 @@ def test_bf16_weights_take_float_inputs_in_their_dtype_train_evaluate_and_export
     assert len(losses) == 10 and all(v == v for v in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
     evals = [m for m in rows if any(k.startswith("eval/") for k in m)]
-    assert [m["step"] for m in evals] == [5, 10], evals
+    assert [m["step"] for m in evals] == [0, 5, 10], evals  # step 0: the untrained baseline
     assert all(0 <= v <= 100 for m in evals for k, v in m.items() if k.startswith("eval/")), evals
     assert cli(["export", str(run), f"output.path={tmp_path}/release"]) == 0
     model, _ = load_release(str(tmp_path / "release"))
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # the optimizer's fp32 master weights
     with torch.no_grad():
         assert torch.isfinite(model.embed("image", torch.randn(2, 3, 64, 64))).all()
+
+
+def test_the_untrained_baseline_evaluation_leaves_training_unchanged(shards, tmp_path):
+    losses = {}
+    for flag in ("true", "false"):
+        run = tmp_path / flag
+        pretrain(shards, run, "run.steps=3", "launch.nproc=1", "engine.zero_stage=0", "run.checkpoint_every=0",
+                 "run.save_at_end=false", f"data.eval={shards}", "eval.batch_size=16", f"run.eval_untrained={flag}")
+        rows = metrics(run)
+        losses[flag] = [m["loss"] for m in rows if "loss" in m]
+        assert [m["step"] for m in rows if "eval/samples" in m] == ([0, 3] if flag == "true" else [3])
+    assert losses["true"] == losses["false"]
 
 
 @pytest.mark.parametrize("where, overrides", [

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pretrain.checkpoint import MARKER, CheckpointManager, committed_tags, saved_zero_stage
-from pretrain.report import format_report, last_eval
+from pretrain.report import format_report, last_eval, untrained_eval
 
 
 def make_tag(root, step, committed=True, world_size=2, zero_stage=2):
@@ -116,6 +116,21 @@ def test_report_shows_metrics_next_to_chance(tmp_path):
     assert "step 10 on 200 held-out samples" in text
     assert "image" in text and "41.5" in text and "3.3" in text
     assert "image → text" in text and "12.0" in text and "0.50" in text  # chance R@1 = 1/200
+
+
+def test_report_puts_the_untrained_model_beside_the_trained_one(tmp_path):
+    rows = [{"step": 0, "eval/samples": 200.0, "eval/zeroshot/image/top1": 4.0, "eval/zeroshot/chance_top1": 3.3,
+             "eval/retrieval/image_to_text/R@1": 0.5, "eval/retrieval/image_to_text/R@10": 5.0},
+            {"step": 10, "eval/samples": 200.0, "eval/zeroshot/image/top1": 41.5, "eval/zeroshot/chance_top1": 3.3,
+             "eval/retrieval/image_to_text/R@1": 12.0, "eval/retrieval/image_to_text/R@10": 50.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert untrained_eval(tmp_path)["step"] == 0
+    lines = format_report(last_eval(tmp_path), untrained_eval(tmp_path)).splitlines()
+    assert "untrained %" in lines[2]
+    assert lines[3].split() == ["image", "41.5", "4.0", "3.3"]
+    assert [line for line in lines if "image → text" in line][0].split()[-4:] == ["12.0", "50.0", "0.5", "0.50"]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[1]))  # a run without the step-0 evaluation
+    assert untrained_eval(tmp_path) is None and "untrained" not in format_report(last_eval(tmp_path), None)
 
 
 def test_a_resume_drops_the_records_after_its_checkpoint_from_metrics_and_tensorboard(tmp_path):
