@@ -28,4 +28,6 @@ def sample_step(reason: str) -> Iterator[None]:
     except SampleError:
         raise
     except Exception as err:
-        raise SampleError(reason, f"{type(err).__name__}: {err}"[:300]) from err
+        from mmfuse.redact import redact_text
+
+        raise SampleError(reason, redact_text(f"{type(err).__name__}: {err}")[:300]) from err

@@ -100,7 +100,8 @@ def check_dataset(key: str, spec: str) -> list[tuple[str, int | None]]:
             raise PreflightError(f"{key}: {redact(name)!r} is a manifest, not shards: shard it first with "
                                  f"`mmfuse shard input.path={redact(name)} output.path={shards}`, then set {key}={shards}")
         pattern = "{" in name or name.endswith(".tar")
-        if not pattern and not exists(key, name):
+        web = name.startswith(("http://", "https://"))  # a static server may 404 a folder URL it serves files under
+        if not pattern and not web and not exists(key, name):
             raise PreflightError(f"{key}: {redact(name)!r} does not exist")
         try:
             shards = shard_listing(name)
@@ -132,7 +133,8 @@ def dataset_modalities(spec: str, members) -> set[str]:
             if fs.exists(summary):
                 found |= set(json.loads(fs.cat_file(summary)).get("modalities", []))
                 continue
-        found |= peek_modalities(shard_listing(name)[0][0], members)
+        shards = shard_listing(name)
+        found |= peek_modalities(next((url for url, count in shards if count != 0), shards[0][0]), members)
     return found
 
 

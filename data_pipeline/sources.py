@@ -80,8 +80,9 @@ def shard_listing(name: str) -> list[tuple[str, int | None]]:
 
 def stats_counts(fs, root: str) -> dict[str, int | None]:
     """A folder without sizes.json (img2dataset's output as it is): its .tar files, each with the samples its
-    ``NNNNN_stats.json`` says it holds (img2dataset's ``successes``, our ``written``), None where there is none. The
-    stats files are fetched in one concurrent batch: a 10,000-shard prefix is listed in seconds."""
+    ``NNNNN_stats.json`` says it holds (img2dataset's ``successes``), None where there is none. The
+    stats files are fetched in one concurrent batch: a 10,000-shard prefix is listed in seconds. A folder of our own
+    shards without sizes.json is a sharding run that has not finished: an error, not a dataset."""
     tars = sorted(posixpath.basename(path) for path in fs.glob(posixpath.join(root, "*.tar")))
     stats_paths = {tar: posixpath.join(root, tar.removesuffix(".tar") + "_stats.json") for tar in tars}
     found = fs.cat(list(stats_paths.values()), on_error="omit") if tars else {}
@@ -90,7 +91,14 @@ def stats_counts(fs, root: str) -> dict[str, int | None]:
     for tar, path in stats_paths.items():
         try:
             stats = json.loads(found[posixpath.basename(path)])
-            counts[tar] = int(stats["successes"] if "successes" in stats else stats["written"])
+        except (KeyError, ValueError):
+            counts[tar] = None
+            continue
+        if isinstance(stats, dict) and "written" in stats and "successes" not in stats:
+            raise ValueError(f"{redact(root)!r} holds mmfuse shards but no sizes.json: the sharding run did not finish "
+                             "(run the same mmfuse shard command again to finish it)")
+        try:
+            counts[tar] = int(stats["successes"])
         except (KeyError, ValueError, TypeError):
             counts[tar] = None
     return counts

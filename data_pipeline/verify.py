@@ -43,7 +43,11 @@ def verify(cfg: VerifyConfig) -> Report:
         if not fs.exists(join(root, "dataset.json")):
             report.problems.append("no dataset.json: the sharding run did not finish")
     else:  # img2dataset's output as it is: its tars, counted against their _stats.json
-        sizes = stats_counts(fs, root)
+        try:
+            sizes = stats_counts(fs, root)
+        except ValueError as err:
+            report.problems.append(str(err))
+            return report
         if not sizes:
             report.problems.append(f"{redact(cfg.path)}: no sizes.json and no .tar files (sharding unfinished or not a dataset)")
             return report

@@ -50,7 +50,8 @@ def detect_format(path: str, configured: str) -> str:
     if lower.endswith(".tar"):
         return "shards"
     if fs.isdir(inner):
-        return "shards" if fs.exists(posixpath.join(inner, "sizes.json")) else "folder"
+        shards = fs.exists(posixpath.join(inner, "sizes.json")) or bool(fs.glob(posixpath.join(inner, "*.tar")))
+        return "shards" if shards else "folder"  # a folder of tars: img2dataset's output
     if lower.endswith(".json"):
         head = json.loads(fs.cat_file(inner))
         if isinstance(head, dict) and "questions" in head:

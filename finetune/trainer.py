@@ -336,6 +336,7 @@ class Finetuner:
     def resume(self) -> None:
         folder = resolve_resume(self.cfg)
         if folder is None:
+            self.metrics.resume_at(-1)  # a rerun with nothing committed: an earlier attempt's records are void
             return
         state = json.loads((folder / "trainer_state.json").read_text())
         if state["world_size"] != self.world:

@@ -18,12 +18,13 @@ import ast
 import dataclasses
 import inspect
 import sys
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from mmfuse.schema import MISSING, ConfigError
@@ -80,9 +81,8 @@ def _merge(merged, files, overrides):
         key, value = item.split("=", 1)
         try:
             override = OmegaConf.from_dotlist([f"{key.strip()}={value}"])
-            if isinstance(OmegaConf.select(override, key.strip()), bool) and isinstance(
-                    OmegaConf.select(merged, key.strip(), default=None), str):
-                override = OmegaConf.from_dotlist([f"{key.strip()}='{value}'"])  # YAML 1.1 reads no/off/yes/on as booleans
+            if isinstance(OmegaConf.select(override, key.strip()), bool) and _is_string_field(merged, key.strip()):
+                override = OmegaConf.create(_nested(key.strip(), value.strip()))  # YAML 1.1 reads no/off/yes/on as booleans
             merged = OmegaConf.merge(merged, override)
         except OmegaConfBaseException as err:
             raise ConfigError(_explain(err, key.strip())) from None
@@ -91,17 +91,35 @@ def _merge(merged, files, overrides):
             if items is None:
                 raise ConfigError(f"bad value for config key {key.strip()!r}: {value!r} is not valid YAML "
                                   f"({' '.join(str(err).split()[:6])}...); quote it: \"{key.strip()}='{value}'\"") from None
-            merged = OmegaConf.merge(merged, OmegaConf.create(_nested(key.strip(), items)))
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.create(_nested(key.strip(), items)))
+            except (OmegaConfBaseException, TypeError, ValueError) as merge_err:
+                raise ConfigError(f"bad value for config key {key.strip()!r}: {value!r} ({merge_err})") from None
     return merged
+
+
+def _is_string_field(cfg, dotted: str) -> bool:
+    """Whether ``dotted`` names a string field of the schema (set, unset or None)."""
+    parent_key, _, leaf = dotted.rpartition(".")
+    try:
+        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+        node = parent._get_node(leaf) if isinstance(parent, DictConfig) else None
+    except OmegaConfBaseException:
+        return False
+    return isinstance(node, StringNode)
+
+
+_LIST_ITEM = re.compile(r"""\s*('[^']*'|"[^"]*"|[^,]*?)\s*(?:,|$)""")
 
 
 def _plain_list(value: str) -> list[str] | None:
     """``[a photo of a {}., a {}]`` as users type a list of strings (YAML reads ``{}`` as a mapping): its
-    comma-separated items, stripped; None for anything not in brackets."""
+    comma-separated items, stripped, a quoted item whole (``'a, b'``); None for anything not in brackets."""
     value = value.strip()
     if not (value.startswith("[") and value.endswith("]")):
         return None
-    return [item.strip() for item in value[1:-1].split(",") if item.strip()]
+    items = [match.group(1) for match in _LIST_ITEM.finditer(value[1:-1]) if match.group(1)]
+    return [item[1:-1] if len(item) > 1 and item[0] == item[-1] and item[0] in "'\"" else item for item in items]
 
 
 def _nested(dotted: str, value: Any) -> dict:

@@ -14,7 +14,15 @@ def redact(url: str) -> str:
     alone: ``?`` is a legal file-name character."""
     if not isinstance(url, str) or "://" not in url:
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unparsable netloc ("http://[bad"): cut what could hold a secret by hand
+        scheme, _, rest = url.partition("://")
+        rest = rest.split("#", 1)[0]
+        rest, query, _ = rest.partition("?")
+        rest = rest.split("/", 1)
+        rest[0] = rest[0].rsplit("@", 1)[-1]
+        return f"{scheme}://{'/'.join(rest)}" + ("?<redacted>" if query else "")
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = "<redacted>" if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))

@@ -206,7 +206,9 @@ class Trainer:
         from pretrain.objectives.config import read_modalities
 
         loader_cfg, transform, tokenizer = self.data_inputs(self.cfg.data.train, is_train=True)
-        unread = {modality: "" for modality in ("image", "audio") if modality not in read_modalities(self.cfg.objectives)}
+        read = read_modalities(self.cfg.objectives) | set(loader_cfg.require)
+        unread = {modality: "" for modality in ("image", "audio") if modality not in read}
+        self.unread_modalities = set(unread)
         if unread:
             loader_cfg = dataclasses.replace(loader_cfg, members=dataclasses.replace(loader_cfg.members, **unread))
         return build_loader(loader_cfg, self.topo.rank, self.topo.world_size, transform, tokenizer,
@@ -242,6 +244,7 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         if self.resume_from is None:
+            self.metrics.resume_at(-1)  # a rerun with nothing committed: an earlier attempt's records are void
             return
         client = self.checkpoints.load(self.engine, self.resume_from)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
@@ -317,7 +320,8 @@ class Trainer:
                     cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
                 if saved:
                     self.save()
-                if self.cfg.data.eval and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
+                due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps
+                if self.cfg.data.eval and due and not result.stop:  # a stop signal's grace period is for the save
                     last.update(self.evaluate_after_save(saved))
                 if result.stop:
                     log.warning("stopping at step %d after a signal (checkpoint committed)", self.step)
@@ -350,7 +354,9 @@ class Trainer:
         """Samples skipped over the run, on every rank (metrics.jsonl counts them by reason as data_errors/*): loud past
         data.warn_skipped_fraction."""
         counts = self.loader.metrics()
-        skipped = sum(count for reason, count in counts.items() if reason not in NOT_SAMPLE_LOSSES)
+        # A sample holding only modalities no objective reads (audio-only in an image-text run) was never usable here.
+        ignored = NOT_SAMPLE_LOSSES + (("no_modality",) if self.unread_modalities else ())
+        skipped = sum(count for reason, count in counts.items() if reason not in ignored)
         totals = torch.tensor([counts.get("samples", 0), skipped], dtype=torch.long, device=self.topo.device)
         dist.all_reduce(totals)
         used, skipped = totals.tolist()

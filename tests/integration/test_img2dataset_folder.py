@@ -11,6 +11,7 @@ from data_pipeline.config import LoaderConfig
 from data_pipeline.loader import build_loader
 from data_pipeline.preflight import check_dataset
 from data_pipeline.sources import resolve_sources
+from finetune.records import detect_format
 from mmfuse.cli import main as cli
 from mmfuse.config import load_config
 from tests.loaderdata import sample, write_tar
@@ -52,3 +53,17 @@ def test_the_loader_and_the_preflight_take_the_folder_itself(img2dataset_folder)
     cfg = load_config(LoaderConfig, [], [f"train={img2dataset_folder}", "batch_size=4", "workers=1", "shuffle_window=4"])
     keys = [key for batch in build_loader(cfg) for key in batch["__key__"]]
     assert sorted(keys) == sorted(f"{shard:05d}{i:04d}" for shard, count in enumerate(COUNTS) for i in range(count))
+
+
+def test_fine_tuning_reads_the_folder_as_shards(img2dataset_folder):
+    assert detect_format(str(img2dataset_folder), "auto") == "shards"
+
+
+def test_our_own_shards_without_sizes_json_are_an_unfinished_run_not_a_dataset(img2dataset_folder, capsys):
+    for stats in img2dataset_folder.glob("*_stats.json"):
+        written = json.loads(stats.read_text())["successes"]
+        stats.write_text(json.dumps({"written": written, "failed": {}}))  # what mmfuse shard writes per shard
+    with pytest.raises(ValueError, match="the sharding run did not finish"):
+        resolve_sources(str(img2dataset_folder))
+    assert cli(["verify", str(img2dataset_folder)]) == 1
+    assert "the sharding run did not finish" in capsys.readouterr().err

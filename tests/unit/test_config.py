@@ -41,6 +41,7 @@ def test_yaml_boolean_words_stay_strings_where_a_string_is_expected():
     cfg = load_config(ShardConfig, [], ["input.path=m.parquet", "output.path=out", "image.resize_mode=no"])
     assert cfg.image.resize_mode == "no"
     assert load_config(Root, [], ["path=x", "inner.name=off"]).inner.name == "off"
+    assert load_config(Root, [], ["path=no"]).path == "no"  # a required string, not yet set
     with pytest.raises(ConfigError, match="inner.size"):  # a number field still refuses a boolean word
         load_config(Root, [], ["path=x", "inner.size=no"])
 
@@ -53,6 +54,9 @@ def test_a_value_yaml_cannot_read_says_how_to_quote_it():
 def test_a_list_of_templates_typed_without_quotes_is_a_list_of_strings():
     cfg = load_config(Root, [], ["path=x", "tags=[a photo of a {}., a {}]"])
     assert cfg.tags == ["a photo of a {}.", "a {}"]
+    assert load_config(Root, [], ["path=x", "tags=[{} here, 'a {}, quoted', \"b {}\"]"]).tags == ["{} here", "a {}, quoted", "b {}"]
+    with pytest.raises(ConfigError, match="inner.size"):
+        load_config(Root, [], ["path=x", "inner.size=[a {}]"])
 
 
 def test_unknown_key_is_named():

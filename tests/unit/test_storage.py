@@ -109,3 +109,11 @@ def test_local_paths_get_the_local_filesystem(tmp_path):
     fs, path = filesystem(str(tmp_path / "out"))
     assert path == str(tmp_path / "out")
     assert "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def test_a_url_that_does_not_parse_is_still_redacted():
+    from data_pipeline.storage import redact_text
+
+    text = redact_text("failed: http://user:PASS@[bad/x/y?sig=SECRET#frag, and https://h/p?token=T")
+    assert "SECRET" not in text and "PASS" not in text and "token=T" not in text
+    assert "http://[bad/x/y?<redacted>" in text
