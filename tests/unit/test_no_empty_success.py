@@ -45,7 +45,7 @@ def stub_trainer(tmp_path, samples: int, evaluate):
     from pretrain.trainer import StepResult, Trainer
 
     cfg = load_config(PretrainConfig, [], ["data.train=x", "data.eval=y", f"run.dir={tmp_path}", "run.steps=2",
-                                           "run.checkpoint_every=0", "run.log_every=1"])
+                                           "run.checkpoint_every=0", "run.log_every=1", "run.eval_untrained=false"])
     trainer = Trainer.__new__(Trainer)
     calls: list[str] = []
     trainer.cfg, trainer.step, trainer.samples_seen = cfg, 0, 0
