@@ -132,7 +132,7 @@ def rank_main(stage: int, flavor: str, out: Path) -> None:
     from pretrain.engine import build_engine, init_distributed
     from pretrain.model import MultimodalModel
     from pretrain.objectives import DistContext, build_objectives
-    from pretrain.trainer import PretrainStep
+    from pretrain.step import PretrainStep
 
     topo = init_distributed()
     cfg = load_config(PretrainConfig, [str(ROOT / "configs/pretrain/tiny.yaml")], [

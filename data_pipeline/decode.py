@@ -32,7 +32,7 @@ from data_pipeline.text import strip_control
 
 MODALITIES = ("image", "text", "audio")
 # Batch tensors that are all zeros when no sample of the batch has the modality: ``collate`` zero-fills missing
-# rows, so the trainer makes such tensors on the device instead of copying them (pretrain.trainer.batch_to_device).
+# rows, so the trainer makes such tensors on the device instead of copying them (pretrain.step.batch_to_device).
 ZERO_WHEN_ABSENT = {"image": "has_image", "audio": "has_audio", "audio_mask": "has_audio"}
 
 

@@ -95,7 +95,7 @@ def test_a_modality_no_sample_has_is_made_on_the_device_as_the_zeros_the_decoder
     """The trainer does not copy an all-missing modality (an image-text run's empty audio batch, a text-only batch's
     images): it makes zeros of the target dtype on the device. That holds only while the decoder zero-fills missing
     rows, which is checked here through the open_clip transforms' batched normalisation."""
-    from pretrain.trainer import batch_to_device
+    from pretrain.step import batch_to_device
 
     decoder = Decoder(LoaderConfig(train="unused"), open_clip.image_transform(64, is_train=is_train), None, 64)
     with_images = [{"__key__": str(i), "meta": {}, "text": "a caption", "image": decoder.decode_image(jpeg(i))}

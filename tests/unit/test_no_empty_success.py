@@ -42,7 +42,8 @@ def test_an_image_template_with_unknown_fields_is_a_config_error():
 def stub_trainer(tmp_path, samples: int, evaluate):
     """A pre-training Trainer with its loop intact and every collaborator a stub."""
     from pretrain.config import PretrainConfig
-    from pretrain.trainer import StepResult, Trainer
+    from pretrain.step import StepResult
+    from pretrain.trainer import Trainer
 
     cfg = load_config(PretrainConfig, [], ["data.train=x", "data.eval=y", f"run.dir={tmp_path}", "run.steps=2",
                                            "run.checkpoint_every=0", "run.log_every=1", "run.eval_untrained=false"])
