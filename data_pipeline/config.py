@@ -289,6 +289,10 @@ class MembersConfig:
     """Caption member extensions, ';'-separated."""
     text_json_field: str = "text"
     """When no caption member exists, the json member's field holding the caption (LAION-CLAP layout)."""
+    text_choices_json_field: str = "captions"
+    """The json member's list of alternative captions of the same sample (COCO-style, five per image). Training
+    draws one caption per sample per epoch from these and the caption member, seeded like every augmentation
+    (identical after a resume); evaluation always reads the caption member. Empty: the caption member only."""
     audio: str = "flac;wav;mp3;ogg"
     """Audio member extensions, ';'-separated."""
     json: str = "json"

@@ -49,7 +49,8 @@ class Decoder:
     tokenizer: Callable[[list[str]], torch.Tensor] | None
     image_size: int = 224
     train: bool = True
-    """Audio: a random window of a long clip and SpecAugment (training), or all its windows (evaluation)."""
+    """Audio: a random window of a long clip and SpecAugment (training), or all its windows (evaluation); text: one
+    of the sample's alternative captions (``members.text_choices_json_field``), or always the caption member."""
 
     def __post_init__(self) -> None:
         members = self.cfg.members
@@ -81,6 +82,8 @@ class Decoder:
             sample["text"] = caption
         if present["audio"]:
             sample.update(self.decode_clip(audio_bytes))
+        if present["text"] and self.train and cfg.members.text_choices_json_field:
+            sample["text"] = _draw_caption(caption, meta.get(cfg.members.text_choices_json_field))
         return sample
 
     def decode_clip(self, data: bytes) -> dict[str, Any]:
@@ -267,6 +270,20 @@ def _mono(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     if not np.isfinite(mono).all():
         raise SampleError("audio_nan")
     return soxr.resample(mono, rate, target_rate) if rate != target_rate else mono
+
+
+def _draw_caption(caption: str, alternatives: Any) -> str:
+    """One of ``caption`` and the distinct non-empty strings in ``alternatives`` (anything else there is ignored),
+    drawn from torch's CPU generator (the loader seeds it per sample and epoch). Drawn after the image and audio
+    decode, so their augmentation draws are the same with or without alternatives."""
+    if not isinstance(alternatives, list):
+        return caption
+    pool = [caption]
+    for text in alternatives:
+        text = strip_control(text).strip() if isinstance(text, str) else ""
+        if text and text not in pool:
+            pool.append(text)
+    return pool[int(torch.randint(len(pool), ()))] if len(pool) > 1 else caption
 
 
 def _first(members: dict[str, bytes], exts: list[str]) -> bytes | None:

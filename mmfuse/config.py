@@ -81,8 +81,10 @@ def _merge(merged, files, overrides):
         key, value = item.split("=", 1)
         try:
             override = OmegaConf.from_dotlist([f"{key.strip()}={value}"])
-            if isinstance(OmegaConf.select(override, key.strip()), bool) and _is_string_field(merged, key.strip()):
-                override = OmegaConf.create(_nested(key.strip(), value.strip()))  # YAML 1.1 reads no/off/yes/on as booleans
+            read = OmegaConf.select(override, key.strip())
+            if (isinstance(read, bool) or (read is None and not value.strip())) and _is_string_field(merged, key.strip()):
+                # YAML 1.1 reads no/off/yes/on as booleans, and `key=` as null: a string field takes the text
+                override = OmegaConf.create(_nested(key.strip(), value.strip()))
             merged = OmegaConf.merge(merged, override)
         except OmegaConfBaseException as err:
             raise ConfigError(_explain(err, key.strip())) from None

@@ -2,13 +2,15 @@
 
 Counted: the matmuls of every transformer pass a step makes (QKV, attention output, MLP, and the two attention
 products), the MAE decoders, the fusion encoder and the vocabulary heads on ``mask_prob x context_length`` tokens
-(an upper bound: captions are shorter than the context); forward + backward = 3 x forward. Left out: patch embeddings, norms, softmax, losses (a few percent at ViT-B size). Every sample is
-assumed to carry every modality, and 2 FLOPs per multiply-add, as in the PaLM paper's MFU.
+(an upper bound: captions are shorter than the context), and a convolutional image stem (``model.image.stem=conv``,
+which runs on every pixel even when patches are dropped); forward + backward = 3 x forward. Left out: patch
+embeddings, norms, softmax, losses (a few percent at ViT-B size). Every sample is assumed to carry every modality,
+and 2 FLOPs per multiply-add, as in the PaLM paper's MFU.
 """
 
 from __future__ import annotations
 
-from pretrain.model.config import ModelConfig
+from pretrain.model.config import ModelConfig, VisionConfig, conv_stem_channels
 from pretrain.objectives.config import ObjectivesConfig
 
 # Dense 16-bit tensor-core peak per device, TFLOPS (vendor datasheets, no sparsity). First match by name wins.
@@ -29,6 +31,15 @@ def stack_flops(tokens: int, width: int, layers: int, mlp_ratio: float = 4.0, co
         matmuls += 2 * (2 * tokens + 2 * context) * width**2
         attention += 4 * tokens * context * width
     return layers * (matmuls + attention)
+
+
+def conv_stem_flops(image: VisionConfig) -> float:
+    """Forward FLOPs of the conv stem on one image: its 3x3 stride-2 stages, then the 1x1 projection."""
+    channels, side, flops = conv_stem_channels(image.width, image.patch_size), image.image_size, 0.0
+    for c_in, c_out in zip(channels, channels[1:]):
+        side = -(-side // 2)
+        flops += 2 * side * side * 9 * c_in * c_out
+    return flops + 2 * side * side * channels[-1] * image.width
 
 
 def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> float:
@@ -56,6 +67,8 @@ def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> 
         tokens = 1 + max(1, round(patches * (1 - ratio)))
         kept[modality] = max(kept.get(modality, 0), tokens)
         flops += stack_flops(tokens, tower.width, tower.layers, tower.mlp_ratio)
+        if modality == "image" and model.image.stem == "conv":
+            flops += conv_stem_flops(model.image)
     text = model.text
     text_passes = (1 if any("text" in pair.split("_") for pair in pairs) else 0) + \
         (objectives.masked_text.weight > 0) + (objectives.cross_modal_masked.weight > 0)

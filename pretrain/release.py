@@ -5,7 +5,8 @@ A release folder (local or object store) holds:
 - ``config.json``: the model config and the preprocessing that goes with it (image size, mean/std, tokenizer,
   the run's whole audio front end: ``preprocess.audio``, which fine-tuning enforces), plus where it came from;
 - ``open_clip_model.safetensors`` + ``open_clip_config.json``: the image-text part in open_clip's own format, so
-  ``open_clip.create_model_and_transforms("local-dir:RELEASE")`` loads it (temperatures squeezed back to 0-dim).
+  ``open_clip.create_model_and_transforms("local-dir:RELEASE")`` loads it (temperatures squeezed back to 0-dim);
+  absent when the image tower has a convolutional stem (``model.image.stem=conv``), which open_clip cannot build.
 
 Only safetensors and JSON: loading a release never unpickles anything.
 """
@@ -79,15 +80,18 @@ def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, 
     with tempfile.TemporaryDirectory(prefix="mmfuse-release-") as tmp:
         staged = Path(tmp)
         save_file(contiguous, staged / "model.safetensors", metadata={"format": "pt"})
-        save_file({k: v.contiguous() for k, v in open_clip_state_dict(model).items()}, staged / "open_clip_model.safetensors",
-                  metadata={"format": "pt"})
+        names = ["model.safetensors", "config.json"]
+        if cfg.image.stem == "patch":  # open_clip has no convolutional stem: such an image tower is ours alone
+            save_file({k: v.contiguous() for k, v in open_clip_state_dict(model).items()},
+                      staged / "open_clip_model.safetensors", metadata={"format": "pt"})
+            (staged / "open_clip_config.json").write_text(json.dumps(open_clip_cfg, indent=1))
+            names[1:1] = ["open_clip_model.safetensors", "open_clip_config.json"]
         (staged / "config.json").write_text(json.dumps(release_config(cfg, source, templates, audio), indent=1))
-        (staged / "open_clip_config.json").write_text(json.dumps(open_clip_cfg, indent=1))
         fs, root = filesystem(output)
         if is_local(output):
             fs.makedirs(root, exist_ok=True)
         # config.json last: a reader that finds it finds the weights too.
-        for name in ("model.safetensors", "open_clip_model.safetensors", "open_clip_config.json", "config.json"):
+        for name in names:
             if is_local(output):
                 shutil.move(staged / name, Path(root) / name)  # a rename when /tmp and the output share a disk
             else:

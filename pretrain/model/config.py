@@ -19,6 +19,21 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+    stem: str = "patch"
+    """How pixels become tokens. patch: open_clip's one strided convolution per patch. conv: a stack of 3x3 stride-2
+    convolutions ending at the same token grid (Xiao et al. 2021, "Early convolutions help transformers see better"),
+    which sees shapes inside a patch far sooner on small images; open_clip has no such stem, so such a release has
+    no open_clip files."""
+
+
+STEMS = ("patch", "conv")
+
+
+def conv_stem_channels(width: int, patch_size: int) -> list[int]:
+    """Channels of the conv stem's stages, input first: one stride-2 stage per factor of 2 in ``patch_size``,
+    doubling up to ``width`` (at least 16), as in Xiao et al. 2021; a 1x1 convolution then maps to ``width``."""
+    stages = patch_size.bit_length() - 1
+    return [3] + [max(16, width >> (stages - 1 - i)) for i in range(stages)]
 
 
 @dataclass
@@ -98,6 +113,11 @@ class ModelConfig:
     def validate(self) -> None:
         if self.contrastive not in CONTRASTIVE_KINDS:
             raise ConfigError(f"model.contrastive must be one of {CONTRASTIVE_KINDS}, got {self.contrastive!r}")
+        if self.image.stem not in STEMS:
+            raise ConfigError(f"model.image.stem must be one of {STEMS}, got {self.image.stem!r}")
+        p = self.image.patch_size
+        if self.image.stem == "conv" and (p < 2 or p & (p - 1)):
+            raise ConfigError(f"model.image.stem=conv needs a power-of-two model.image.patch_size (>= 2), got {p}")
         if self.image.image_size % self.image.patch_size:
             raise ConfigError("model.image.image_size must be a multiple of model.image.patch_size")
         a = self.audio

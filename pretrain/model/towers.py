@@ -15,7 +15,7 @@ import torch
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from pretrain.model.config import AudioTowerConfig, ModelConfig
+from pretrain.model.config import AudioTowerConfig, ModelConfig, conv_stem_channels
 
 
 @dataclass
@@ -63,8 +63,29 @@ def open_clip_config(cfg: ModelConfig) -> dict:
     return config
 
 
+class ConvStem(nn.Module):
+    """3x3 stride-2 convolutions (GroupNorm, GELU) from pixels to the ``patch_size``-strided token grid, then a 1x1
+    projection to ``width``: a drop-in for the ViT's patch convolution (``[B, 3, H, W] -> [B, width, H/p, W/p]``).
+    Channels: ``conv_stem_channels``."""
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        channels = conv_stem_channels(width, patch_size)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.GELU()]
+        layers.append(nn.Conv2d(channels[-1], width, 1))
+        self.layers = nn.Sequential(*layers)
+        self.patch_size = patch_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
 def build_clip(cfg: ModelConfig) -> open_clip.CLIP:
     clip = open_clip.CLIP(**open_clip_config(cfg), init_logit_scale=cfg.init_logit_scale)
+    if cfg.image.stem == "conv":  # open_clip's own forward calls visual.conv1 too, so it runs this stem unchanged
+        clip.visual.conv1 = ConvStem(cfg.image.width, cfg.image.patch_size)
     # DeepSpeed cannot partition or broadcast 0-dim parameters: hold temperatures as shape [1] (the open_clip
     # export squeezes them back).
     clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
@@ -73,8 +94,21 @@ def build_clip(cfg: ModelConfig) -> open_clip.CLIP:
     return clip
 
 
+def _zero_dropped_patches(images: torch.Tensor, keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The images with the pixels of every patch not in ``keep`` set to 0 (the normalised mean)."""
+    b, _, h, w = images.shape
+    grid = torch.zeros(b, (h // patch_size) * (w // patch_size), device=images.device, dtype=images.dtype)
+    grid.scatter_(1, keep, 1.0)
+    grid = grid.view(b, 1, h // patch_size, w // patch_size)
+    return images * grid.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+
+
 def encode_image(clip: open_clip.CLIP, images: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
     visual = clip.visual
+    if keep is not None and isinstance(visual.conv1, ConvStem):
+        # A convolution stack's receptive field crosses patch borders: blank the dropped patches first, so the kept
+        # tokens (and MAE's reconstruction of the dropped ones) never see the pixels they are meant not to see.
+        images = _zero_dropped_patches(images, keep, visual.conv1.patch_size)
     x = visual.conv1(images)  # [B, width, gh, gw]
     x = x.flatten(2).transpose(1, 2)  # [B, N, width]
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)

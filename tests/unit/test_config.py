@@ -46,6 +46,12 @@ def test_yaml_boolean_words_stay_strings_where_a_string_is_expected():
         load_config(Root, [], ["path=x", "inner.size=no"])
 
 
+def test_an_empty_value_is_the_empty_string_for_a_string_field():
+    assert load_config(Root, [], ["path=x", "inner.name="]).inner.name == ""  # YAML reads `name=` as null
+    with pytest.raises(ConfigError, match="inner.size"):
+        load_config(Root, [], ["path=x", "inner.size="])
+
+
 def test_a_value_yaml_cannot_read_says_how_to_quote_it():
     with pytest.raises(ConfigError, match=r"quote it: \"inner.name='\{image_id\}.png'\""):
         load_config(Root, [], ["path=x", "inner.name={image_id}.png"])

@@ -129,3 +129,28 @@ def test_nasty_members_fail_alone_with_their_reason_and_odd_ones_are_converted()
     assert sample["text"] == "a [1mkite" and tuple(sample["image"].shape) == (3, 240, 120)  # EXIF 6: upright
     for odd in (palette_with_transparency(), animated_gif()):
         assert decoder(RawSample("k", {"png": odd}))["image"].shape[0] == 3
+
+
+def test_training_draws_one_of_a_samples_alternative_captions_and_evaluation_reads_the_caption_member():
+    import json
+
+    from data_pipeline.config import MembersConfig
+
+    meta = {"captions": ["a red circle", "a photo of a red circle", "", 7, "a red circle\x00", "one shape: a red circle"]}
+    members = {"txt": b"a red circle", "json": json.dumps(meta).encode()}
+    train = Decoder(LoaderConfig(train="x"), None, None)
+
+    def drawn(decoder, seed):
+        torch.default_generator.manual_seed(seed)  # what the loader seeds per (seed, epoch, sample)
+        return decoder(RawSample("k", members))["text"]
+
+    seen = [drawn(train, seed) for seed in range(60)]
+    # The caption member and the distinct non-empty strings (control characters stripped), each drawn.
+    assert set(seen) == {"a red circle", "a photo of a red circle", "one shape: a red circle"}
+    assert seen == [drawn(train, seed) for seed in range(60)]  # a pure function of the seed: exact resume
+    evaluation = Decoder(LoaderConfig(train="x"), None, None, train=False)
+    assert {drawn(evaluation, seed) for seed in range(20)} == {"a red circle"}
+    off = Decoder(LoaderConfig(train="x", members=MembersConfig(text_choices_json_field="")), None, None)
+    assert {drawn(off, seed) for seed in range(20)} == {"a red circle"}
+    members["json"] = json.dumps({"captions": "not a list"}).encode()
+    assert {drawn(train, seed) for seed in range(20)} == {"a red circle"}

@@ -262,3 +262,55 @@ def test_joining_the_process_group_builds_no_cpp_extension(tmp_path):
     assert result.returncode == 0 and "world 1 0" in result.stdout, result.stderr[-2000:]
     built = list((tmp_path / "ext").rglob("*")) if (tmp_path / "ext").exists() else []
     assert not any("shm_comm" in path.name for path in built), built
+
+
+@pytest.mark.parametrize("patch_size", [8, 16])
+def test_the_conv_stem_ends_at_the_patch_grid_and_dropped_patches_stay_unseen(patch_size):
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.stem=conv", f"image.patch_size={patch_size}"])
+    torch.manual_seed(0)
+    model = MultimodalModel(cfg).eval()
+    images, grid = torch.randn(2, 3, 64, 64), (64 // patch_size) ** 2
+    with torch.no_grad():
+        assert model.encode_image(images).tokens.shape == (2, 1 + grid, 64)
+        # open_clip's own forward runs the same stem (its VisionTransformer calls visual.conv1).
+        reference = torch.nn.functional.normalize(model.clip.encode_image(images), dim=-1)
+        torch.testing.assert_close(model.embed("image", images), reference)
+        # 3x3 convolutions see across patch borders: the kept tokens must not change when dropped pixels do.
+        keep = random_keep(2, grid, 0.25, torch.Generator().manual_seed(1))
+        dropped = torch.ones(2, grid, dtype=torch.bool).scatter_(1, keep, False)
+        mask = dropped.view(2, 1, 64 // patch_size, 64 // patch_size)
+        mask = mask.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+        changed = torch.where(mask, torch.randn_like(images) * 5, images)
+        torch.testing.assert_close(model.encode_image(changed, keep).tokens, model.encode_image(images, keep).tokens)
+        assert not torch.allclose(model.encode_image(changed).tokens, model.encode_image(images).tokens)
+
+
+def test_a_conv_stem_needs_a_power_of_two_patch_and_has_no_open_clip_files(tmp_path):
+    from mmfuse.config import ConfigError
+    from pretrain.release import load_release, save_release
+
+    with pytest.raises(ConfigError, match="model.image.stem must be one of"):
+        load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.stem=resnet"])
+    with pytest.raises(ConfigError, match="power-of-two model.image.patch_size"):
+        load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.stem=conv", "image.patch_size=12",
+                                                               "image.image_size=72"])
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.stem=conv"])
+    original = MultimodalModel(cfg)
+    save_release(original.state_dict(), cfg, str(tmp_path / "release"), {})
+    assert sorted(p.name for p in (tmp_path / "release").iterdir()) == ["config.json", "model.safetensors"]
+    loaded, release = load_release(str(tmp_path / "release"))
+    assert release["model"]["image"]["stem"] == "conv"
+    for name, value in original.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_flops_count_the_conv_stem():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pretrain.flops import conv_stem_flops
+
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.stem=conv"])
+    stem = MultimodalModel(cfg).clip.visual.conv1
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        stem(torch.randn(1, 3, 64, 64))
+    assert counter.get_total_flops() == pytest.approx(conv_stem_flops(cfg.image), rel=0.01)
