@@ -1,4 +1,5 @@
-"""Typed configs of the data stages: ``synth`` (shapes world), ``shard`` (raw pairs → WebDataset) and ``verify``.
+"""Typed configs of the data stages: ``synth`` (shapes world), ``shard`` (raw pairs → WebDataset), ``verify`` and
+``inspect``.
 
 Each component receives only its own sub-config (``ImageConfig`` for the image processor, ...).
 """
@@ -13,6 +14,7 @@ from mmfuse.schema import MISSING, ConfigError
 RESIZE_MODES = ("keep_ratio", "center_crop", "border", "no")
 IMAGE_FORMATS = ("jpg", "webp", "png")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "folder")
+MANIFEST_FORMATS = INPUT_FORMATS[:-1]
 
 
 @dataclass
@@ -191,6 +193,73 @@ class VerifyConfig:
     """Dataset folder or object-store URL."""
     decode: bool = True
     """Also decode every image and audio member (slower, catches corrupt payloads)."""
+
+
+@dataclass
+class InspectOutputConfig:
+    path: str = MISSING
+    """Folder (or object-store URL) that index.html, contact_sheet.png, samples.json, images/, audio/ and plots/ are
+    written to; created if missing."""
+
+
+@dataclass
+class InspectManifestConfig:
+    """How a manifest given as the dataset is read (the same columns as ``mmfuse shard``'s ``input``)."""
+
+    format: str = "auto"
+    """One of auto, parquet, csv, tsv, jsonl; auto looks at the path."""
+    image_column: str = "image"
+    """Column with the image path or URL (img2dataset: url)."""
+    text_column: str = "text"
+    """Column with the caption (img2dataset: caption)."""
+    audio_column: str = "audio"
+    """Column with the audio path or URL."""
+
+
+@dataclass
+class InspectConfig:
+    """Look at a dataset before training on it: a reproducible sample drawn as a contact sheet, an HTML page of
+    samples and summary plots."""
+
+    path: str = MISSING
+    """Dataset: a shards folder (sizes.json), an img2dataset output folder, a .tar or brace pattern, or a manifest
+    (parquet, csv, tsv, jsonl); local or object-store URL."""
+    output: InspectOutputConfig = field(default_factory=InspectOutputConfig)
+    num_samples: int = 48
+    """Samples drawn (fewer when the dataset holds fewer)."""
+    seed: int = 0
+    """The same seed draws the same samples from the same dataset."""
+    shards: int = 8
+    """Shards the samples are drawn from, picked uniformly by seed among the non-empty ones, then samples uniformly
+    among theirs. Each picked shard is read only up to its last drawn sample. 0: every shard (an even sample of the
+    whole dataset, but up to num_samples shards are opened)."""
+    thumb_size: int = 160
+    """Side of one image in the contact sheet, in pixels."""
+    page_image_size: int = 512
+    """Longest side of the images written for the page; a smaller JPEG, PNG or WebP is copied as it is."""
+    audio_seconds: float = 30.0
+    """Only this much of each clip is read and drawn."""
+    max_member_bytes: int = 50_000_000
+    """Tar members and fetched files larger than this are not read."""
+    max_image_pixels: int = 89_478_485
+    """Images whose header claims more pixels are not decoded (decompression bombs)."""
+    progress: bool = True
+    """Show a progress bar."""
+    manifest: InspectManifestConfig = field(default_factory=InspectManifestConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    """How a manifest's media are fetched (http, s3, local)."""
+
+    def validate(self) -> None:
+        if not 1 <= self.num_samples <= 1000:
+            raise ConfigError(f"num_samples must be within 1..1000, got {self.num_samples}")
+        if self.shards < 0:
+            raise ConfigError(f"shards must be >= 0 (0: every shard), got {self.shards}")
+        if not 32 <= self.thumb_size <= 1024 or self.page_image_size < 32:
+            raise ConfigError("thumb_size must be within 32..1024 and page_image_size at least 32")
+        if self.audio_seconds <= 0:
+            raise ConfigError("audio_seconds must be > 0")
+        if self.manifest.format not in MANIFEST_FORMATS:
+            raise ConfigError(f"manifest.format must be one of {MANIFEST_FORMATS}, got {self.manifest.format!r}")
 
 
 LOADER_MODES = ("exact", "resampled")

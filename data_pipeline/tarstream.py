@@ -38,17 +38,21 @@ class ShardError(Exception):
 
 
 class RetryingFile(io.RawIOBase):
-    """A read-only, seekable view of a remote file that reopens and seeks back after a transient error."""
+    """A read-only, seekable view of a remote file that reopens and seeks back after a transient error.
 
-    def __init__(self, url: str, retries: int = 3, backoff: float = 0.2):
-        self.url, self.retries, self.backoff = url, retries, backoff
+    ``block_size``: bytes an object store is asked for per read (None: fsspec's default, 50 MB on s3, a whole
+    shard in one request); a reader that stops early (``mmfuse inspect``) asks for less so as not to download
+    what it never reads."""
+
+    def __init__(self, url: str, retries: int = 3, backoff: float = 0.2, block_size: int | None = None):
+        self.url, self.retries, self.backoff, self.block_size = url, retries, backoff, block_size
         self.fs, self.path = filesystem(url)
         self.pos = 0
         self.retried = 0
         self._f = self._open()
 
     def _open(self):
-        f = self.fs.open(self.path, "rb")
+        f = self.fs.open(self.path, "rb", **({"block_size": self.block_size} if self.block_size else {}))
         if self.pos:
             f.seek(self.pos)
         return f

@@ -14,10 +14,12 @@ STAGES = {
     "synth": ("data_pipeline.synth", "generate the synthetic shapes world (images, captions, audio, task fields)"),
     "shard": ("data_pipeline.shard", "pack raw pairs into WebDataset shards (local or s3://)"),
     "verify": ("data_pipeline.verify", "check every shard of a dataset against sizes.json and its stats"),
+    "inspect": ("data_pipeline.inspect", "sample a dataset: contact sheet, HTML page of samples, summary plots"),
     "pretrain": ("pretrain.run", "pre-train with contrastive + masked objectives under DeepSpeed ZeRO (launch.nproc=N)"),
     "export": ("pretrain.export", "consolidate a training checkpoint into a release folder (safetensors + open_clip export)"),
     "finetune": ("finetune.run", "fine-tune a release on zeroshot / retrieval / caption / vqa / classify, then evaluate"),
     "eval": ("finetune.eval", "evaluate a release on one task without training (metrics.json + RESULTS.md)"),
+    "report": ("mmfuse.report", "compare runs side by side: config differences, overlaid curves, final metrics"),
     "submit": ("slurm.submit", "run any stage on SLURM (submitit): multi-node, job arrays, preemption -> requeue"),
 }
 

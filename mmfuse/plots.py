@@ -1,4 +1,5 @@
-"""Pictures a person reads before any table: learning curves from ``metrics.jsonl`` and confusion matrices.
+"""Pictures a person reads before any table: learning curves from ``metrics.jsonl`` (one run, or several
+overlaid for ``mmfuse report``) and confusion matrices.
 
 Matplotlib with the Agg backend (no display), imported only when a picture is drawn: every stage writes its
 PNGs into its run folder and links them from its results card.
@@ -104,6 +105,44 @@ def learning_curves(metrics_file: Path, out: Path, title: str = "") -> Path | No
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out)
+
+
+def compare_curves(series_by_run: dict[str, dict[str, tuple[list[int], list[float]]]], keys: list[str], out: Path,
+                   title: str = "", chance: dict[str, dict[str, float]] | None = None) -> Path | None:
+    """Write ``out`` (PNG): one panel per metric in ``keys`` (losses on a log scale), one line per run in one colour
+    in every panel, so runs read side by side. ``series_by_run`` maps a run's label to its :func:`curves`;
+    ``chance`` (label → {metric: value}) adds a dotted line per run at chance. Returns None when nothing is drawn."""
+    keys = [key for key in keys if any(key in series for series in series_by_run.values())]
+    if not keys:
+        return None
+    plt = _pyplot()
+
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.0 * columns, 3.8 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        drawn = []
+        for number, (label, series) in enumerate(series_by_run.items()):
+            if key not in series:
+                continue
+            steps, values = series[key]
+            colour = f"C{number % 10}"
+            ax.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3, linewidth=1.4, label=label,
+                    color=colour)
+            drawn += values
+            if key in (chance or {}).get(label, {}):
+                ax.axhline(chance[label][key], color=colour, linestyle=":", linewidth=1.0, label=f"{label}: chance")
+        if key.startswith("loss") and drawn and all(v > 0 for v in drawn):
+            ax.set_yscale("log")
+        ax.set_title(key if key != "loss" else "loss (total)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
     if title:
         fig.suptitle(title)
     return _save(fig, out)

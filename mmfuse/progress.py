@@ -29,9 +29,11 @@ class _Lines(io.TextIOBase):
         sys.stderr.flush()
 
 
-def progress(total: int | None, desc: str, unit: str, initial: int = 0, disable: bool = False, iterable=None) -> tqdm:
-    """A tqdm over ``iterable`` (or updated by hand), drawn as the output allows."""
-    common = dict(iterable=iterable, total=total, initial=initial, desc=desc, unit=unit, disable=disable)
+def progress(total: int | None, desc: str, unit: str, initial: int = 0, disable: bool = False, iterable=None,
+             delay: float = 0.0) -> tqdm:
+    """A tqdm over ``iterable`` (or updated by hand), drawn as the output allows; nothing at all for work that ends
+    within ``delay`` seconds."""
+    common = dict(iterable=iterable, total=total, initial=initial, desc=desc, unit=unit, disable=disable, delay=delay)
     if sys.stderr.isatty():
         return tqdm(**common, dynamic_ncols=True, mininterval=1)
     return tqdm(**common, file=_Lines(), mininterval=LINE_SECONDS, bar_format=_LINE_FORMAT)

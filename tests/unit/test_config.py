@@ -141,7 +141,8 @@ def test_shipped_data_configs_load(path):
     assert isinstance(cfg, ShardConfig)
 
 
-@pytest.mark.parametrize("stage", ["synth", "shard", "verify", "pretrain", "export", "finetune", "eval", "submit"])
+@pytest.mark.parametrize("stage", ["synth", "shard", "verify", "inspect", "pretrain", "export", "finetune", "eval",
+                                   "report", "submit"])
 def test_help_and_config_errors_import_neither_torch_nor_deepspeed(stage):
     """What makes them come back in a fraction of a second instead of 5-25 s."""
     import subprocess
