@@ -66,6 +66,10 @@ class Decoder:
         image_bytes = _first(members, self.image_exts)
         text = _first(members, self.text_exts)
         caption = text.decode("utf-8", "replace") if text is not None else meta.get(cfg.members.text_json_field)
+        alternatives = meta.get(cfg.members.text_choices_json_field) if cfg.members.text_choices_json_field else None
+        if isinstance(caption, list):  # LAION-CLAP's json keeps a list of captions: the first, and the rest to draw from
+            alternatives = caption + (alternatives if isinstance(alternatives, list) else [])
+            caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
         if isinstance(caption, str):
             caption = strip_control(caption).strip()  # shards made elsewhere may hold NULs and escapes
         audio_bytes = _first(members, self.audio_exts)
@@ -83,7 +87,7 @@ class Decoder:
         if present["audio"]:
             sample.update(self.decode_clip(audio_bytes))
         if present["text"] and self.train and cfg.members.text_choices_json_field:
-            sample["text"] = _draw_caption(caption, meta.get(cfg.members.text_choices_json_field))
+            sample["text"] = _draw_caption(caption, alternatives)
         return sample
 
     def decode_clip(self, data: bytes) -> dict[str, Any]:

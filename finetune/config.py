@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from data_pipeline.config import AudioFeatureConfig, MembersConfig
 from mmfuse.schema import MISSING, ConfigError
+from pretrain.logger import LogConfig
 
 TASKS = ("zeroshot", "retrieval", "caption", "vqa", "classify")
 DATA_FORMATS = ("auto", "shards", "coco", "vqa", "folder", "manifest")
@@ -213,6 +214,7 @@ class FinetuneConfig:
     run: RunConfig = field(default_factory=RunConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0
     """Seeds head initialisation, dropout and modality dropout."""
 

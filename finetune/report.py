@@ -9,7 +9,8 @@ from pathlib import Path
 
 HEADLINE = {
     "zeroshot": ("top1", "top5"),
-    "retrieval": ("mean_recall", "image_to_text/R@1", "text_to_image/R@1", "audio_to_text/R@1", "text_to_audio/R@1"),
+    "retrieval": ("mean_recall", "image_to_text/R@1", "text_to_image/R@1", "audio_to_text/R@1", "text_to_audio/R@1",
+                  "unique_text/image_to_text/R@1", "unique_text/text_to_image/R@1"),
     "caption": ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
     "vqa": ("accuracy", "without_image/accuracy", "prior/accuracy", "changed_without_image"),
     "classify": ("accuracy", "without_image/accuracy", "without_text/accuracy", "without_audio/accuracy"),
@@ -38,9 +39,10 @@ def format_table(run_dirs: list[Path]) -> str:
     cell = lambda v: f"{v:>10.2f}" if v is not None else f"{'-':>10}"
     table = [row for run_dir in run_dirs for row in rows(run_dir)]
     width = max([len(r[0]) for r in table] + [3]) + 2
-    lines = [f"{'run':<{width}}{'metric':<26}{'untrained':>10}{'result':>10}{'chance':>10}"]
+    metric_width = max([len(r[1]) for r in table] + [24]) + 2
+    lines = [f"{'run':<{width}}{'metric':<{metric_width}}{'untrained':>10}{'result':>10}{'chance':>10}"]
     for label, metric, baseline, value, chance in table:
-        lines.append(f"{label:<{width}}{metric:<26}{cell(baseline)}{cell(value)}{cell(chance)}")
+        lines.append(f"{label:<{width}}{metric:<{metric_width}}{cell(baseline)}{cell(value)}{cell(chance)}")
     lines.append("(percentages, except caption metrics on pycocoevalcap's 0-1 scale (CIDEr 0-10); untrained = new "
                  "heads at their initialisation; '-' = not applicable)")
     return "\n".join(lines)

@@ -31,7 +31,9 @@ def preflight(cfg: FinetuneConfig, stage: str = "finetune") -> None:
     from data_pipeline.preflight import check_input, check_output
     from finetune.checkpoint import check_checkpoint, resolve_resume
     from finetune.records import check_data
+    from pretrain.logger import require_wandb
 
+    require_wandb(cfg.log)
     check_input("checkpoint", cfg.checkpoint)
     check_checkpoint(cfg)
     check_output("run.dir", cfg.run.dir)

@@ -30,7 +30,7 @@ from finetune.data import TaskData
 from finetune.evaluation import evaluate
 from finetune.results import write_outputs
 from finetune.tasks import TaskContext, build_task
-from mmfuse.config import to_yaml
+from mmfuse.config import to_dict, to_yaml
 from pretrain.tags import MARKER, committed_tags, tag_for
 from pretrain.logger import MetricsLogger
 
@@ -108,9 +108,15 @@ class Finetuner:
                 skip_shm_comm_build()
             plugin = DeepSpeedPlugin(zero_stage=cfg.run.deepspeed_stage, gradient_clipping=cfg.optim.grad_clip or 0.0)
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+            # DeepSpeed checks train_batch_size = micro batch x accumulation x world size; Accelerate's default
+            # leaves it at the micro batch, which only a world of one satisfies.
+            plugin.deepspeed_config["train_batch_size"] = cfg.data.batch_size * int(os.environ["WORLD_SIZE"])
+        # Accelerate reads these when it wraps the model: find_unused_parameters is set below, once the task and its
+        # frozen towers say whether a step can leave a trainable parameter out.
+        self.ddp_options = DistributedDataParallelKwargs()
         self.accelerator = Accelerator(cpu=plugin is None and not torch.cuda.is_available(),
                                        mixed_precision=cfg.run.precision, deepspeed_plugin=plugin,
-                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                                       kwargs_handlers=[self.ddp_options])
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.run_dir = Path(cfg.run.dir)
         set_seed(cfg.seed)
@@ -129,10 +135,11 @@ class Finetuner:
         self.task.freeze_unused()
         if hasattr(self.task, "remember_zero_shot"):
             self.task.remember_zero_shot()
-        self.metrics = MetricsLogger(self.run_dir, self.accelerator.is_main_process)
+        self.metrics = MetricsLogger(self.run_dir, self.accelerator.is_main_process, cfg.log, to_dict(cfg))
         self.step, self.stop_requested = 0, False
         self.train_used, self.train_skipped = 0, Counter()
         if self.training:
+            self.ddp_options.find_unused_parameters = self.task.may_skip_parameters()
             optimizer = torch.optim.AdamW(param_groups(self.task, cfg), betas=(0.9, 0.98), eps=1e-6)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
             self.model, self.optimizer = self.accelerator.prepare(self.task, optimizer)

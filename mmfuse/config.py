@@ -43,23 +43,31 @@ def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overri
 
     ``presets`` maps a key naming a preset (``"model.flavor"``) to a file pattern under ``configs/``
     (``"model/{}.yaml"``): the chosen file is merged under the key's parent (``model``) right after the
-    defaults, so files and overrides still win over it (``model.flavor=tiny model.image.layers=4``).
+    defaults, so files and overrides still win over it (``model.flavor=tiny model.image.layers=4``). A file of
+    ``files`` written for that parent (a flavor file, ``_mount``) is merged under it, in its place in the order.
     """
+    presets = presets or {}
+    mounts = {key.rpartition(".")[0]: key for key in presets if "." in key}
     try:
-        merged = _merge(OmegaConf.structured(schema), files, overrides)
-        for key, pattern in (presets or {}).items():
+        merged, mounted = _merge(OmegaConf.structured(schema), files, overrides, mounts)
+        for key, pattern in presets.items():
             name = OmegaConf.select(merged, key)
             if not name:
                 continue
             path = CONFIG_ROOT / pattern.format(name)
+            if not path.is_file() and (key, name) in {(k, n) for _, k, n in mounted}:
+                continue  # the user's own flavor file, stacked with --config: it is the preset
             if not path.is_file():
                 known = sorted(p.stem for p in path.parent.glob("*.yaml"))
                 raise ConfigError(f"{key}={name!r}: no such preset (known: {', '.join(known)})")
-            mount = key.rpartition(".")[0]
-            preset = OmegaConf.load(path)
-            for part in reversed(mount.split(".") if mount else []):
-                preset = OmegaConf.create({part: preset})
-            merged = _merge(OmegaConf.merge(OmegaConf.structured(schema), preset), files, overrides)
+            preset = _under(key.rpartition(".")[0], OmegaConf.load(path))
+            merged, mounted = _merge(OmegaConf.merge(OmegaConf.structured(schema), preset), files, overrides, mounts)
+        for file, key, name in mounted:
+            final = OmegaConf.select(merged, key)
+            if name is not None and name != final:
+                # The preset merged first would be `final`, the fields the file sets `name`'s: a model of neither.
+                raise ConfigError(f"{file} sets {key}={name!r}, but a later file or a key=value override sets "
+                                  f"{key}={final!r}: keep one (stack {file} after every file that sets {key})")
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
@@ -69,12 +77,46 @@ def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overri
     return config
 
 
-def _merge(merged, files, overrides):
+def _under(mount: str, cfg: Any) -> Any:
+    """``cfg`` nested under the dotted ``mount`` (unchanged for the root, ``""``)."""
+    for part in reversed(mount.split(".") if mount else []):
+        cfg = OmegaConf.create({part: cfg})
+    return cfg
+
+
+def _mount(base: DictConfig, loaded: Any, mounts: dict[str, str]) -> str:
+    """Where a ``--config`` file belongs: a preset's parent (``model``) for a file written for it, else the root.
+
+    A flavor file (``configs/model/small.yaml``, or a copy of one anywhere) is written for ``model``: none of its
+    top-level keys is a field of the root and some are fields of ``model`` (``flavor``, ``image``, ...). Every
+    other file is rooted at the top, so a key out of place in it is named where it stands (``unknown config key
+    'image'``); a key ``model`` lacks, in a flavor file, is named under ``model``."""
+    if not isinstance(loaded, DictConfig) or not len(loaded):
+        return ""
+    keys = set(loaded.keys())
+    if keys & set(base.keys()):
+        return ""
+    for mount in mounts:
+        node = OmegaConf.select(base, mount)
+        if isinstance(node, DictConfig) and keys & set(node.keys()):
+            return mount
+    return ""
+
+
+def _merge(merged, files, overrides, mounts: dict[str, str] | None = None):
+    """``merged`` with ``files``, then ``overrides``; and, for each file merged under a preset's parent, (file,
+    preset key, the preset the file names or None)."""
+    mounted = []
     for file in files:
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"config file not found: {file}")
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        loaded = OmegaConf.load(path)
+        mount = _mount(merged, loaded, mounts or {})
+        if mount:
+            key = mounts[mount]
+            mounted.append((file, key, OmegaConf.select(loaded, key.rpartition(".")[2])))
+        merged = OmegaConf.merge(merged, _under(mount, loaded))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"expected key=value, got {item!r}")
@@ -82,8 +124,10 @@ def _merge(merged, files, overrides):
         try:
             override = OmegaConf.from_dotlist([f"{key.strip()}={value}"])
             read = OmegaConf.select(override, key.strip())
-            if (isinstance(read, bool) or (read is None and not value.strip())) and _is_string_field(merged, key.strip()):
-                # YAML 1.1 reads no/off/yes/on as booleans, and `key=` as null: a string field takes the text
+            if (isinstance(read, (bool, DictConfig)) or (read is None and not value.strip())) \
+                    and _is_string_field(merged, key.strip()):
+                # YAML 1.1 reads no/off/yes/on as booleans, `key=` as null and `a: b` as a mapping: a string field
+                # takes the text
                 override = OmegaConf.create(_nested(key.strip(), value.strip()))
             merged = OmegaConf.merge(merged, override)
         except OmegaConfBaseException as err:
@@ -97,7 +141,7 @@ def _merge(merged, files, overrides):
                 merged = OmegaConf.merge(merged, OmegaConf.create(_nested(key.strip(), items)))
             except (OmegaConfBaseException, TypeError, ValueError) as merge_err:
                 raise ConfigError(f"bad value for config key {key.strip()!r}: {value!r} ({merge_err})") from None
-    return merged
+    return merged, mounted
 
 
 def _is_string_field(cfg, dotted: str) -> bool:

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from data_pipeline.config import AudioFeatureConfig, LoaderConfig, from_recorded
 from mmfuse.config import MISSING, ConfigError
+from pretrain.logger import LogConfig
 from pretrain.model.config import ModelConfig
 from pretrain.objectives.config import ObjectivesConfig
 
@@ -162,6 +163,7 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0
     """Seeds model init, masking and dropout; the data order has its own data.seed."""
 

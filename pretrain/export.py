@@ -1,10 +1,11 @@
-"""``mmfuse export RUN [output.path=RELEASE_DIR_OR_URL] [step=N]``: consolidate a ZeRO checkpoint (any stage, any
-number of ranks) into a release folder in one process."""
+"""``mmfuse export RUN [output.path=RELEASE_DIR_OR_URL] [step=N] [release.license=...]``: consolidate a ZeRO
+checkpoint (any stage, any number of ranks) into a release folder in one process, with its model card."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import TYPE_CHECKING
 
 from mmfuse.config import MISSING, parse_args
 from mmfuse.logs import setup_logging
-from pretrain.tags import MARKER, committed_tags, tag_for
+from mmfuse.redact import redact
+from pretrain.card import ReleaseInfo
 from pretrain.config import PretrainConfig, model_audio
+from pretrain.tags import MARKER, committed_tags, tag_for, tag_step
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +37,8 @@ class ExportConfig:
     step: int = -1
     """Checkpoint step to export (-1: the newest committed one)."""
     output: ExportOutput = field(default_factory=ExportOutput)
+    release: ReleaseInfo = field(default_factory=ReleaseInfo)
+    """License and description for the model card (README.md) and config.json; never credentials."""
 
 
 def consolidated_state(checkpoint_root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -49,6 +54,11 @@ def consolidated_state(checkpoint_root: Path, tag: str, zero_stage: int) -> dict
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag)
+        if zero_stage == 1:
+            # ZeRO-1's consolidation reads the optimizer's partitions only, which hold no frozen parameter (an
+            # image-text run's audio tower). They were never partitioned: rank 0's model file has them whole.
+            states = torch.load(checkpoint_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            state = {**{k: v for k, v in states["module"].items() if k not in state}, **state}
     # The engine wrapped the model in PretrainStep (attribute ``model``).
     return {name.removeprefix("model."): tensor.float() for name, tensor in state.items() if name.startswith("model.")}
 
@@ -67,18 +77,29 @@ def export(cfg: ExportConfig) -> str:
     # The mel shape always came from the model; a config.yaml from before that was enforced may hold the loader's
     # unused defaults there, so it is read as "follow the model".
     train_cfg = load_config(PretrainConfig, [str(run / "config.yaml")], ["data.audio.n_mels=0", "data.audio.frames=0"])
+    from pretrain.card import read_run
     from pretrain.checkpoint import saved_zero_stage
     from pretrain.release import save_release
 
     # The stage the checkpoint was written with, whatever config.yaml says now (a later resume may have rewritten it).
-    state = consolidated_state(root, tag, saved_zero_stage(root / tag))
+    zero_stage = saved_zero_stage(root / tag)
+    state = consolidated_state(root, tag, zero_stage)
     output = cfg.output.path or str(run / "release" / tag)
     marker = json.loads((root / tag / MARKER).read_text())
+    record = read_run(run, train_cfg, tag_step(tag), marker.get("world_size"), zero_stage, export_command(cfg, tag, output))
     save_release(state, train_cfg.model, output, {"run": str(run.resolve()), "checkpoint": tag,
                                                   "code_version": marker.get("code_version")},
-                 templates=list(train_cfg.eval.templates), audio=model_audio(train_cfg.data.audio, train_cfg.model))
+                 templates=list(train_cfg.eval.templates), audio=model_audio(train_cfg.data.audio, train_cfg.model),
+                 run=record, info=cfg.release)
     log.info("exported %s to %s", tag, output)
     return output
+
+
+def export_command(cfg: ExportConfig, tag: str, output: str) -> str:
+    """The command that makes this release again (the step pinned, the release fields that were set)."""
+    words = ["mmfuse", "export", cfg.run, f"step={tag_step(tag)}", f"output.path={redact(output)}"]
+    words += [f"release.{name}={value}" for name, value in vars(cfg.release).items() if value != "unspecified"]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def main(argv: list[str] | None = None) -> int:

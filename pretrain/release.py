@@ -6,13 +6,20 @@ A release folder (local or object store) holds:
   the run's whole audio front end: ``preprocess.audio``, which fine-tuning enforces), plus where it came from;
 - ``open_clip_model.safetensors`` + ``open_clip_config.json``: the image-text part in open_clip's own format, so
   ``open_clip.create_model_and_transforms("local-dir:RELEASE")`` loads it (temperatures squeezed back to 0-dim);
-  absent when the image tower has a convolutional stem (``model.image.stem=conv``), which open_clip cannot build.
+  absent when the image tower has a convolutional stem (``model.image.stem=conv``), which open_clip cannot build;
+- ``README.md``: the model card (``pretrain.card``): parameters per tower, training data (redacted), steps and
+  compute, objectives, the last in-loop evaluation beside the untrained model and chance, how to load it, the
+  preprocessing and license. Written from the run folder by ``mmfuse export``; without one, what the weights and
+  config.json say, the rest marked as not recorded.
+
+Every file is staged first and ``config.json`` is moved in last: a folder with it is a whole release.
 
 Only safetensors and JSON: loading a release never unpickles anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_pipeline.config import FRONT_END, LEGACY_FRONT_END, AudioFeatureConfig
-from data_pipeline.storage import commit_file, filesystem, is_local, join, redact
+from data_pipeline.storage import commit_file, filesystem, is_local, join, redact, redact_values
 from mmfuse.config import to_dict
+from pretrain.card import ReleaseInfo, RunRecord, model_card
 from pretrain.model.config import ModelConfig
 
 if TYPE_CHECKING:  # torch is imported where weights are touched: reading a release's config.json needs none of it
@@ -32,13 +40,14 @@ if TYPE_CHECKING:  # torch is imported where weights are touched: reading a rele
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-FILES = ("model.safetensors", "config.json", "open_clip_model.safetensors", "open_clip_config.json")
+FILES = ("model.safetensors", "config.json", "README.md", "open_clip_model.safetensors", "open_clip_config.json")
 
 
 def release_config(cfg: ModelConfig, source: dict, templates: list[str] | None = None,
-                   audio: AudioFeatureConfig | None = None) -> dict:
+                   audio: AudioFeatureConfig | None = None, info: ReleaseInfo | None = None) -> dict:
     """``templates``: the zero-shot prompts the run evaluated with (phrased like its captions). ``audio``: the
-    run's audio settings as its loader used them (default: the loader's defaults at the model's mel shape)."""
+    run's audio settings as its loader used them (default: the loader's defaults at the model's mel shape).
+    ``info``: license and description (default: unspecified)."""
     audio = audio or AudioFeatureConfig(n_mels=cfg.audio.n_mels, frames=cfg.audio.frames)
     assert (audio.n_mels, audio.frames) == (cfg.audio.n_mels, cfg.audio.frames), "the mel shape is the model's input"
     return {
@@ -51,6 +60,7 @@ def release_config(cfg: ModelConfig, source: dict, templates: list[str] | None =
         },
         "source": source,
         "zeroshot": {"templates": list(templates or [])},
+        "release": redact_values(dataclasses.asdict(info or ReleaseInfo())),  # free text: no URL keeps a secret
     }
 
 
@@ -63,11 +73,14 @@ def open_clip_state_dict(model: MultimodalModel) -> dict[str, torch.Tensor]:
 
 
 def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, source: dict,
-                 templates: list[str] | None = None, audio: AudioFeatureConfig | None = None) -> None:
-    """Write a release from a full (consolidated) state dict of ``MultimodalModel``."""
+                 templates: list[str] | None = None, audio: AudioFeatureConfig | None = None,
+                 run: RunRecord | None = None, info: ReleaseInfo | None = None) -> None:
+    """Write a release from a full (consolidated) state dict of ``MultimodalModel``. ``run``: what the run folder
+    says about how it was trained, for the model card (``mmfuse export`` reads it; None: not recorded there)."""
     from safetensors.torch import save_file
 
     from pretrain.model import MultimodalModel
+    from pretrain.model.multimodal import PARTS
     from pretrain.model.towers import open_clip_config
 
     model = MultimodalModel(cfg)
@@ -80,13 +93,17 @@ def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, 
     with tempfile.TemporaryDirectory(prefix="mmfuse-release-") as tmp:
         staged = Path(tmp)
         save_file(contiguous, staged / "model.safetensors", metadata={"format": "pt"})
-        names = ["model.safetensors", "config.json"]
+        names = ["model.safetensors"]
         if cfg.image.stem == "patch":  # open_clip has no convolutional stem: such an image tower is ours alone
             save_file({k: v.contiguous() for k, v in open_clip_state_dict(model).items()},
                       staged / "open_clip_model.safetensors", metadata={"format": "pt"})
             (staged / "open_clip_config.json").write_text(json.dumps(open_clip_cfg, indent=1))
-            names[1:1] = ["open_clip_model.safetensors", "open_clip_config.json"]
-        (staged / "config.json").write_text(json.dumps(release_config(cfg, source, templates, audio), indent=1))
+            names += ["open_clip_model.safetensors", "open_clip_config.json"]
+        release = release_config(cfg, source, templates, audio, info)
+        parameters = {part: sum(p.numel() for p in model.part_parameters(part)) for part in PARTS}
+        (staged / "README.md").write_text(model_card(release, parameters, output, run, info), encoding="utf-8")
+        (staged / "config.json").write_text(json.dumps(release, indent=1))
+        names += ["README.md", "config.json"]
         fs, root = filesystem(output)
         if is_local(output):
             fs.makedirs(root, exist_ok=True)

@@ -29,9 +29,11 @@ def preflight(cfg: PretrainConfig) -> None:
     SLURM job starts: datasets and checkpoints to read, folders to write, credentials, the objectives' modalities."""
     from data_pipeline.preflight import PreflightError, check_dataset, check_input, check_output, dataset_modalities
     from mmfuse.config import ConfigError
+    from pretrain.logger import require_wandb
     from pretrain.objectives.config import missing_modalities
     from pretrain.tags import check_resume_path
 
+    require_wandb(cfg.log)
     if cfg.engine.precision == "fp16":
         import torch
 

@@ -70,7 +70,7 @@ class Trainer:
         if universal:
             self.resume_from = self.checkpoints.to_universal(self.resume_from)
         self.engine, self.optimizer, self.scheduler = build_engine(self.step_module, cfg, self.topo.world_size, universal)
-        self.metrics = MetricsLogger(self.run_dir, self.topo.is_main)
+        self.metrics = MetricsLogger(self.run_dir, self.topo.is_main, cfg.log, to_dict(cfg))
         self.flops_per_sample = train_flops_per_sample(cfg.model, cfg.objectives)
         self.peak_flops = self.device_peak_flops()
         self.step, self.samples_seen, self.skipped_steps = 0, 0, 0

@@ -55,6 +55,9 @@ def run_curve(root: Path, *extra: str) -> dict[str, list[float]]:
         shutil.rmtree(run_dir)
     assert cli(["pretrain", *OVERRIDES, f"data.train={shards}", f"run.dir={run_dir}", *extra]) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = max((r["step"] for r in rows), default=0)
+    if last != STEPS:  # stopped by a signal (a checkpoint, exit 0): a partial curve must never be stored or compared
+        raise RuntimeError(f"the loss-curve run stopped at step {last} of {STEPS}")
     return windows(rows)
 
 

@@ -79,6 +79,14 @@ class Task(nn.Module):
             return [p for p in (self.backbone.logit_scale, self.backbone.logit_bias) if p is not None]
         return self.backbone.tower_parameters(part)
 
+    def may_skip_parameters(self) -> bool:
+        """Whether a training step can leave a trainable parameter out of its loss (a tower skipped when no sample
+        of the rank's batch has its modality, a pair no rank has, token outputs read without the projection). DDP
+        then searches the autograd graph for such parameters every step (``find_unused_parameters``): without it a
+        skipped one hangs the gradient reduction; with it and none skipped, each step pays a graph traversal and
+        torch warns on every rank. True unless the task knows better."""
+        return True
+
     def head_parameters(self) -> list[nn.Parameter]:
         """New parameters (heads, decoders): they get optim.head_lr."""
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]

@@ -50,6 +50,13 @@ class Classify(Task):
             return sorted({*self.modalities, "text", "fusion"})
         return list(self.modalities)
 
+    def may_skip_parameters(self) -> bool:
+        if self.fusion_kind == "cross_attention":
+            return True  # token outputs: the towers' projections and other modalities' fusion inputs go unread
+        # A tower trains only on the ranks whose batch has its modality; the heads read every step (an absent
+        # modality's embedding is zeros, its late head's logits are masked, not skipped).
+        return any(p.requires_grad for p in self.backbone.parameters())
+
     def logits(self, batch: dict[str, Any], present: dict[str, torch.Tensor]) -> torch.Tensor:
         size, device = len(batch["__key__"]), batch["label"].device
         if self.fusion_kind == "cross_attention":

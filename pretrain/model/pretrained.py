@@ -53,6 +53,9 @@ def load_open_clip_weights(clip: torch.nn.Module, path: str) -> None:
     if mismatched:
         raise ValueError(f"{redact(path)!r} does not match model.flavor's image/text towers: " + "; ".join(mismatched[:5]))
     missing = [k for k in own if k not in state and k != "logit_bias"]
+    if any(k.startswith("visual.conv1.layers.") for k in missing):
+        raise ValueError(f"{redact(path)!r} is an open_clip checkpoint, whose image towers have the patch stem, but "
+                         "model.image.stem=conv: set model.image.stem=patch to load it")
     if missing:
         raise ValueError(f"{redact(path)!r} lacks {len(missing)} tower weights (e.g. {missing[:3]}): not an open_clip "
                          "CLIP checkpoint of this architecture")

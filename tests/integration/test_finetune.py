@@ -115,6 +115,20 @@ def test_two_process_training_and_evaluation_match_one_process(world, tmp_path):
     assert runs[2]["metrics"]["samples"] == 48.0
 
 
+def test_two_process_classify_with_frozen_towers_prints_no_per_rank_warning(world, tmp_path):
+    """Only the heads train, and each reads every step: DDP is not told to search for unused parameters (torch's
+    performance warning, once per rank), and DeepSpeed's start-up warnings appear at most once per job."""
+    args = common(world, tmp_path / "run", "classify", *[d.format(w=world) for d in SHARDS], "run.steps=2",
+                  "freeze=[image,text,audio]", "data.max_eval_samples=16", "launch.nproc=2")
+    result = subprocess.run([sys.executable, "-m", "finetune.run", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "find_unused_parameters=True was specified" not in output, output[-3000:]
+    for warning in ("Setting accelerator to CPU", "CUDA_HOME"):
+        assert output.count(warning) <= 1, output[-3000:]
+    assert summary(tmp_path / "run")["step"] == 2
+
+
 def test_eval_only_one_and_two_processes_identical(world, tmp_path):
     outputs = {}
     for nproc in (0, 2):
@@ -186,3 +200,9 @@ def test_deepspeed_zero2_through_accelerate_matches_ddp(world, tmp_path):
     deepspeed_files = tmp_path / "zero2" / "checkpoints" / "step_000004" / "pytorch_model"
     assert deepspeed_files.is_dir()  # DeepSpeed's own checkpoint layout: the plugin really ran
     assert len(losses[2]) == 4 and losses[2] == pytest.approx(losses[0], rel=1e-5)
+    # Two processes: DeepSpeed checks train_batch_size against micro batch x world size.
+    args = common(world, tmp_path / "zero2x2", "vqa", *[d.format(w=world) for d in SHARDS], "run.steps=2",
+                  "data.max_eval_samples=16", "run.deepspeed_stage=2", "launch.nproc=2")
+    result = subprocess.run([sys.executable, "-m", "finetune.run", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "zero2x2" / "checkpoints" / "step_000002" / "pytorch_model").is_dir()

@@ -254,6 +254,25 @@ def test_bad_config_fails_before_any_process_starts(shards, tmp_path):
     assert "[rank" not in result.stderr and not (tmp_path / "bad").exists()  # no rank started, nothing written
 
 
+def test_export_from_zero1_keeps_the_frozen_towers(shards, tmp_path):
+    """ZeRO-1's consolidation reads the optimizer partitions, which hold no frozen parameter: an image-text run's
+    audio tower (and masked-text parts) come from rank 0's model file instead."""
+    import torch
+
+    from pretrain.release import load_release
+
+    run = tmp_path / "z1"
+    pretrain(shards, run, "run.steps=2", "engine.zero_stage=1", "run.checkpoint_every=0", "launch.nproc=2",
+             "objectives.contrastive.pairs={audio_text: 0, image_audio: 0}", "objectives.masked_image.weight=0",
+             "objectives.masked_audio.weight=0", "objectives.masked_text.weight=0",
+             "objectives.cross_modal_masked.weight=0")
+    assert cli(["export", str(run), f"output.path={tmp_path}/release"]) == 0
+    model, _ = load_release(str(tmp_path / "release"))
+    saved = torch.load(run / "checkpoints" / "step_000002" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    frozen = [k for k in saved if k.startswith("model.audio.")]
+    assert frozen and all(torch.equal(model.state_dict()[k.removeprefix("model.")], saved[k].float()) for k in frozen)
+
+
 def test_export_from_zero3_loads_in_open_clip_with_identical_embeddings(shards, tmp_path):
     import open_clip
     import torch
@@ -263,7 +282,7 @@ def test_export_from_zero3_loads_in_open_clip_with_identical_embeddings(shards, 
     run = tmp_path / "z3export"
     # SigLIP end to end: its bias is a second loose parameter under ZeRO-3, and open_clip's export carries it.
     pretrain(shards, run, "run.steps=2", "engine.zero_stage=3", "run.checkpoint_every=0", "launch.nproc=2",
-             "model.contrastive=siglip")
+             "model.contrastive=siglip", "model.image.stem=patch")  # open_clip builds the patch stem only
     assert cli(["export", str(run), f"output.path={tmp_path}/release"]) == 0
     model, release = load_release(str(tmp_path / "release"))
     assert release["source"]["checkpoint"] == "step_000002" and release["model"]["flavor"] == "tiny"

@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -48,6 +49,7 @@ def test_yaml_boolean_words_stay_strings_where_a_string_is_expected():
 
 def test_an_empty_value_is_the_empty_string_for_a_string_field():
     assert load_config(Root, [], ["path=x", "inner.name="]).inner.name == ""  # YAML reads `name=` as null
+    assert load_config(Root, [], ["path=x", "inner.name=Mirror: https://x/y"]).inner.name == "Mirror: https://x/y"
     with pytest.raises(ConfigError, match="inner.size"):
         load_config(Root, [], ["path=x", "inner.size="])
 
@@ -139,6 +141,39 @@ def test_shard_config_rejects_bad_combinations(override, key):
 def test_shipped_data_configs_load(path):
     cfg = load_config(ShardConfig, [str(path)], ["input.path=x", "output.path=y"])
     assert isinstance(cfg, ShardConfig)
+
+
+# What each shipped pre-training preset trains: the modalities its enabled objectives read. A new preset is added
+# here, with what it is for.
+PRETRAIN_PRESETS = {"tiny": {"image", "text", "audio"}, "image_text": {"image", "text"},
+                    "audio_text": {"audio", "text"}, "image_text_audio": {"image", "text", "audio"}}
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs/pretrain").glob("*.yaml")), ids=str)
+def test_shipped_pretrain_configs_load_alone_and_with_every_flavor(path, tmp_path):
+    import yaml
+
+    from pretrain.config import PRESETS, PretrainConfig
+    from pretrain.model.config import ModelConfig
+    from pretrain.objectives.config import read_modalities
+
+    required = ["run.dir=r", "data.train=d"]
+    cfg = load_config(PretrainConfig, [str(path)], required, PRESETS)
+    assert read_modalities(cfg.objectives) == PRETRAIN_PRESETS[path.stem]
+    # The flavor file, stacked last, sets its fields over the preset's; the preset's other model fields stay.
+    preset_model = yaml.safe_load(path.read_text()).get("model", {})
+    preset_model.pop("flavor", None)
+    (tmp_path / "preset_model.yaml").write_text(yaml.safe_dump(preset_model))
+    for flavor in sorted(__import__("pathlib").Path("configs/model").glob("*.yaml")):
+        try:
+            expected = load_config(ModelConfig, [str(tmp_path / "preset_model.yaml"), str(flavor)])
+        except ConfigError as err:  # e.g. a preset's conv stem on vit-l-14's 14 px patches: the same error, stacked
+            with pytest.raises(ConfigError, match=re.escape(str(err))):
+                load_config(PretrainConfig, [str(path), str(flavor)], required, PRESETS)
+            continue
+        stacked = load_config(PretrainConfig, [str(path), str(flavor)], required, PRESETS)
+        assert stacked.model == expected, flavor
+        assert (stacked.objectives, stacked.data, stacked.eval) == (cfg.objectives, cfg.data, cfg.eval), flavor
 
 
 @pytest.mark.parametrize("stage", ["synth", "shard", "verify", "inspect", "pretrain", "export", "finetune", "eval",

@@ -154,3 +154,22 @@ def test_training_draws_one_of_a_samples_alternative_captions_and_evaluation_rea
     assert {drawn(off, seed) for seed in range(20)} == {"a red circle"}
     members["json"] = json.dumps({"captions": "not a list"}).encode()
     assert {drawn(train, seed) for seed in range(20)} == {"a red circle"}
+
+
+def test_laion_claps_list_of_captions_in_the_json_is_the_caption_and_its_alternatives():
+    import json
+
+    from data_pipeline.config import MembersConfig
+
+    members = {"json": json.dumps({"text": ["", "a dog barks", "barking nearby"]}).encode()}
+    evaluation = Decoder(LoaderConfig(train="x", members=MembersConfig(text_json_field="text")), None, None, train=False)
+    assert evaluation(RawSample("k", members))["text"] == "a dog barks"  # the first non-empty one
+    train = Decoder(LoaderConfig(train="x", members=MembersConfig(text_json_field="text")), None, None)
+    seen = set()
+    for seed in range(30):
+        torch.default_generator.manual_seed(seed)
+        seen.add(train(RawSample("k", members))["text"])
+    assert seen == {"a dog barks", "barking nearby"}
+    with pytest.raises(SampleError, match="missing_text"):
+        Decoder(LoaderConfig(train="x", members=MembersConfig(text_json_field="text"), require=["text"]), None, None)(
+            RawSample("k", {"json": json.dumps({"text": ["", 3]}).encode()}))

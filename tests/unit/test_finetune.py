@@ -230,6 +230,36 @@ def test_every_fusion_classifies_with_any_modality_missing(tiny, fusion):
     assert torch.stack(list(dropped.values())).any(0).all()  # never every modality of a sample
 
 
+@pytest.mark.parametrize("fusion", ["early", "late", "hybrid"])
+def test_classify_tells_ddp_whether_a_step_can_skip_a_trainable_parameter(tiny, fusion):
+    """find_unused_parameters follows may_skip_parameters: False must mean every trainable parameter gets a gradient
+    from any batch (else DDP's reduction hangs), True that some batch leaves one out (else it only costs)."""
+    import open_clip
+
+    from finetune.tasks import TaskContext, build_task
+
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=tiny.text.context_length)
+    metas = [{"label": i % 4, "label_name": f"c{i % 4}"} for i in range(8)]
+    b = 4
+    no_audio = {"__key__": [str(i) for i in range(b)], "label": torch.tensor([0, 1, 2, 3]),
+                "image": torch.randn(b, 3, 64, 64), "audio": torch.zeros(b, 64, 192),
+                "text": tokenizer([f"caption {i}" for i in range(b)]), "has_image": torch.ones(b, dtype=torch.bool),
+                "has_text": torch.ones(b, dtype=torch.bool), "has_audio": torch.zeros(b, dtype=torch.bool)}
+    for freeze, skips in (("[image,text,audio]", False), ("[]", True)):
+        torch.manual_seed(0)
+        cfg = config(task="classify", freeze=freeze, **{"classify.fusion": fusion})
+        task = build_task(cfg, MultimodalModel(tiny), TaskContext(tokenizer, _Data(metas), _Data(metas)))
+        task.freeze_unused()
+        assert task.may_skip_parameters() is skips
+        task(no_audio).backward()  # a rank whose batch has no audio at all
+        without_gradient = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+        assert bool(without_gradient) is skips, without_gradient
+    cross = config(task="classify", freeze="[image,text,audio]", **{"classify.fusion": "cross_attention"})
+    task = build_task(cross, MultimodalModel(tiny), TaskContext(tokenizer, _Data(metas), _Data(metas)))
+    task.freeze_unused()
+    assert task.may_skip_parameters()  # the fusion encoder trains, and not all of it is read
+
+
 @pytest.mark.integration
 def test_release_on_object_storage_loads(tmp_path, tiny, s3_server):
     from pretrain.release import save_release

@@ -1,5 +1,5 @@
 """Golden tests of the task metrics: VQA accuracy on hand-worked cases, caption metrics against pycocoevalcap's own
-COCOEvalCap run."""
+COCOEvalCap run, retrieval recall per sample and per distinct caption text."""
 import json
 import shutil
 
@@ -239,3 +239,76 @@ def test_caption_inputs_are_checked_and_results_are_in_coco_format():
         caption_scores({3: "a dog"}, {3: ["a dog"], 7: ["a cat"]})
     with pytest.raises(ValueError, match="without reference captions: \\[3\\]"):
         caption_scores({3: "a dog"}, {3: []})
+
+
+# --- Retrieval with repeated captions -----------------------------------------------------------------------------
+
+# Samples 0-2 are captioned "a red circle" (text embedding RED), sample 3 "a blue square" (BLUE); images 1 and 3 are
+# the same point, so every similarity below is one coordinate of an image, exact in float.
+RED, BLUE = [1.0, 0.0], [0.0, 1.0]
+IMAGES = [[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.8, 0.6]]
+CAPTIONS = ["a red circle"] * 3 + ["a blue square"]
+
+
+def test_distinct_texts_group_the_samples_by_caption_string():
+    from finetune.tasks.retrieval import distinct_texts
+
+    first, samples_of, texts_of = distinct_texts(CAPTIONS, [0, 1, 2, 3], 4)
+    assert first == [0, 3]
+    assert [s.tolist() for s in samples_of] == [[0, 1, 2], [3]]
+    assert [t.tolist() for t in texts_of] == [[0], [0], [0], [1]]
+
+
+def test_recall_per_distinct_text_differs_from_recall_per_sample():
+    import torch
+
+    from finetune.tasks.retrieval import distinct_texts, recall_at_k
+
+    images, texts = torch.tensor(IMAGES), torch.tensor([RED] * 3 + [BLUE])
+    own = [torch.tensor([i]) for i in range(4)]
+    # Per sample. Image 2 (own text 0.6) has BLUE (0.8) above it; image 3 (own BLUE 0.6) has the three RED rows
+    # (0.8) above it: rank 3, a miss even at k=2. Caption 1 (own image 0.8) has image 0 (1.0) above it; caption 2
+    # (own 0.6) has images 0, 1 and 3; caption 3 (own 0.6) has image 2 (0.8). Ties count for the query.
+    assert recall_at_k(images, texts, own, ks=(1, 2)) == {"R@1": 50.0, "R@2": 75.0}
+    assert recall_at_k(texts, images, own, ks=(1, 2)) == {"R@1": 25.0, "R@2": 75.0}
+    # Per distinct text: RED hits with image 0; the repeated RED takes one slot above image 3's BLUE, not three.
+    first, samples_of, texts_of = distinct_texts(CAPTIONS, [0, 1, 2, 3], 4)
+    assert recall_at_k(images, texts[first], texts_of, ks=(1, 2)) == {"R@1": 50.0, "R@2": 100.0}
+    assert recall_at_k(texts[first], images, samples_of, ks=(1, 2)) == {"R@1": 50.0, "R@2": 100.0}
+
+
+def _retrieval_task():
+    from finetune.config import FinetuneConfig
+    from finetune.tasks import TaskContext, build_task
+    from mmfuse.config import load_config
+
+    cfg = load_config(FinetuneConfig, overrides=["task=retrieval", "checkpoint=c", "data.eval=x", "run.dir=r"])
+    return build_task(cfg, None, TaskContext(None, None, None))  # scoring reads only the records
+
+
+def test_retrieval_reports_distinct_text_rows_beside_the_per_sample_ones(tmp_path):
+    import torch
+
+    task = _retrieval_task()
+    texts = torch.tensor([RED] * 3 + [BLUE])
+    records = [{"key": f"s{i}", "image": torch.tensor(IMAGES[i]), "text": texts[i], "caption": CAPTIONS[i]}
+               for i in range(4)]
+    metrics = task.score(records)
+    assert metrics["image_to_text/R@1"] == 50.0 and metrics["text_to_image/R@1"] == 25.0  # meaning unchanged
+    assert metrics["unique_text/image_to_text/R@1"] == 50.0 and metrics["unique_text/text_to_image/R@1"] == 50.0
+    assert metrics["mean_recall"] == pytest.approx((50 + 100 + 100 + 25 + 100 + 100) / 6)  # per-sample rows only
+    chance = task.chance()
+    # RED has 3 of the 4 images (a random top-1 hits with 3/4), BLUE 1 of 4; an image query has 1 of 2 texts.
+    assert chance["unique_text/text_to_image/R@1"] == pytest.approx(50.0)
+    assert chance["unique_text/image_to_text/R@1"] == pytest.approx(50.0)
+    card = "\n".join(task.details(records, tmp_path))
+    assert "4 samples, 4 captions, 2 distinct" in card
+    assert "`unique_text/text_to_image/R@k`" in card and "`text_to_image/R@k`" in card
+    # Every reference caption in the gallery (COCO's protocol) gives the same rows for one caption per sample.
+    with_references = [{"key": r["key"], "image": r["image"], "text": r["text"], "captions": r["text"][None],
+                        "references": [r["caption"]]} for r in records]
+    assert task.score(with_references) == metrics
+    # Captions that never repeat: the per-sample rows alone, and no section in the card.
+    distinct = [{**r, "caption": f"caption {i}"} for i, r in enumerate(records)]
+    assert not [k for k in task.score(distinct) if k.startswith("unique_text/")]
+    assert task.details(distinct, tmp_path) == []

@@ -297,7 +297,7 @@ def test_a_conv_stem_needs_a_power_of_two_patch_and_has_no_open_clip_files(tmp_p
     cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.stem=conv"])
     original = MultimodalModel(cfg)
     save_release(original.state_dict(), cfg, str(tmp_path / "release"), {})
-    assert sorted(p.name for p in (tmp_path / "release").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "release").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded, release = load_release(str(tmp_path / "release"))
     assert release["model"]["image"]["stem"] == "conv"
     for name, value in original.state_dict().items():

@@ -65,6 +65,10 @@ def test_mismatched_architecture_is_named(setup, tmp_path):
         load_open_clip_weights(MultimodalModel(cfg).clip, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="does not exist"):
         load_open_clip_weights(MultimodalModel(cfg).clip, str(tmp_path / "nope.safetensors"))
+    save_file({k: v.contiguous() for k, v in setup[1].state_dict().items()}, tmp_path / "patch.safetensors")
+    conv = MultimodalModel(load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.stem=conv"]))
+    with pytest.raises(ValueError, match="set model.image.stem=patch to load it"):
+        load_open_clip_weights(conv.clip, str(tmp_path / "patch.safetensors"))
 
 
 def test_lock_freezes_exactly_one_tower(setup):
