@@ -6,7 +6,7 @@ MMFUSE := $(VENV)/bin/mmfuse
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 # 8,192 training samples (the synthetic world's 30 classes need them: a supervised CNN reaches 32% from 1,024 and
-# 85% from 8,192), 1,200 steps of 64, and a 64-wide text tower (32 learns shape words slowly); docs/demo.md.
+# 85% from 8,192) and 1,200 steps of 64; the model is configs/pretrain/tiny.yaml's (docs/demo.md).
 DEMO_SAMPLES ?= 8192
 DEMO_STEPS ?= 1200
 
@@ -47,7 +47,7 @@ demo: $(STAMP)
 	$(MMFUSE) shard --config configs/data/shapes.yaml input.path=$(DEMO)/raw_eval/manifest.parquet output.path=$(DEMO)/eval_shards
 	$(MMFUSE) verify $(DEMO)/shards
 	$(MMFUSE) pretrain --config configs/pretrain/tiny.yaml data.train=$(DEMO)/shards data.eval=$(DEMO)/eval_shards \
-		run.dir=$(DEMO)/run run.steps=$(DEMO_STEPS) run.eval_every=300 model.text.width=64
+		run.dir=$(DEMO)/run run.steps=$(DEMO_STEPS) run.eval_every=300
 	$(MMFUSE) export $(DEMO)/run output.path=$(DEMO)/release
 	$(PY) -m pretrain.report $(DEMO)/run
 	$(MAKE) --no-print-directory demo-finetune

@@ -47,11 +47,11 @@ def test_export_to_s3_then_a_run_initialised_from_it_with_a_locked_image_tower(s
     from pretrain.release import load_release
 
     first, second, release = tmp_path / "first", tmp_path / "second", f"{s3_server['url']}/releases/first"
-    pretrain(shards, first, "run.steps=2", "run.checkpoint_every=0")
+    pretrain(shards, first, "run.steps=2", "run.checkpoint_every=0", "model.image.stem=patch")  # open_clip's stem
     assert cli(["export", str(first), f"output.path={release}"]) == 0
     exported, config = load_release(release)
     assert config["source"]["checkpoint"] == "step_000002" and config["source"]["code_version"].startswith("0.1.0")
-    pretrain(shards, second, "run.steps=2", "run.checkpoint_every=0", "model.lock=[image]",
+    pretrain(shards, second, "run.steps=2", "run.checkpoint_every=0", "model.lock=[image]", "model.image.stem=patch",
              f"model.init_open_clip={release}/open_clip_model.safetensors")
     assert cli(["export", str(second), f"output.path={tmp_path}/second-release"]) == 0
     trained, _ = load_release(str(tmp_path / "second-release"))

@@ -110,7 +110,7 @@ def test_export_records_what_the_run_used_even_from_an_old_config_yaml(tmp_path,
     old.data.audio = {k: v for k, v in old.data.audio.items() if k not in ("max_seconds", "eval_windows", "spec_augment")}
     old.data.audio.frames, old.data.audio.n_mels = 200, 64
     (run / "config.yaml").write_text(OmegaConf.to_yaml(old))
-    state = {f"model.{k}": v for k, v in MultimodalModel(tiny).state_dict().items()}
+    state = {f"model.{k}": v for k, v in MultimodalModel(cfg.model).state_dict().items()}
     torch.save({"module": state}, checkpoint / "mp_rank_00_model_states.pt")
     (checkpoint / "COMMITTED").write_text(json.dumps({"zero_stage": 0}))
     output = export(ExportConfig(run=str(run), output=dataclasses.replace(ExportConfig().output, path=str(tmp_path / "rel"))))
