@@ -138,6 +138,34 @@ def dataset_modalities(spec: str, members) -> set[str]:
     return found
 
 
+def size_mismatch(key: str, spec: str, model_size: int, factor: float = 2.0) -> list[str]:
+    """One line per dataset of ``spec`` whose shards ``mmfuse shard`` wrote at an image size ``factor`` or more away
+    from the model's input (``dataset.json`` records it): larger costs decode and resize work on every sample of
+    every epoch, smaller is upsampled into blur. Datasets without that record (img2dataset, resize_mode=no) say
+    nothing."""
+    lines = []
+    for name in dataset_names(spec):
+        if "{" in name or name.endswith(".tar"):
+            continue
+        fs, root = filesystem(name)
+        summary = posixpath.join(root, "dataset.json")
+        if not fs.exists(summary):
+            continue
+        image = json.loads(fs.cat_file(summary)).get("config", {}).get("image", {})
+        size = image.get("size")
+        if not isinstance(size, int) or image.get("resize_mode") == "no" or not size:
+            continue
+        if size >= factor * model_size:
+            lines.append(f"{key}: {redact(name)} holds images at {size} px and the model reads {model_size} px: every "
+                         f"sample is decoded at {size} and resized each epoch, about {(size / model_size) ** 2:.0f}x the "
+                         f"pixels it needs; reshard once with image.size={model_size} for a faster loader")
+        elif size * factor <= model_size:
+            lines.append(f"{key}: {redact(name)} holds images at {size} px and the model reads {model_size} px: they "
+                         f"are upsampled {model_size / size:.1f}x (blurred); reshard from the originals with "
+                         f"image.size={model_size} if they are larger")
+    return lines
+
+
 def peek_modalities(url: str, members, samples: int = PEEK_SAMPLES) -> set[str]:
     """Modalities among the first ``samples`` samples of one tar, from its member names (the json member is read
     for a caption stored as a field, LAION-CLAP's layout); no image or audio is read."""

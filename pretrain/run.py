@@ -27,10 +27,11 @@ def run(cfg: PretrainConfig) -> dict:
 def preflight(cfg: PretrainConfig) -> None:
     """Everything the config alone cannot tell, checked in the launching process before any rank, process group or
     SLURM job starts: datasets and checkpoints to read, folders to write, credentials, the objectives' modalities."""
-    from data_pipeline.preflight import PreflightError, check_dataset, check_input, check_output, dataset_modalities
+    from data_pipeline.preflight import (PreflightError, check_dataset, check_input, check_output, dataset_modalities,
+                                         size_mismatch)
     from mmfuse.config import ConfigError
     from pretrain.logger import require_wandb
-    from pretrain.objectives.config import missing_modalities
+    from pretrain.objectives.config import missing_modalities, read_modalities
     from pretrain.tags import check_resume_path
 
     require_wandb(cfg.log)
@@ -51,6 +52,9 @@ def preflight(cfg: PretrainConfig) -> None:
     check_dataset("data.train", cfg.data.train)
     if cfg.data.eval:
         check_dataset("data.eval", cfg.data.eval)
+    if "image" in read_modalities(cfg.objectives):
+        for line in size_mismatch("data.train", cfg.data.train, cfg.model.image.image_size):
+            print(f"mmfuse pretrain: warning: {line}", file=sys.stderr)
     found = dataset_modalities(cfg.data.train, cfg.data.members)
     lacking = missing_modalities(cfg.objectives, found)
     if lacking:

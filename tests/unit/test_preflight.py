@@ -131,3 +131,23 @@ def test_a_manifest_given_as_training_data_answers_with_the_shard_command(tmp_pa
     with pytest.raises(PreflightError, match=f"shard it first with `mmfuse shard input.path={manifest} "
                                              f"output.path={shards}`, then set data.train={shards}"):
         check_dataset("data.train", str(manifest))
+
+
+def test_shards_written_far_from_the_models_input_size_get_one_line_each(tmp_path):
+    import json
+
+    from data_pipeline.preflight import size_mismatch
+
+    def dataset(name, **image):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dataset.json").write_text(json.dumps({"config": {"image": image}}))
+        return str(tmp_path / name)
+
+    big, right, small = dataset("big", size=256), dataset("right", size=96), dataset("small", size=28)
+    unknown = dataset("unknown", size=256, resize_mode="no")
+    (tmp_path / "img2dataset").mkdir()
+    lines = size_mismatch("data.train", "::".join([big, right, small, unknown, str(tmp_path / "img2dataset")]), 64)
+    assert len(lines) == 2
+    assert "big holds images at 256 px and the model reads 64 px" in lines[0] and "about 16x" in lines[0]
+    assert "image.size=64" in lines[0]
+    assert "small holds images at 28 px" in lines[1] and "upsampled 2.3x" in lines[1]
