@@ -226,6 +226,8 @@ def _take(sample: Sample, ext: str, info: tarfile.TarInfo, tar: tarfile.TarFile,
             return
         sample.meta = meta if isinstance(meta, dict) else {"value": meta}
         caption = sample.meta.get("caption", sample.meta.get("text"))  # LAION-CLAP keeps the caption in the json
+        if isinstance(caption, list):  # LAION-CLAP's audio-dataset layout: a list of captions, the first shown
+            caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
         if sample.caption is None and isinstance(caption, str):
             sample.caption = caption
 

@@ -66,7 +66,9 @@ def read_run(run_dir: Path, cfg: PretrainConfig, step: int, world_size: int | No
     from pretrain.objectives import build_objectives
 
     path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    from mmfuse.plots import read_metrics
+
+    rows = [r for r in read_metrics(path) if isinstance(r, dict)] if path.is_file() else []  # a torn last line is left out
     read = set().union(*(objective.parts for objective in build_objectives(cfg.objectives)))
     locked = set(cfg.model.lock)
     return RunRecord(str(run_dir), cfg, step, world_size, zero_stage, [r for r in rows if r.get("step", 0) <= step],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,13 @@ def require_wandb(cfg: LogConfig) -> None:
     if not cfg.wandb:
         return
     try:
-        import wandb  # noqa: F401
+        import wandb
     except ImportError:
         raise ConfigError("log.wandb=true needs wandb: pip install 'mmfuse[wandb]'") from None
+    online = os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun")
+    if online and getattr(getattr(wandb, "api", None), "api_key", "") is None:  # wandb's "not logged in"
+        raise ConfigError("log.wandb=true: no W&B API key (run `wandb login` or set WANDB_API_KEY), or log offline "
+                          "with WANDB_MODE=offline")
 
 
 class MetricsLogger:

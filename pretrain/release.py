@@ -107,6 +107,11 @@ def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, 
         fs, root = filesystem(output)
         if is_local(output):
             fs.makedirs(root, exist_ok=True)
+        # A release written over an older one keeps none of its files (an open_clip pair beside a conv-stem model
+        # would load the old weights in open_clip).
+        for name in set(FILES) - set(names):
+            if fs.exists(join(root, name)):
+                fs.rm(join(root, name))
         # config.json last: a reader that finds it finds the weights too.
         for name in names:
             if is_local(output):

@@ -83,8 +83,8 @@ class Task(nn.Module):
         """Whether a training step can leave a trainable parameter out of its loss (a tower skipped when no sample
         of the rank's batch has its modality, a pair no rank has, token outputs read without the projection). DDP
         then searches the autograd graph for such parameters every step (``find_unused_parameters``): without it a
-        skipped one hangs the gradient reduction; with it and none skipped, each step pays a graph traversal and
-        torch warns on every rank. True unless the task knows better."""
+        skipped one makes the next step fail (DDP's "Expected to have finished reduction"); with it and none
+        skipped, each step pays a graph traversal and torch warns on every rank. True unless the task knows better."""
         return True
 
     def head_parameters(self) -> list[nn.Parameter]:

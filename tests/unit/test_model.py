@@ -294,9 +294,12 @@ def test_a_conv_stem_needs_a_power_of_two_patch_and_has_no_open_clip_files(tmp_p
     with pytest.raises(ConfigError, match="power-of-two model.image.patch_size"):
         load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.stem=conv", "image.patch_size=12",
                                                                "image.image_size=72"])
+    patch = load_config(ModelConfig, ["configs/model/tiny.yaml"])
+    save_release(MultimodalModel(patch).state_dict(), patch, str(tmp_path / "release"), {})
+    assert (tmp_path / "release" / "open_clip_model.safetensors").is_file()
     cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.stem=conv"])
     original = MultimodalModel(cfg)
-    save_release(original.state_dict(), cfg, str(tmp_path / "release"), {})
+    save_release(original.state_dict(), cfg, str(tmp_path / "release"), {})  # over the patch-stem release
     assert sorted(p.name for p in (tmp_path / "release").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded, release = load_release(str(tmp_path / "release"))
     assert release["model"]["image"]["stem"] == "conv"
