@@ -163,7 +163,7 @@ def rank_main(stage: int, flavor: str, out: Path) -> None:
 
 # ---- the driver ----
 def run_stage(stage: int, args, out: Path) -> list[dict]:
-    from pretrain.launch import free_port
+    from mmfuse.launch import free_port
 
     port, procs = free_port(), []
     for rank in range(args.nproc):

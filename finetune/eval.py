@@ -12,4 +12,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmfuse.launch import rank_entry
+
+    sys.exit(rank_entry("eval", main))

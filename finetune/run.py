@@ -49,12 +49,15 @@ def main(argv: list[str] | None = None, stage: str = "finetune") -> int:
     setup_logging(rank)
     preflight(cfg, stage)
     if cfg.launch.nproc > 0 and "WORLD_SIZE" not in os.environ:
-        from pretrain.launch import spawn_local
+        from mmfuse.launch import spawn_local
 
-        return spawn_local(f"finetune.{'run' if stage == 'finetune' else 'eval'}", argv, cfg.launch.nproc, cfg.launch.master_port)
+        module = f"finetune.{'run' if stage == 'finetune' else 'eval'}"
+        return spawn_local(module, argv, cfg.launch.nproc, cfg.launch.master_port, stage)
     run(cfg, train=stage == "finetune")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmfuse.launch import rank_entry
+
+    sys.exit(rank_entry("finetune", main))

@@ -98,7 +98,7 @@ class Finetuner:
             # gets the environment of a world of one.
             os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
             if "WORLD_SIZE" not in os.environ:
-                from pretrain.launch import free_port
+                from mmfuse.launch import free_port
 
                 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                                   MASTER_PORT=str(free_port()))

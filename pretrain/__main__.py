@@ -1,5 +1,6 @@
 import sys
 
+from mmfuse.launch import rank_entry
 from pretrain.run import main
 
-sys.exit(main())
+sys.exit(rank_entry("pretrain", main))

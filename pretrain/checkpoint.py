@@ -49,6 +49,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_best(root: Path) -> dict | None:
+    """The best checkpoint recorded under ``root`` (a run's checkpoints/), or None (none recorded, or gone)."""
+    path = Path(root) / "best.json"
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return best if (Path(root) / best.get("tag", "") / MARKER).is_file() else None
+
+
 class CheckpointManager:
     def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, zero_stage: int, sync_url: str = ""):
         self.root = Path(run_dir) / "checkpoints"
@@ -87,6 +97,30 @@ class CheckpointManager:
         dist.barrier()
         return tag
 
+    def best(self) -> dict | None:
+        """``checkpoints/best.json`` (tag, step, metric, value, evaluations) when its checkpoint is still committed
+        here: a resume from an older checkpoint sets the newer ones aside, and with them a best that is gone."""
+        return read_best(self.root)
+
+    def consider_best(self, step: int, metric: str, value: float) -> bool:
+        """Rank 0 records step ``step`` (committed just before its evaluation) as the best when ``value`` beats the
+        recorded best (higher is better; lower for a loss), then prunes what neither run.keep nor the best holds."""
+        if self.rank != 0:
+            return False
+        best = self.best()
+        lower = metric.endswith("loss")
+        evaluations = (best or {}).get("evaluations", 0) + 1
+        better = best is None or (value < best["value"] if lower else value > best["value"])
+        record = {"tag": tag_for(step), "step": step, "metric": metric, "value": value} if better else dict(best)
+        record["evaluations"] = evaluations
+        tmp = self.root / "best.json.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.root / "best.json")
+        if better:
+            log.info("step %d is the best checkpoint so far by %s = %.4g", step, metric, value)
+            self._prune(committed_tags(self.root)[-1])
+        return better
+
     def _upload(self, tag: str) -> None:
         """Mirror a committed checkpoint to ``run.checkpoint_sync``. A failed upload costs the remote copy of this
         checkpoint, not the run: it is logged (redacted) and training goes on."""
@@ -105,7 +139,10 @@ class CheckpointManager:
         """Keep the newest ``keep`` committed checkpoints; drop uncommitted leftovers older than the newest."""
         tags = committed_tags(self.root)
         newest_step = tag_step(newest)
+        best = self.best()
         for tag in tags[: -self.keep]:
+            if best and tag == best["tag"]:
+                continue
             shutil.rmtree(self.root / tag, ignore_errors=True)
             shutil.rmtree(self.root / f"{tag}_universal", ignore_errors=True)
         for path in self.root.iterdir():

@@ -132,6 +132,11 @@ class RunConfig:
     """torch deterministic algorithms (bit-identical resume on CPU)."""
     eval_every: int = 0
     """Steps between in-loop evaluations (0: only at the end, when data.eval is set)."""
+    keep_best: str = ""
+    """An in-loop evaluation metric that picks the checkpoint to release, e.g. ``zeroshot/image/top1`` or
+    ``retrieval/image_to_text/R@1`` (the ``eval/`` prefix is optional; higher is better, lower for a name ending in
+    ``loss``). Every evaluation step is then checkpointed, the best one is kept whatever run.keep says
+    (``checkpoints/best.json``), and ``mmfuse export`` releases it by default. Empty: the newest checkpoint."""
     eval_untrained: bool = True
     """With data.eval: evaluate the untrained model at step 0 too (not on resume), the baseline that curves.png and
     RESULTS.md show beside every later figure. The training run is the same with or without it."""
@@ -207,6 +212,9 @@ class PretrainConfig:
             raise ConfigError("run.steps must be >= 1")
         if self.run.checkpoint_minutes < 0:
             raise ConfigError("run.checkpoint_minutes must be >= 0 (0: off)")
+        if self.run.keep_best and not self.data.eval:
+            raise ConfigError(f"run.keep_best={self.run.keep_best} picks a checkpoint by an in-loop evaluation: set "
+                              "data.eval to held-out shards (and run.eval_every), or drop run.keep_best")
         if self.run.debug_nan_in not in ("loss", "grad"):
             raise ConfigError(f"run.debug_nan_in must be loss or grad, got {self.run.debug_nan_in!r}")
         sync = urlsplit(self.run.checkpoint_sync)

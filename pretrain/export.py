@@ -35,7 +35,10 @@ class ExportConfig:
     run: str = MISSING
     """The run folder written by mmfuse pretrain."""
     step: int = -1
-    """Checkpoint step to export (-1: the newest committed one)."""
+    """Checkpoint step to export (-1: as ``select`` says)."""
+    select: str = "auto"
+    """Without a step: ``best`` (the checkpoint run.keep_best picked), ``latest`` (the newest committed one), or
+    ``auto`` (the best when the run kept one, else the newest)."""
     output: ExportOutput = field(default_factory=ExportOutput)
     release: ReleaseInfo = field(default_factory=ReleaseInfo)
     """License and description for the model card (README.md) and config.json; never credentials."""
@@ -69,9 +72,7 @@ def export(cfg: ExportConfig) -> str:
     tags = committed_tags(root)
     if not tags:
         raise ValueError(f"{run} has no committed checkpoint to export")
-    tag = tags[-1] if cfg.step < 0 else tag_for(cfg.step)
-    if not (root / tag / MARKER).is_file():
-        raise ValueError(f"step {cfg.step} has no committed checkpoint in {run} (have: {', '.join(tags)})")
+    tag, selected = pick_checkpoint(cfg, root, tags)
     from mmfuse.config import load_config
 
     # The mel shape always came from the model; a config.yaml from before that was enforced may hold the loader's
@@ -87,12 +88,35 @@ def export(cfg: ExportConfig) -> str:
     output = cfg.output.path or str(run / "release" / tag)
     marker = json.loads((root / tag / MARKER).read_text())
     record = read_run(run, train_cfg, tag_step(tag), marker.get("world_size"), zero_stage, export_command(cfg, tag, output))
-    save_release(state, train_cfg.model, output, {"run": str(run.resolve()), "checkpoint": tag,
-                                                  "code_version": marker.get("code_version")},
+    source = {"run": str(run.resolve()), "checkpoint": tag, "selected_by": selected,
+              "code_version": marker.get("code_version")}
+    save_release(state, train_cfg.model, output, source,
                  templates=list(train_cfg.eval.templates), audio=model_audio(train_cfg.data.audio, train_cfg.model),
                  run=record, info=cfg.release)
     log.info("exported %s to %s", tag, output)
     return output
+
+
+def pick_checkpoint(cfg: ExportConfig, root: Path, tags: list[str]) -> tuple[str, str]:
+    """(tag, how it was chosen) for export: step=N, else the best by run.keep_best or the newest (``select``)."""
+    from pretrain.checkpoint import read_best
+
+    if cfg.select not in ("auto", "best", "latest"):
+        raise ValueError(f"select must be auto, best or latest, got {cfg.select!r}")
+    if cfg.step >= 0:
+        tag = tag_for(cfg.step)
+        if not (root / tag / MARKER).is_file():
+            raise ValueError(f"step {cfg.step} has no committed checkpoint in {root.parent} (have: {', '.join(tags)})")
+        return tag, f"step={cfg.step}"
+    best = read_best(root) if cfg.select != "latest" else None
+    if best is None and cfg.select == "best":
+        raise ValueError(f"{root.parent} has no best checkpoint (train with run.keep_best=METRIC and data.eval); "
+                         f"select=latest exports the newest ({tags[-1]})")
+    if best is None:
+        return tags[-1], "latest"
+    metric = best["metric"].removeprefix("eval/")
+    return best["tag"], (f"run.keep_best: {metric} = {best['value']:.4g}, the best of "
+                         f"{best['evaluations']} in-loop evaluations")
 
 
 def export_command(cfg: ExportConfig, tag: str, output: str) -> str:

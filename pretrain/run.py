@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank)
     # Under an external launcher (torchrun, srun, the slurm launcher) this process already is a rank.
     if cfg.launch.nproc > 0 and "WORLD_SIZE" not in os.environ:
-        from pretrain.launch import spawn_local
+        from mmfuse.launch import spawn_local
 
-        return spawn_local("pretrain", argv, cfg.launch.nproc, cfg.launch.master_port)
+        return spawn_local("pretrain", argv, cfg.launch.nproc, cfg.launch.master_port, "pretrain")
     run(cfg)
     return 0
 

@@ -228,7 +228,9 @@ class Trainer:
         last: dict[str, float] = {}
         if self.cfg.data.eval and cfg.eval_untrained and self.step == 0:
             with torch.random.fork_rng(devices=[]):  # the eval loader draws its seed: training's stream stays as it was
-                self.evaluate()
+                untrained = self.evaluate()
+            if cfg.keep_best:
+                self.best_metric(untrained)  # a metric name the evaluation lacks fails now, not after training
         progress = progress_bar(cfg.steps, "pretrain", "step", initial=self.step, disable=not self.topo.is_main)
         with logging_redirect_tqdm(), progress:
             while self.step < cfg.steps:
@@ -247,13 +249,17 @@ class Trainer:
                     self.fail_without_samples()
                 # The checkpoint first: an evaluation that fails must not cost the steps it would have saved.
                 at_end = self.step == cfg.steps and cfg.save_at_end
-                saved = result.stop or result.checkpoint_due or at_end or (
+                due = bool(self.cfg.data.eval) and not result.stop and (  # a stop signal's grace is for the save
+                    (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps)
+                saved = result.stop or result.checkpoint_due or at_end or (due and bool(cfg.keep_best)) or (
                     cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
                 if saved:
                     self.save()
-                due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps
-                if self.cfg.data.eval and due and not result.stop:  # a stop signal's grace period is for the save
-                    last.update(self.evaluate_after_save(saved))
+                if due:
+                    evaluated = self.evaluate_after_save(saved)
+                    last.update(evaluated)
+                    if cfg.keep_best:
+                        self.checkpoints.consider_best(self.step, *self.best_metric(evaluated))
                 if result.stop:
                     log.warning("stopping at step %d after a signal (checkpoint committed)", self.step)
                     break
@@ -271,6 +277,17 @@ class Trainer:
         shards = [shard.url for source in self.loader.sources for shard in source.shards][:3]
         raise ValueError(f"data.train yielded no usable sample in step {self.step} on any rank (this rank: {shown}; "
                          f"shards {', '.join(redact(url) for url in shards)}); the warnings above name the sample keys")
+
+    def best_metric(self, metrics: dict[str, float]) -> tuple[str, float]:
+        """(name, value) of run.keep_best in an evaluation's metrics; a name the evaluation does not produce is an
+        error listing the ones it does (at step 0 when the untrained model is evaluated, so within seconds)."""
+        name = self.cfg.run.keep_best
+        name = name if name.startswith("eval/") else f"eval/{name}"
+        if name not in metrics:
+            known = ", ".join(key.removeprefix("eval/") for key in sorted(metrics) if key != "eval/samples")
+            raise ValueError(f"run.keep_best={self.cfg.run.keep_best} is not a metric of this run's evaluation; "
+                             f"it has: {known or 'none (no modality pair or class label in data.eval)'}")
+        return name, metrics[name]
 
     def evaluate_after_save(self, saved: bool) -> dict[str, float]:
         """In-loop evaluation; a failure is re-raised (the run exits non-zero) after saying what was kept."""

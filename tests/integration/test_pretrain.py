@@ -323,3 +323,36 @@ def test_resume_at_another_world_size_or_zero_stage(shards, tmp_path):
     assert (run / "checkpoints" / "step_000007" / "COMMITTED").is_file()
     refused = pretrain(shards, run, "run.steps=9", "launch.nproc=2", "engine.zero_stage=3", check=False)
     assert refused.returncode != 0 and "written with ZeRO stage 1" in refused.stderr
+
+
+def test_keep_best_keeps_the_evaluation_winner_and_export_releases_it(shards, tmp_path):
+    run = tmp_path / "best"
+    pretrain(shards, run, "run.steps=6", "launch.nproc=1", "engine.zero_stage=0", "run.checkpoint_every=0",
+             "run.keep=1", "run.eval_every=2", f"data.eval={shards}", "eval.batch_size=16",
+             "run.keep_best=retrieval/image_to_text/R@1")
+    scores = {m["step"]: m["eval/retrieval/image_to_text/R@1"] for m in metrics(run) if "eval/samples" in m}
+    assert sorted(scores) == [0, 2, 4, 6]  # step 0 (untrained) is a baseline, not a candidate
+    winner = max((2, 4, 6), key=lambda step: (scores[step], -step))  # a tie keeps the earlier step
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert (best["step"], best["value"], best["evaluations"]) == (winner, scores[winner], 3)
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert kept == sorted({f"step_{winner:06d}", "step_000006"})  # run.keep=1 and the best
+    assert cli(["export", str(run), f"output.path={tmp_path}/release"]) == 0
+    source = json.loads((tmp_path / "release" / "config.json").read_text())["source"]
+    assert source["checkpoint"] == f"step_{winner:06d}"
+    assert source["selected_by"].startswith("run.keep_best: retrieval/image_to_text/R@1 = ")
+    assert "selected_by" in (tmp_path / "release" / "README.md").read_text()
+
+
+def test_keep_best_with_a_metric_the_evaluation_lacks_fails_at_step_0(shards, tmp_path):
+    """Both ranks stop on the same bad input: the launcher prints its line once, no rank prints a traceback."""
+    result = pretrain(shards, tmp_path / "typo", "run.steps=50", "launch.nproc=2", f"data.eval={shards}",
+                      "eval.batch_size=16", "run.keep_best=zeroshot/image/top_1", check=False)
+    assert result.returncode == 1
+    said = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(said) == 1 and said[0].startswith("mmfuse pretrain: error: run.keep_best=zeroshot/image/top_1 is not a "
+                                                 "metric of this run's evaluation; it has: "), result.stderr[-3000:]
+    assert "zeroshot/image/top1" in said[0] and "Traceback" not in result.stderr
+    assert not list((tmp_path / "typo").glob("checkpoints/step_*"))  # nothing trained
+    result = pretrain(shards, tmp_path / "noeval", "run.keep_best=zeroshot/image/top1", check=False)
+    assert result.returncode != 0 and "run.keep_best=zeroshot/image/top1 picks a checkpoint by an in-loop evaluation: set data.eval" in result.stderr

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tests.integration.test_pretrain import command, metrics, pretrain, shards  # noqa: F401 (the fixture)
-from pretrain.launch import free_port
+from mmfuse.launch import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 STEPS = ("run.steps=8", "run.checkpoint_every=3")
