@@ -27,6 +27,7 @@ LOG_EVERY=${LOG_EVERY:-10}
 # GPU itself (data, the pretrain command, the metrics, this summary) is checked where no GPU is lent:
 # tests/integration/test_gpu_script.py runs it with a few steps.
 REHEARSE=${REHEARSE:-0}
+PRECISION=${PRECISION:-bf16}  # a rehearsal on a CPU without AVX-512 sets fp32: bf16 there runs minutes per step
 EXTRA=()
 
 if [ "$REHEARSE" = 1 ]; then
@@ -51,13 +52,16 @@ fi
 echo "data ready after $(( $(date +%s) - start )) s"
 
 rm -rf "$WORK/run"
+# model.image.stem and model.text.width undo the demo preset's small-image choices (configs/pretrain/tiny.yaml): the
+# run is open_clip's ViT-B-16 architecture exactly.
 "$PY" -m mmfuse.cli pretrain --config configs/pretrain/tiny.yaml model.flavor=vit-b-16 \
+    model.image.stem=patch model.text.width=512 \
     data.train="$WORK/shards" run.dir="$WORK/run" data.batch_size="$BATCH" data.workers="$WORKERS" \
     data.mode=resampled data.samples_per_epoch=$((STEPS * BATCH)) data.shuffle_window=1024 data.members.audio="''" \
     objectives.masked_image.weight=0 objectives.masked_audio.weight=0 objectives.masked_text.weight=0 \
     objectives.cross_modal_masked.weight=0 objectives.contrastive.pairs.audio_text=0 \
     objectives.contrastive.pairs.image_audio=0 \
-    model.lock="[audio]" engine.zero_stage=2 engine.precision=bf16 engine.compile="$COMPILE" run.deterministic=false \
+    model.lock="[audio]" engine.zero_stage=2 engine.precision="$PRECISION" engine.compile="$COMPILE" run.deterministic=false \
     engine.trim_text_padding=false \
     run.steps="$STEPS" run.log_every="$LOG_EVERY" run.checkpoint_every=0 run.save_at_end=false optim.warmup_steps=20 launch.nproc=1 \
     ${EXTRA[@]+"${EXTRA[@]}"}

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv" / "bin"
 OC_PY = ROOT / "bench" / "_work" / "venv-openclip" / "bin" / "python"
@@ -55,7 +57,10 @@ def ensure_shards() -> None:
 
 def model_overrides(args) -> list[str]:
     """The model both trainers build: a flavor, optionally at another image size."""
-    overrides = [f"model.flavor={args.flavor}"]
+    # The flavor's own image stem and text width, not the demo preset's (configs/pretrain/tiny.yaml: a conv stem open_clip
+    # has not, a narrower text tower).
+    flavor = yaml.safe_load((ROOT / "configs" / "model" / f"{args.flavor}.yaml").read_text())
+    overrides = [f"model.flavor={args.flavor}", "model.image.stem=patch", f"model.text.width={flavor['text']['width']}"]
     if args.image_size:
         overrides.append(f"model.image.image_size={args.image_size}")
     return overrides
