@@ -119,20 +119,29 @@ class CheckpointManager:
         if better:
             log.info("step %d is the best checkpoint so far by %s = %.4g", step, metric, value)
             self._prune(committed_tags(self.root)[-1])
+        self._mirror(lambda sync: sync.write_best((self.root / "best.json").read_bytes()), "best.json")
         return better
 
     def _upload(self, tag: str) -> None:
-        """Mirror a committed checkpoint to ``run.checkpoint_sync``. A failed upload costs the remote copy of this
-        checkpoint, not the run: it is logged (redacted) and training goes on."""
+        """Mirror a committed checkpoint to ``run.checkpoint_sync``, pruned there as here (the best one kept)."""
+        def upload(sync) -> None:
+            sync.upload(self.root / tag, tag)
+            best = self.best()
+            sync.prune(self.keep, protect=best["tag"] if best else None)
+
+        self._mirror(upload, f"checkpoint {tag}")
+
+    def _mirror(self, action, what: str) -> None:
+        """Run ``action(sync)`` when ``run.checkpoint_sync`` is set. A failure costs the remote copy of ``what``,
+        not the run: it is logged (redacted) and training goes on."""
         if self.sync is None:
             return
         try:
-            self.sync.upload(self.root / tag, tag)
-            self.sync.prune(self.keep)
+            action(self.sync)
         except Exception as err:  # network and object-store errors come in many types
             from data_pipeline.storage import redact, redact_text
 
-            log.error("could not sync checkpoint %s to %s: %s (it stays committed locally)", tag,
+            log.error("could not sync %s to %s: %s (it stays committed locally)", what,
                       redact(self.sync.url), redact_text(str(err)) or type(err).__name__)
 
     def _prune(self, newest: str) -> None:

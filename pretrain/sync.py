@@ -42,12 +42,19 @@ class CheckpointSync:
         tags = [name for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries) if tag_step(name) is not None]
         return sorted((t for t in tags if self.fs.exists(join(self.root, t, MARKER))), key=tag_step)
 
-    def prune(self, keep: int) -> None:
-        """Keep the newest ``keep`` committed checkpoints under the URL (never the newest one)."""
+    def prune(self, keep: int, protect: str | None = None) -> None:
+        """Keep the newest ``keep`` committed checkpoints under the URL (never the newest one), and ``protect`` (the
+        run's best checkpoint, ``run.keep_best``)."""
         for tag in self.committed()[: -max(1, keep)]:
+            if tag == protect:
+                continue
             # The marker goes first: a half-deleted folder is then never taken for a whole checkpoint.
             self.fs.rm(join(self.root, tag, MARKER))
             self.fs.rm(join(self.root, tag), recursive=True)
+
+    def write_best(self, record: bytes) -> None:
+        """Mirror ``checkpoints/best.json`` (which checkpoint ``run.keep_best`` picked) to ``URL/best.json``."""
+        write_bytes(self.fs, join(self.root, "best.json"), record)
 
     def set_aside(self, tags: list[str], suffix: str) -> None:
         """Rename ``tags`` to ``<tag><suffix>`` (the marker first, so none of them is taken for committed again)."""

@@ -75,3 +75,19 @@ def test_export_select_best_without_a_record_names_the_way_out(tmp_path):
     assert pick_checkpoint(ExportConfig(run=str(tmp_path)), root, committed_tags(root)) == ("step_000100", "latest")
     with pytest.raises(ValueError, match="select must be auto, best or latest"):
         pick_checkpoint(ExportConfig(run=str(tmp_path), select="newest"), root, committed_tags(root))
+
+
+def test_a_synced_run_keeps_its_best_checkpoint_and_record_remotely_too(tmp_path, s3_server, s3fs_client):
+    """run.checkpoint_sync (moto's S3 on loopback) is pruned to run.keep as well: the best checkpoint survives
+    there, and best.json is mirrored beside it."""
+    remote = f"{s3_server['bucket']}/run"
+    manager = CheckpointManager(tmp_path, keep=1, rank=0, world_size=1, zero_stage=0, sync_url=f"s3://{remote}")
+    for i, value in enumerate([10.0, 40.0, 30.0, 20.0], start=1):
+        commit(manager.root, 100 * i)
+        (manager.root / tag_for(100 * i) / "model.pt").write_bytes(b"weights")
+        manager._prune(tag_for(100 * i))
+        manager._upload(tag_for(100 * i))
+        manager.consider_best(100 * i, "eval/zeroshot/image/top1", value)
+    assert manager.sync.committed() == committed_tags(manager.root) == ["step_000200", "step_000400"]
+    assert json.loads(s3fs_client.cat(f"{remote}/best.json")) == json.loads((manager.root / "best.json").read_text())
+    assert s3fs_client.cat(f"{remote}/latest_committed") == b"step_000400"
