@@ -221,6 +221,9 @@ class PretrainConfig:
         if self.run.checkpoint_sync and ("@" in sync.netloc or sync.query):
             raise ConfigError("run.checkpoint_sync must not carry credentials (user:password@ or a signed query); "
                               "give them through the environment (AWS_ACCESS_KEY_ID, ...)")
+        if not 0 < self.objectives.masked_batch_fraction <= 1:
+            raise ConfigError(f"objectives.masked_batch_fraction must be in (0, 1], got "
+                              f"{self.objectives.masked_batch_fraction}")
         unknown = set(self.objectives.contrastive.pairs) - {"image_text", "audio_text", "image_audio"}
         if unknown:
             raise ConfigError(f"objectives.contrastive.pairs has unknown pairs {sorted(unknown)}")

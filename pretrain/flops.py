@@ -43,45 +43,53 @@ def conv_stem_flops(image: VisionConfig) -> float:
 
 
 def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> float:
-    """Forward + backward FLOPs of one sample through the passes one training step runs."""
+    """Forward + backward FLOPs of one sample through the passes one training step runs; the masked objectives'
+    passes count ``objectives.masked_batch_fraction`` of a sample (they read that share of the batch)."""
     image_patches = (model.image.image_size // model.image.patch_size) ** 2
     audio_patches = (model.audio.n_mels // model.audio.patch_size) * (model.audio.frames // model.audio.patch_size)
     contrastive = objectives.contrastive
+    part = objectives.masked_batch_fraction
     pairs = {name for name, weight in contrastive.pairs.items() if weight > 0} if contrastive.weight > 0 else set()
-    passes: set[tuple[str, float]] = set()  # (modality, mask ratio): each tower pass runs once (shared, FLIP)
+    # (modality, mask ratio): each tower pass runs once per batch it reads (shared with FLIP on the whole batch).
+    whole: set[tuple[str, float]] = set()
+    masked_passes: set[tuple[str, float]] = set()
     for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):
         if any(modality in pair.split("_") for pair in pairs):
             ratio = (masked.mask_ratio if masked.weight > 0 else contrastive.mask_ratio) if contrastive.use_masked_forward else 0.0
-            passes.add((modality, ratio))
+            whole.add((modality, ratio))
         if masked.weight > 0:
-            passes.add((modality, masked.mask_ratio))
+            masked_passes.add((modality, masked.mask_ratio))
     if objectives.cross_modal_masked.weight > 0:
         for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):
-            passes.add((modality, masked.mask_ratio if masked.weight > 0 else 0.0))
+            masked_passes.add((modality, masked.mask_ratio if masked.weight > 0 else 0.0))
+    passes = {key: 1.0 for key in masked_passes} if part == 1 else {key: part for key in masked_passes}
+    passes.update({key: 1.0 for key in whole})  # with the whole batch, a masked objective reuses these passes
 
     towers = {"image": (image_patches, model.image), "audio": (audio_patches, model.audio)}
     kept = {}
     flops = 0.0
-    for modality, ratio in passes:
+    for (modality, ratio), share in passes.items():
         patches, tower = towers[modality]
         tokens = 1 + max(1, round(patches * (1 - ratio)))
-        kept[modality] = max(kept.get(modality, 0), tokens)
-        flops += stack_flops(tokens, tower.width, tower.layers, tower.mlp_ratio)
+        if (modality, ratio) in masked_passes:
+            kept[modality] = max(kept.get(modality, 0), tokens)
+        pass_flops = stack_flops(tokens, tower.width, tower.layers, tower.mlp_ratio)
         if modality == "image" and model.image.stem == "conv":
-            flops += conv_stem_flops(model.image)
+            pass_flops += conv_stem_flops(model.image)
+        flops += share * pass_flops
     text = model.text
-    text_passes = (1 if any("text" in pair.split("_") for pair in pairs) else 0) + \
-        (objectives.masked_text.weight > 0) + (objectives.cross_modal_masked.weight > 0)
-    flops += text_passes * stack_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
+    text_pass = stack_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
+    flops += (1 if any("text" in pair.split("_") for pair in pairs) else 0) * text_pass
+    flops += part * ((objectives.masked_text.weight > 0) + (objectives.cross_modal_masked.weight > 0)) * text_pass
     decoder = model.decoder
     for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):
         if masked.weight > 0:
-            flops += stack_flops(1 + towers[modality][0], decoder.width, decoder.layers)
+            flops += part * stack_flops(1 + towers[modality][0], decoder.width, decoder.layers)
     # The vocabulary heads run on the selected tokens only.
     if objectives.masked_text.weight > 0:
-        flops += 2 * objectives.masked_text.mask_prob * text.context_length * text.width * text.vocab_size
+        flops += part * 2 * objectives.masked_text.mask_prob * text.context_length * text.width * text.vocab_size
     if objectives.cross_modal_masked.weight > 0:
         fusion, selected = model.fusion, objectives.cross_modal_masked.mask_prob * text.context_length
-        flops += stack_flops(text.context_length, fusion.width, fusion.layers, 4.0, sum(kept.values()))
-        flops += 2 * selected * fusion.width * text.vocab_size
+        flops += part * stack_flops(text.context_length, fusion.width, fusion.layers, 4.0, sum(kept.values()))
+        flops += part * 2 * selected * fusion.width * text.vocab_size
     return 3 * flops

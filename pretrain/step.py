@@ -4,6 +4,7 @@ forward as one module for DeepSpeed, and what a step reports back."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -37,6 +38,17 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dt
     return out
 
 
+def head_rows(batch: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """The batch's first ``ceil(fraction * B)`` samples (at least one): every per-sample tensor and list cut to
+    them; anything else (an evaluation's extra audio windows) as it is."""
+    size = batch["has_text"].shape[0]
+    rows = max(1, math.ceil(fraction * size))
+    per_sample = lambda key, value: (not key.startswith("audio_more") and (
+        isinstance(value, list) and len(value) == size or
+        isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size))
+    return {key: value[:rows] if per_sample(key, value) else value for key, value in batch.items()}
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -65,16 +77,21 @@ class PretrainStep(nn.Module):
     """The whole training forward as one module, so DeepSpeed (ZeRO-3 included) sees a single ``forward``."""
 
     def __init__(self, model: MultimodalModel, objectives: list, ctx: DistContext, weights: dict[str, float],
-                 trim_text: bool = False):
+                 trim_text: bool = False, masked_batch_fraction: float = 1.0):
         super().__init__()
         self.model, self.objectives, self.ctx, self.weights = model, objectives, ctx, weights
-        self.trim_text = trim_text
+        self.trim_text, self.masked_batch_fraction = trim_text, masked_batch_fraction
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        forward = Forward(self.model, batch, self.trim_text)
+        whole = Forward(self.model, batch, self.trim_text)
+        part = None  # the masked objectives' share of the batch, with its own cached encoder passes
         losses: dict[str, torch.Tensor] = {}
         for objective in self.objectives:
-            for name, value in objective(self.model, batch, forward, self.ctx).items():
+            forward = whole
+            if getattr(objective, "sub_batch", False) and self.masked_batch_fraction < 1:
+                part = part or Forward(self.model, head_rows(batch, self.masked_batch_fraction), self.trim_text)
+                forward = part
+            for name, value in objective(self.model, forward.batch, forward, self.ctx).items():
                 losses[name] = value
         return losses
 

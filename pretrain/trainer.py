@@ -152,7 +152,7 @@ class Trainer:
                    ("contrastive", "masked_image", "masked_audio", "masked_text", "cross_modal_masked")}
         self.freeze_untrained_parts(objectives)
         step = PretrainStep(self.model, objectives, DistContext(self.topo.rank, self.topo.world_size), weights,
-                            self.cfg.engine.trim_text_padding)
+                            self.cfg.engine.trim_text_padding, objectives_cfg.masked_batch_fraction)
         if self.cfg.engine.zero_stage == 3:
             import deepspeed
 

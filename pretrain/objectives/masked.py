@@ -24,6 +24,7 @@ def _global_mean(total: torch.Tensor, count: int, ctx: DistContext, device) -> t
 
 class _MaskedPatches:
     modality = ""
+    sub_batch = True  # reads objectives.masked_batch_fraction of the batch
 
     def __init__(self, cfg: MaskedPatchConfig, objectives: ObjectivesConfig):
         self.cfg = cfg
@@ -99,6 +100,7 @@ def _token_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
 @register("masked_text")
 class MaskedText:
+    sub_batch = True
     def __init__(self, cfg: MaskedTextConfig, objectives: ObjectivesConfig):
         self.cfg = cfg
         self.parts = {"text", "text_mask_embedding", "text_mlm_head"}
@@ -113,6 +115,8 @@ class MaskedText:
 class CrossModalMasked:
     """Masked caption tokens predicted by the fusion encoder from the caption context plus the image and audio
     tokens of the same sample; with ``patches``, masked image patches too, from the caption and the audio."""
+
+    sub_batch = True
 
     def __init__(self, cfg: CrossModalMaskedConfig, objectives: ObjectivesConfig):
         self.cfg, self.norm_targets = cfg, objectives.masked_image.norm_targets

@@ -67,7 +67,8 @@ def test_bad_model_config_is_named():
 
 
 def _loss_and_grads(model, batch, trim_text=False):
-    from pretrain.objectives import DistContext, Forward, ObjectivesConfig, build_objectives
+    from pretrain.objectives import DistContext, ObjectivesConfig, build_objectives
+    from pretrain.step import PretrainStep
 
     objectives = build_objectives(load_config(ObjectivesConfig, [], [
         "masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1"]))
@@ -168,26 +169,29 @@ def test_reduction_buckets_fit_the_trainable_gradients_and_zero3_holds_a_1_over_
 @pytest.mark.parametrize("objectives, tolerance", [
     (["contrastive.pairs.audio_text=0", "contrastive.pairs.image_audio=0"], 0.05),  # open_clip's image + text
     (["masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1"], 0.15),
+    (["masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1",
+      "masked_batch_fraction=0.5"], 0.15),  # the masked objectives' passes on half the batch
 ])
 def test_flops_estimate_agrees_with_torchs_flop_counter(objectives, tolerance):
     from torch.utils.flop_counter import FlopCounterMode
 
     from pretrain.flops import train_flops_per_sample
-    from pretrain.objectives import DistContext, Forward, ObjectivesConfig, build_objectives
+    from pretrain.objectives import DistContext, ObjectivesConfig, build_objectives
+    from pretrain.step import PretrainStep
 
     cfg = load_config(ModelConfig, ["configs/model/small.yaml"])  # big enough that the blocks dominate, as at ViT-B
     objectives_cfg = load_config(ObjectivesConfig, [], objectives)
     torch.manual_seed(0)
-    model, n = MultimodalModel(cfg), 2
+    model, n = MultimodalModel(cfg), 4
     text = torch.zeros(n, cfg.text.context_length, dtype=torch.long)
     text[:, 0], text[:, 1:20], text[:, 20] = 49406, 5, 49407
     present = torch.ones(n, dtype=torch.bool)
     batch = {"image": torch.randn(n, 3, 128, 128), "text": text, "audio": torch.randn(n, 64, 512),
              "has_image": present, "has_text": present, "has_audio": present}
+    objectives = build_objectives(objectives_cfg)
+    step = PretrainStep(model, objectives, DistContext(), {}, masked_batch_fraction=objectives_cfg.masked_batch_fraction)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        forward = Forward(model, batch)
-        for objective in build_objectives(objectives_cfg):
-            objective(model, batch, forward, DistContext())
+        step(batch)
     counted = counter.get_total_flops() / n
     assert counted == pytest.approx(train_flops_per_sample(cfg, objectives_cfg) / 3, rel=tolerance)
 

@@ -273,3 +273,39 @@ def test_a_batch_with_nothing_to_predict_gives_zero_losses_that_still_reach_ever
     sum(losses.values()).backward()
     for part in ("fusion", "mlm_head", "text_mlm_head", "fused_patch_decoder"):
         assert all(p.grad is not None for p in tiny.part_parameters(part)), part
+
+
+def test_masked_objectives_read_their_fraction_of_the_batch_and_contrastive_the_whole(tiny):
+    """objectives.masked_batch_fraction=0.5 on a batch of 6: every masked loss is the one the first 3 samples give
+    alone (same random draws), the contrastive losses are the whole batch's, and every part still gets gradients."""
+    from pretrain.step import PretrainStep, head_rows
+
+    cfg = load_config(ObjectivesConfig, [], [*ALL_ON, "masked_batch_fraction=0.5"])
+    objectives = build_objectives(cfg)
+    batch = make_batch()
+    weights = dict.fromkeys(["contrastive", "masked_image", "masked_audio", "masked_text", "cross_modal_masked"], 1.0)
+    torch.manual_seed(3)
+    tiny.zero_grad()
+    losses = PretrainStep(tiny, objectives, WS1, weights, masked_batch_fraction=0.5)(batch)
+    sum(losses.values()).backward()
+    assert tiny.get_parameter("image_decoder.head.weight").grad.abs().sum() > 0
+    assert tiny.get_parameter("clip.logit_scale").grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.manual_seed(3)
+        whole = PretrainStep(tiny, objectives[:1], WS1, weights)(batch)
+        head = head_rows(batch, 0.5)
+        assert head["image"].shape[0] == 3 and torch.equal(head["has_text"], batch["has_text"][:3])
+        alone = PretrainStep(tiny, objectives[1:], WS1, weights)(head)
+    for name, value in {**whole, **alone}.items():
+        assert torch.allclose(losses[name], value, atol=1e-6), name
+    assert head_rows(batch, 0.01)["text"].shape[0] == 1  # at least one sample
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5", "-0.25"])
+def test_a_masked_batch_fraction_outside_0_1_is_a_config_error(fraction, tmp_path):
+    from mmfuse.config import ConfigError
+    from pretrain.config import PretrainConfig
+
+    with pytest.raises(ConfigError, match=rf"objectives.masked_batch_fraction must be in \(0, 1\], got {fraction}"):
+        load_config(PretrainConfig, ["configs/pretrain/tiny.yaml"],
+                    [f"run.dir={tmp_path}", "data.train=x", f"objectives.masked_batch_fraction={fraction}"])
