@@ -52,7 +52,11 @@ class Classify(Task):
 
     def may_skip_parameters(self) -> bool:
         if self.fusion_kind == "cross_attention":
-            return True  # token outputs: the towers' projections and other modalities' fusion inputs go unread
+            # Token outputs: a trainable tower's projection goes unread, and so does the fusion input of a modality
+            # that is not classified; with the towers frozen and every context read, every trainable one is read.
+            outside = any(p.requires_grad for name, p in self.backbone.named_parameters() if not name.startswith("fusion."))
+            contexts = {m for m in ("image", "audio") if m in self.modalities} or {"image"}
+            return outside or set(self.backbone.fusion.context_in) != contexts
         # A tower trains only on the ranks whose batch has its modality; the heads read every step (an absent
         # modality's embedding is zeros, its late head's logits are masked, not skipped).
         return any(p.requires_grad for p in self.backbone.parameters())

@@ -115,11 +115,13 @@ def test_two_process_training_and_evaluation_match_one_process(world, tmp_path):
     assert runs[2]["metrics"]["samples"] == 48.0
 
 
-def test_two_process_classify_with_frozen_towers_prints_no_per_rank_warning(world, tmp_path):
-    """Only the heads train, and each reads every step: DDP is not told to search for unused parameters (torch's
-    performance warning, once per rank), and DeepSpeed's start-up warnings appear at most once per job."""
+@pytest.mark.parametrize("fusion", ["early", "cross_attention"])
+def test_two_process_classify_with_frozen_towers_prints_no_per_rank_warning(world, tmp_path, fusion):
+    """Only the heads (and, for cross-attention, the fusion encoder) train, and each reads every step: DDP is not
+    told to search for unused parameters (torch's performance warning, once per rank; a parameter left unread
+    would instead fail the step), and DeepSpeed's start-up warnings appear at most once per job."""
     args = common(world, tmp_path / "run", "classify", *[d.format(w=world) for d in SHARDS], "run.steps=2",
-                  "freeze=[image,text,audio]", "data.max_eval_samples=16", "launch.nproc=2")
+                  "freeze=[image,text,audio]", "data.max_eval_samples=16", "launch.nproc=2", f"classify.fusion={fusion}")
     result = subprocess.run([sys.executable, "-m", "finetune.run", *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
