@@ -25,6 +25,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def says_warnings() -> bool:
+    """Whether this process prints the warnings a launch raises (a dataset's shard size, ...): the launching
+    process or, under an external launcher (torchrun, srun), rank 0; never a rank ``spawn_local`` started, whose
+    launcher has said them already."""
+    return ERRORS_ENV not in os.environ and os.environ.get("RANK", "0") == "0"
+
+
 def rank_entry(stage: str, main: Callable[[], int]) -> int:
     """Run a rank's ``main``. Bad input the user can fix (a ValueError, as the CLI treats it) ends the rank with
     one line instead of a traceback: left for the launcher that spawned it, else printed with the rank's number."""

@@ -30,6 +30,7 @@ def preflight(cfg: PretrainConfig) -> None:
     from data_pipeline.preflight import (PreflightError, check_dataset, check_input, check_output, dataset_modalities,
                                          size_mismatch)
     from mmfuse.config import ConfigError
+    from mmfuse.launch import says_warnings
     from pretrain.logger import require_wandb
     from pretrain.objectives.config import missing_modalities, read_modalities
     from pretrain.tags import check_resume_path
@@ -52,7 +53,7 @@ def preflight(cfg: PretrainConfig) -> None:
     check_dataset("data.train", cfg.data.train)
     if cfg.data.eval:
         check_dataset("data.eval", cfg.data.eval)
-    if "image" in read_modalities(cfg.objectives):
+    if "image" in read_modalities(cfg.objectives) and says_warnings():
         for line in size_mismatch("data.train", cfg.data.train, cfg.model.image.image_size):
             print(f"mmfuse pretrain: warning: {line}", file=sys.stderr)
     found = dataset_modalities(cfg.data.train, cfg.data.members)
