@@ -67,8 +67,7 @@ def test_bad_model_config_is_named():
 
 
 def _loss_and_grads(model, batch, trim_text=False):
-    from pretrain.objectives import DistContext, ObjectivesConfig, build_objectives
-    from pretrain.step import PretrainStep
+    from pretrain.objectives import DistContext, Forward, ObjectivesConfig, build_objectives
 
     objectives = build_objectives(load_config(ObjectivesConfig, [], [
         "masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1"]))
