@@ -62,8 +62,9 @@ def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> 
     if objectives.cross_modal_masked.weight > 0:
         for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):
             masked_passes.add((modality, masked.mask_ratio if masked.weight > 0 else 0.0))
-    passes = {key: 1.0 for key in masked_passes} if part == 1 else {key: part for key in masked_passes}
-    passes.update({key: 1.0 for key in whole})  # with the whole batch, a masked objective reuses these passes
+    passes = {key: part for key in masked_passes}
+    for key in whole:  # at part 1 a masked objective reuses the whole batch's pass; below, its rows run their own
+        passes[key] = 1.0 if part == 1 else passes.get(key, 0.0) + 1.0
 
     towers = {"image": (image_patches, model.image), "audio": (audio_patches, model.audio)}
     kept = {}

@@ -101,6 +101,7 @@ def _token_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 @register("masked_text")
 class MaskedText:
     sub_batch = True
+
     def __init__(self, cfg: MaskedTextConfig, objectives: ObjectivesConfig):
         self.cfg = cfg
         self.parts = {"text", "text_mask_embedding", "text_mlm_head"}
