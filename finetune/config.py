@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_pipeline.config import AudioFeatureConfig, MembersConfig
+from finetune.tasks import TASKS
 from mmfuse.schema import MISSING, ConfigError
 from pretrain.logger import LogConfig
 
-TASKS = ("zeroshot", "retrieval", "caption", "vqa", "classify")
 DATA_FORMATS = ("auto", "shards", "coco", "vqa", "folder", "manifest")
 TOWERS = ("image", "text", "audio")
 PAIRS = ("image_text", "audio_text", "image_audio")
@@ -193,7 +193,7 @@ class FinetuneConfig:
     """Fine-tune a released checkpoint on one task and evaluate it (mmfuse eval: evaluate only)."""
 
     task: str = MISSING
-    """zeroshot, retrieval, caption, vqa or classify."""
+    """The task: a name in finetune.tasks.TASKS (this help's first line lists them)."""
     checkpoint: str = MISSING
     """A release folder (local or s3://), or an open_clip checkpoint file (.safetensors / .bin / .pt) with
     open_clip_model set."""
@@ -219,8 +219,7 @@ class FinetuneConfig:
     """Seeds head initialisation, dropout and modality dropout."""
 
     def validate(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
+        TASKS.check(self.task, "task")
         if self.data.format not in DATA_FORMATS:
             raise ConfigError(f"data.format must be one of {DATA_FORMATS}, got {self.data.format!r}")
         for name, values, allowed in (("freeze", self.freeze, TOWERS), ("retrieval.pairs", self.retrieval.pairs, PAIRS),

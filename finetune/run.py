@@ -9,10 +9,12 @@ import sys
 from mmfuse.config import parse_args
 from mmfuse.logs import setup_logging
 from finetune.config import FinetuneConfig
+from finetune.tasks import TASKS
 
+_TASKS = ", ".join(TASKS)
 DESCRIPTION = {
-    "finetune": "Fine-tune a released checkpoint on one task (zeroshot, retrieval, caption, vqa, classify) and evaluate it.",
-    "eval": "Evaluate a released checkpoint on one task (zeroshot, retrieval, caption, vqa, classify) without training.",
+    "finetune": f"Fine-tune a released checkpoint on one task ({_TASKS}) and evaluate it.",
+    "eval": f"Evaluate a released checkpoint on one task ({_TASKS}) without training.",
 }
 
 

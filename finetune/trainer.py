@@ -133,8 +133,7 @@ class Finetuner:
         self.task = build_task(cfg, backbone, TaskContext(self.tokenizer, self.train_data, self.eval_data,
                                                           templates_source))
         self.task.freeze_unused()
-        if hasattr(self.task, "remember_zero_shot"):
-            self.task.remember_zero_shot()
+        self.task.before_training()
         self.metrics = MetricsLogger(self.run_dir, self.accelerator.is_main_process, cfg.log, to_dict(cfg))
         self.step, self.stop_requested = 0, False
         self.train_used, self.train_skipped = 0, Counter()
@@ -196,9 +195,9 @@ class Finetuner:
             self.train()
         metrics, records = self.evaluate()
         results["metrics"] = metrics
-        if self.training and cfg.task == "zeroshot" and cfg.zeroshot.wise_ft >= 0:
-            self.task.wise_ft(cfg.zeroshot.wise_ft)
-            results["wise_ft"], _ = self.evaluate()
+        changed = self.task.after_training() if self.training else None
+        if changed:
+            results[changed], _ = self.evaluate()
         if self.retention_data is not None:
             results["retention/after"] = self.retention()
         self.metrics.log(self.step, {f"eval/{k}": v for k, v in metrics.items()})

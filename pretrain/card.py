@@ -235,7 +235,7 @@ def _evaluation_section(run: RunRecord | None, where: str) -> list[str]:
     lines += ["# evaluate the release without training (zero-shot classification, retrieval)",
               *(f"mmfuse eval --config configs/finetune/{task}.yaml {release} data.eval={eval_data} "
                 f"run.dir=runs/{name}-{task}" for task in ("zeroshot", "retrieval")),
-              "# fine-tune it on a task (zeroshot, retrieval, caption, vqa, classify)",
+              "# fine-tune it on a task (one config per task in configs/finetune/)",
               f"mmfuse finetune --config configs/finetune/retrieval.yaml {release} data.train=TRAIN_DATA "
               f"data.eval={eval_data} run.dir=runs/{name}-retrieval-ft", "```", ""]
     return lines

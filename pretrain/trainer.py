@@ -33,7 +33,7 @@ from pretrain.engine import Topology, build_engine, init_distributed, resolved_p
 from pretrain.flops import peak_tflops, train_flops_per_sample
 from pretrain.logger import MetricsLogger
 from pretrain.model import MultimodalModel
-from pretrain.objectives import DistContext, build_objectives
+from pretrain.objectives import DistContext, build_objectives, objective_weights
 from pretrain.step import NonFiniteLoss, PretrainStep, StepResult, batch_to_device
 
 log = logging.getLogger("mmfuse.pretrain")
@@ -148,8 +148,7 @@ class Trainer:
     def build_step(self) -> PretrainStep:
         objectives_cfg = self.cfg.objectives
         objectives = build_objectives(objectives_cfg)
-        weights = {name: getattr(objectives_cfg, name).weight for name in
-                   ("contrastive", "masked_image", "masked_audio", "masked_text", "cross_modal_masked")}
+        weights = objective_weights(objectives_cfg)
         self.freeze_untrained_parts(objectives)
         step = PretrainStep(self.model, objectives, DistContext(self.topo.rank, self.topo.world_size), weights,
                             self.cfg.engine.trim_text_padding, objectives_cfg.masked_batch_fraction)

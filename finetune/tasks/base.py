@@ -1,4 +1,4 @@
-"""The task contract and its registry.
+"""The task contract (the registry is ``finetune.tasks.TASKS``).
 
 A task is an ``nn.Module`` around the pre-trained backbone (``MultimodalModel``) plus its new heads:
 ``forward(batch)`` returns the training loss (so DDP / DeepSpeed wrap it as is); ``predict(batch)`` returns one
@@ -16,25 +16,6 @@ import torch
 from torch import nn
 
 from finetune.config import FinetuneConfig
-from mmfuse.schema import ConfigError
-
-TASKS: dict[str, type["Task"]] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        TASKS[name] = cls
-        cls.name = name
-        return cls
-
-    return add
-
-
-def build_task(cfg: FinetuneConfig, backbone, context: "TaskContext") -> "Task":
-    if cfg.task not in TASKS:
-        raise ConfigError(f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[cfg.task](cfg, backbone, context)
-
 
 @dataclass
 class TaskContext:
@@ -78,6 +59,14 @@ class Task(nn.Module):
         if part == "temperature":
             return [p for p in (self.backbone.logit_scale, self.backbone.logit_bias) if p is not None]
         return self.backbone.tower_parameters(part)
+
+    def before_training(self) -> None:
+        """Called once the task is built and its trainable parts chosen, before any step (or evaluation)."""
+
+    def after_training(self) -> str | None:
+        """Called after the last training step; a task that changes its weights here (WiSE-FT) returns the name
+        under which the results card reports the evaluation of the changed model."""
+        return None
 
     def may_skip_parameters(self) -> bool:
         """Whether a training step can leave a trainable parameter out of its loss (a tower skipped when no sample

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from open_clip.transformer import MultimodalTransformer
 from torch import nn
 
-from finetune.tasks.base import Task, TaskContext, register
+from finetune.tasks.base import Task, TaskContext
 
 
 class CaptionDecoder(nn.Module):
@@ -105,7 +105,6 @@ class Captioner(Task):
                 "length_penalty": cc.length_penalty, "max_len": cc.max_len}
 
 
-@register("caption")
 class Caption(Captioner):
     predictions_file = "captions_results.json"
 

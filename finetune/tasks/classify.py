@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.tasks.base import Task, TaskContext, register, tokens_of
+from finetune.tasks.base import Task, TaskContext, tokens_of
 from finetune.tasks.zeroshot import classnames_from_metas
 from mmfuse.schema import ConfigError
 
 
-@register("classify")
 class Classify(Task):
     predictions_file = "predictions.jsonl"
 

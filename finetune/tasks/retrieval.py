@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from finetune.tasks.base import Task, TaskContext, register, rows
+from finetune.tasks.base import Task, TaskContext, rows
 from pretrain.evaluate import embed_rows
 from pretrain.objectives.contrastive import MAX_LOG_SCALE, clip_loss, siglip_loss
 from pretrain.objectives.gather import DistContext
@@ -67,7 +67,6 @@ def chance_recall(gallery: int, targets: list[int], k: int) -> float:
     return 100.0 * (1 - sum(misses) / max(1, len(misses)))
 
 
-@register("retrieval")
 class Retrieval(Task):
     predictions_file = "rankings.json"
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.tasks.base import Task, TaskContext, register, tokens_of
+from finetune.tasks.base import Task, TaskContext, tokens_of
 from finetune.tasks.caption import Captioner
 from mmfuse.schema import ConfigError
 
@@ -106,7 +106,6 @@ def score_records(records: list[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
-@register("vqa")
 def build_vqa(cfg, backbone, context: TaskContext) -> Task:
     return (VqaClassifier if cfg.vqa.mode == "classify" else VqaGenerator)(cfg, backbone, context)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.storage import filesystem, redact
-from finetune.tasks.base import Task, TaskContext, register, rows
+from finetune.tasks.base import Task, TaskContext, rows
 from mmfuse.schema import ConfigError
 from pretrain.evaluate import DEFAULT_TEMPLATES, embed_rows, text_classifier, topk_accuracy
 
@@ -53,7 +53,6 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, prefix: s
     return {f"{prefix}{name}": value for name, value in topk_accuracy(logits, labels, ks).items()}
 
 
-@register("zeroshot")
 class ZeroShot(Task):
     predictions_file = "predictions.jsonl"
 
@@ -78,9 +77,15 @@ class ZeroShot(Task):
     def backbone_parts(self) -> list[str]:
         return [self.modality] if self.cfg.zeroshot.train == "full" else []
 
-    def remember_zero_shot(self) -> None:
+    def before_training(self) -> None:
         """Keep the starting weights of everything that trains (for WiSE-FT)."""
         self.zero_shot_state = {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def after_training(self) -> str | None:
+        if self.cfg.zeroshot.wise_ft < 0:
+            return None
+        self.wise_ft(self.cfg.zeroshot.wise_ft)
+        return "wise_ft"
 
     @torch.no_grad()
     def wise_ft(self, alpha: float) -> None:

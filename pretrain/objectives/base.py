@@ -1,4 +1,4 @@
-"""The common interface of objectives, their registry, and the shared forward pass.
+"""The common interface of objectives and the shared forward pass.
 
 An objective is a small callable ``(model, batch, forward, ctx) -> {loss name: scalar}``; the trainer weights and
 sums them. ``Forward`` runs each encoder at most once per step and shares the result: with FLIP
@@ -7,27 +7,13 @@ sums them. ``Forward`` runs each encoder at most once per step and shares the re
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from pretrain.model import MultimodalModel
 from pretrain.model.towers import Encoded, random_keep, trim_text_padding
 from pretrain.objectives.gather import DistContext
-
-REGISTRY: dict[str, type] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        if name in REGISTRY:
-            raise ValueError(f"objective {name!r} is registered twice")
-        REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return add
-
 
 class Objective(Protocol):
     name: str
@@ -83,17 +69,3 @@ class Forward:
             self._cache[("text",)] = self.model.encode_text(self.trimmed(text))
         return self._cache[("text",)]
 
-
-def build_objectives(cfg) -> list[Objective]:
-    """The objectives with a weight above 0, in a fixed order."""
-    # Importing the modules fills the registry.
-    from pretrain.objectives import contrastive, masked  # noqa: F401
-
-    active = []
-    for name in ("contrastive", "masked_image", "masked_audio", "masked_text", "cross_modal_masked"):
-        sub = getattr(cfg, name)
-        if sub.weight > 0:
-            active.append(REGISTRY[name](sub, cfg))
-    if not active:
-        raise ValueError("every objective has weight 0: set objectives.<name>.weight > 0 for at least one")
-    return active

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretrain.objectives.base import Forward, register
+from pretrain.objectives.base import Forward
 from pretrain.objectives.config import ContrastiveConfig, ObjectivesConfig
 from pretrain.objectives.gather import DistContext, gather_rows, rows_per_rank
 
@@ -39,7 +39,6 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: tor
     return ctx.world_size * -F.logsigmoid(labels * logits).sum() / total
 
 
-@register("contrastive")
 class Contrastive:
     def __init__(self, cfg: ContrastiveConfig, objectives: ObjectivesConfig):
         self.cfg = cfg

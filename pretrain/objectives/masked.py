@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretrain.objectives.base import Forward, register
+from pretrain.objectives.base import Forward
 from pretrain.objectives.config import CrossModalMaskedConfig, MaskedPatchConfig, MaskedTextConfig, ObjectivesConfig
 from pretrain.objectives.gather import DistContext
 
@@ -55,12 +55,10 @@ def _patch_loss(prediction: torch.Tensor, target: torch.Tensor, keep: torch.Tens
     return _global_mean(total, int(masked.sum()), ctx, total.device)
 
 
-@register("masked_image")
 class MaskedImage(_MaskedPatches):
     modality = "image"
 
 
-@register("masked_audio")
 class MaskedAudio(_MaskedPatches):
     modality = "audio"
 
@@ -98,7 +96,6 @@ def _token_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return _global_mean(total, int(selected.sum()), ctx, hidden.device)
 
 
-@register("masked_text")
 class MaskedText:
     sub_batch = True
 
@@ -112,7 +109,6 @@ class MaskedText:
         return {"masked_text": _token_loss(model.text_mlm_head, encoded.tokens, text, selected, ctx)}
 
 
-@register("cross_modal_masked")
 class CrossModalMasked:
     """Masked caption tokens predicted by the fusion encoder from the caption context plus the image and audio
     tokens of the same sample; with ``patches``, masked image patches too, from the caption and the audio."""
