@@ -3,7 +3,7 @@
     .venv/bin/python bench/zero_memory.py [--nproc 2] [--flavor tiny] [--stages 0,1,2,3] [--out bench/_work/zero_memory]
 
 For each stage, ``--nproc`` CPU ranks (gloo, fp32) build the pretrain model of ``--flavor`` with every objective on,
-wrap it with mmfuse's DeepSpeed engine (``pretrain.engine.build_engine``: the generated config, AdamW), run one
+wrap it with mmfuse's DeepSpeed engine (``pretrain.engine.Engine``: the generated config, AdamW), run one
 optimizer step (so Adam's moments exist), then a second forward + backward, and count on each rank the bytes of
 every distinct tensor storage the engine holds, at that point (gradients present, before the step):
 
@@ -129,7 +129,7 @@ def rank_main(stage: int, flavor: str, out: Path) -> None:
 
     from mmfuse.config import load_config
     from pretrain.config import PRESETS, PretrainConfig
-    from pretrain.engine import build_engine, init_distributed
+    from pretrain.engine import Engine, init_distributed
     from pretrain.model import MultimodalModel
     from pretrain.objectives import DistContext, build_objectives
     from pretrain.step import PretrainStep
@@ -144,18 +144,13 @@ def rank_main(stage: int, flavor: str, out: Path) -> None:
     objectives = build_objectives(cfg.objectives)
     weights = {o.name: getattr(cfg.objectives, o.name).weight for o in objectives}  # every objective of tiny.yaml
     step = PretrainStep(model, objectives, DistContext(topo.rank, topo.world_size), weights)
-    if stage == 3:
-        import deepspeed
-
-        for param in model.loose_parameters():
-            deepspeed.zero.register_external_parameter(step, param)
-    engine, _, _ = build_engine(step, cfg, topo.world_size)
+    engine = Engine(step, cfg, topo.world_size, external=model.loose_parameters())
     batch = synthetic_batch(cfg.model, cfg.data.batch_size)
     for i in range(2):
         losses = engine(batch)
         engine.backward(step.total(losses))
         if i == 1:
-            held = held_storages(engine)
+            held = held_storages(engine.ds_engine)
         engine.step()
     (out / f"stage{stage}_rank{topo.rank}.json").write_text(json.dumps({"psi": psi, **held}))
     torch.distributed.destroy_process_group()

@@ -144,7 +144,8 @@ class OptimConfig:
     """AdamW weight decay; never applied to norms, biases, embeddings or temperatures."""
     warmup_steps: int = 10
     schedule: str = "cosine"
-    """cosine or constant after warmup."""
+    """cosine (to min_lr_ratio x lr at the last step) or constant after warmup (pretrain/optim.py, as pre-training)."""
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     """Clip the global gradient norm (0 disables)."""
 
@@ -164,12 +165,18 @@ class RunConfig:
     """Committed checkpoints to keep."""
     resume: str = "auto"
     """auto (newest committed checkpoint in the run folder), none, or a checkpoint folder."""
-    precision: str = "no"
-    """Accelerate mixed precision: no, bf16 or fp16."""
-    deepspeed_stage: int = 0
-    """0: DDP; 1 or 2: DeepSpeed ZeRO (optimizer state / gradients sharded over ranks) through Accelerate's plugin."""
     baseline: bool = False
     """Also evaluate before training (the untrained baseline: new heads at their initialisation)."""
+
+
+@dataclass
+class EngineConfig:
+    """The same keys as pre-training's engine (mmfuse pretrain --help)."""
+
+    zero_stage: int = 0
+    """0: DDP; 1 or 2: DeepSpeed ZeRO (optimizer state / gradients sharded over ranks) through Accelerate's plugin."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (Accelerate's mixed precision; fp16 needs a GPU)."""
 
 
 @dataclass
@@ -192,6 +199,8 @@ class LaunchConfig:
 class FinetuneConfig:
     """Fine-tune a released checkpoint on one task and evaluate it (mmfuse eval: evaluate only)."""
 
+    RENAMED = {"run.deepspeed_stage": "engine.zero_stage", "run.precision": "engine.precision"}  # until the next release
+
     task: str = MISSING
     """The task: a name in finetune.tasks.TASKS (this help's first line lists them)."""
     checkpoint: str = MISSING
@@ -212,6 +221,7 @@ class FinetuneConfig:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -245,10 +255,12 @@ class FinetuneConfig:
             raise ConfigError(f"optim.schedule must be cosine or constant, got {self.optim.schedule!r}")
         if not 0.0 < self.optim.layer_decay <= 1.0:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.optim.layer_decay}")
-        if self.run.precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"run.precision must be no, bf16 or fp16, got {self.run.precision!r}")
-        if not 0 <= self.run.deepspeed_stage <= 2:
-            raise ConfigError(f"run.deepspeed_stage must be 0 (DDP), 1 or 2, got {self.run.deepspeed_stage} (ZeRO-3 would "
+        if self.engine.precision == "no":  # Accelerate's name, as run.precision took it
+            self.engine.precision = "fp32"
+        if self.engine.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"engine.precision must be fp32, bf16 or fp16, got {self.engine.precision!r}")
+        if not 0 <= self.engine.zero_stage <= 2:
+            raise ConfigError(f"engine.zero_stage must be 0 (DDP), 1 or 2, got {self.engine.zero_stage} (ZeRO-3 would "
                               "partition the weights the evaluation and the heads read directly)")
         if self.data.image_template:
             try:

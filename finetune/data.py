@@ -30,7 +30,6 @@ from data_pipeline.config import AudioFeatureConfig, FetchConfig, LoaderConfig
 from data_pipeline.decode import Decoder
 from data_pipeline.errors import SampleError
 from data_pipeline.fetchers import Fetcher
-from data_pipeline.storage import filesystem
 from data_pipeline.text import decode_caption
 from finetune.config import FinetuneConfig
 from finetune.records import Record, detect_format, read_records  # noqa: F401 (the readers moved there; re-exported)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -33,13 +32,13 @@ from finetune.tasks import TaskContext, build_task
 from mmfuse.config import to_dict, to_yaml
 from pretrain.tags import MARKER, committed_tags, tag_for
 from pretrain.logger import MetricsLogger
+from pretrain.optim import lr_factor, no_decay
 
 log = logging.getLogger("mmfuse.finetune")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # an INFO line per saved file
 _LAYER = re.compile(r"\.(?:resblocks|blocks)\.(\d+)\.")
 _EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "token_embedding", "patch_embed",
                "cls_token", "pos_embed")
-_NO_DECAY = ("embedding", "cls_token", "pos_embed", "logit_scale", "logit_bias")
 
 
 def layer_scale(name: str, model_cfg, decay: float) -> float:
@@ -69,19 +68,16 @@ def param_groups(task, cfg: FinetuneConfig) -> list[dict[str, Any]]:
         if not param.requires_grad:
             continue
         lr = cfg.optim.head_lr if id(param) in heads else cfg.optim.lr * layer_scale(name, task.backbone.cfg, cfg.optim.layer_decay)
-        decay = 0.0 if param.ndim < 2 or any(k in name for k in _NO_DECAY) else cfg.optim.weight_decay
+        decay = 0.0 if no_decay(name, param) else cfg.optim.weight_decay
         groups.setdefault((lr, decay), []).append(param)
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
 
 
-def lr_factor(step: int, cfg: FinetuneConfig) -> float:
-    warmup, total = cfg.optim.warmup_steps, max(1, cfg.run.steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.optim.schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Pre-training's schedule (pretrain/optim.py) over this run's steps."""
+    optim = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, optim.warmup_steps, max(1, cfg.run.steps), optim.schedule, optim.min_lr_ratio))
 
 
 class Finetuner:
@@ -91,7 +87,7 @@ class Finetuner:
 
         self.cfg, self.training = cfg, train and cfg.trains
         plugin = None
-        if cfg.run.deepspeed_stage and self.training:
+        if cfg.engine.zero_stage and self.training:
             from accelerate.utils import DeepSpeedPlugin
 
             # Accelerate takes the DeepSpeed path only in a distributed environment with this flag; a single process
@@ -106,7 +102,7 @@ class Finetuner:
                 from pretrain.engine import skip_shm_comm_build
 
                 skip_shm_comm_build()
-            plugin = DeepSpeedPlugin(zero_stage=cfg.run.deepspeed_stage, gradient_clipping=cfg.optim.grad_clip or 0.0)
+            plugin = DeepSpeedPlugin(zero_stage=cfg.engine.zero_stage, gradient_clipping=cfg.optim.grad_clip or 0.0)
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
             # DeepSpeed checks train_batch_size = micro batch x accumulation x world size; Accelerate's default
             # leaves it at the micro batch, which only a world of one satisfies.
@@ -114,9 +110,9 @@ class Finetuner:
         # Accelerate reads these when it wraps the model: find_unused_parameters is set below, once the task and its
         # frozen towers say whether a step can leave a trainable parameter out.
         self.ddp_options = DistributedDataParallelKwargs()
-        self.accelerator = Accelerator(cpu=plugin is None and not torch.cuda.is_available(),
-                                       mixed_precision=cfg.run.precision, deepspeed_plugin=plugin,
-                                       kwargs_handlers=[self.ddp_options])
+        mixed = {"fp32": "no"}.get(cfg.engine.precision, cfg.engine.precision)  # Accelerate's names
+        self.accelerator = Accelerator(cpu=plugin is None and not torch.cuda.is_available(), mixed_precision=mixed,
+                                       deepspeed_plugin=plugin, kwargs_handlers=[self.ddp_options])
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.run_dir = Path(cfg.run.dir)
         set_seed(cfg.seed)
@@ -140,7 +136,7 @@ class Finetuner:
         if self.training:
             self.ddp_options.find_unused_parameters = self.task.may_skip_parameters()
             optimizer = torch.optim.AdamW(param_groups(self.task, cfg), betas=(0.9, 0.98), eps=1e-6)
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+            self.scheduler = lr_schedule(optimizer, cfg)
             self.model, self.optimizer = self.accelerator.prepare(self.task, optimizer)
             self.accelerator.register_for_checkpointing(self.scheduler)
             self.resume()
@@ -221,7 +217,7 @@ class Finetuner:
             batch = self.to_device(next(batches))
             loss = self.model(batch)
             self.accelerator.backward(loss)
-            if self.cfg.optim.grad_clip and not self.cfg.run.deepspeed_stage:
+            if self.cfg.optim.grad_clip and not self.cfg.engine.zero_stage:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
             self.scheduler.step()

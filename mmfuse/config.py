@@ -10,6 +10,9 @@ starts, naming the key. Help text is the attribute docstring written under each 
         \"\"\"Folder or object-store URL the shards are written to.\"\"\"
 
 A stage may define ``validate(self)`` on its root dataclass to check combinations once, at load.
+
+A key that was renamed keeps working for a release: a dataclass lists ``RENAMED = {"old.key": "new.key"}`` (paths
+relative to it), and a YAML file or override that uses the old name is read as the new one, with one warning.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overri
     presets = presets or {}
     mounts = {key.rpartition(".")[0]: key for key in presets if "." in key}
     try:
-        merged, mounted = _merge(OmegaConf.structured(schema), files, overrides, mounts)
+        renames = renamed_keys(OmegaConf.structured(schema))
+        merged, mounted = _merge(OmegaConf.structured(schema), files, overrides, mounts, renames)
         for key, pattern in presets.items():
             name = OmegaConf.select(merged, key)
             if not name:
@@ -61,7 +65,9 @@ def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overri
                 known = sorted(p.stem for p in path.parent.glob("*.yaml"))
                 raise ConfigError(f"{key}={name!r}: no such preset (known: {', '.join(known)})")
             preset = _under(key.rpartition(".")[0], OmegaConf.load(path))
-            merged, mounted = _merge(OmegaConf.merge(OmegaConf.structured(schema), preset), files, overrides, mounts)
+            preset = apply_renames(preset, renames, str(path))
+            merged, mounted = _merge(OmegaConf.merge(OmegaConf.structured(schema), preset), files, overrides, mounts,
+                                     renames)
         for file, key, name in mounted:
             final = OmegaConf.select(merged, key)
             if name is not None and name != final:
@@ -75,6 +81,57 @@ def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overri
     if callable(validate):
         validate()
     return config
+
+
+def renamed_keys(node: DictConfig, prefix: str = "") -> dict[str, str]:
+    """{old dotted key: new dotted key} for the structured config ``node`` and every dataclass nested in it."""
+    renames = {prefix + old: prefix + new for old, new in getattr(OmegaConf.get_type(node), "RENAMED", {}).items()}
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            renames.update(renamed_keys(child, f"{prefix}{key}."))
+    return renames
+
+
+_ABSENT = object()
+
+
+def apply_renames(cfg: Any, renames: dict[str, str], source: str) -> Any:
+    """``cfg`` (a loaded YAML file, a release's config) with each old key moved to its new name, saying so once."""
+    if not renames or not isinstance(cfg, DictConfig):
+        return cfg
+    for old, new in renames.items():
+        parent_key, _, leaf = old.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            continue
+        value = parent[leaf]
+        del parent[leaf]
+        OmegaConf.update(cfg, new, value, merge=True, force_add=True)
+        _say_renamed(old, new, source)
+    return cfg
+
+
+def _renamed_override(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        if key == old or key.startswith(old + "."):
+            _say_renamed(old, new, "the command line")
+            return new + key[len(old):]
+    return key
+
+
+_SAID: set[tuple[str, str]] = set()
+
+
+def _say_renamed(old: str, new: str, source: str) -> None:
+    from mmfuse.launch import says_warnings
+
+    if (old, source) not in _SAID and says_warnings():
+        _SAID.add((old, source))
+        import logging
+
+        logging.getLogger("mmfuse.config").warning("%s: config key %r is now %r (the old name works until the next "
+                                                   "release)", source, old, new)
 
 
 def _under(mount: str, cfg: Any) -> Any:
@@ -103,7 +160,7 @@ def _mount(base: DictConfig, loaded: Any, mounts: dict[str, str]) -> str:
     return ""
 
 
-def _merge(merged, files, overrides, mounts: dict[str, str] | None = None):
+def _merge(merged, files, overrides, mounts: dict[str, str] | None = None, renames: dict[str, str] | None = None):
     """``merged`` with ``files``, then ``overrides``; and, for each file merged under a preset's parent, (file,
     preset key, the preset the file names or None)."""
     mounted = []
@@ -116,11 +173,12 @@ def _merge(merged, files, overrides, mounts: dict[str, str] | None = None):
         if mount:
             key = mounts[mount]
             mounted.append((file, key, OmegaConf.select(loaded, key.rpartition(".")[2])))
-        merged = OmegaConf.merge(merged, _under(mount, loaded))
+        merged = OmegaConf.merge(merged, apply_renames(_under(mount, loaded), renames or {}, file))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"expected key=value, got {item!r}")
         key, value = item.split("=", 1)
+        key = _renamed_override(key.strip(), renames or {})
         try:
             override = OmegaConf.from_dotlist([f"{key.strip()}={value}"])
             read = OmegaConf.select(override, key.strip())

@@ -70,7 +70,7 @@ def read_run(run_dir: Path, cfg: PretrainConfig, step: int, world_size: int | No
 
     rows = [r for r in read_metrics(path) if isinstance(r, dict)] if path.is_file() else []  # a torn last line is left out
     read = set().union(*(objective.parts for objective in build_objectives(cfg.objectives)))
-    locked = set(cfg.model.lock)
+    locked = set(cfg.model.freeze)
     return RunRecord(str(run_dir), cfg, step, world_size, zero_stage, [r for r in rows if r.get("step", 0) <= step],
                      read - locked, command)
 
@@ -133,7 +133,7 @@ def _model_section(model: dict, parameters: dict[str, int], run: RunRecord | Non
     if run and run.config.model.init_open_clip:
         lines += [f"The image and text towers started from `{redact(run.config.model.init_open_clip)}`.", ""]
     if run and any(parameters.get(part, 0) and part not in run.trained_parts for part in parameters):
-        lines += ["Parts no enabled objective read (or locked with `model.lock`) kept the weights they started "
+        lines += ["Parts no enabled objective read (or locked with `model.freeze`) kept the weights they started "
                   "with.", ""]
     return lines
 

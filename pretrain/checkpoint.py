@@ -31,9 +31,9 @@ def saved_zero_stage(folder: Path) -> int:
     saved = json.loads((folder / MARKER).read_text())
     if "zero_stage" in saved:
         return int(saved["zero_stage"])
-    if any(folder.glob("zero_pp_rank_*_model_states.pt")):
-        return 3
-    return 2 if any(folder.glob("*optim_states.pt")) else 0
+    from pretrain.engine import checkpoint_zero_stage
+
+    return checkpoint_zero_stage(folder)
 
 
 def rng_state() -> dict:
@@ -81,13 +81,13 @@ class CheckpointManager:
         client = {**client, "step": step, "ranks": gathered, "world_size": self.world_size,
                   # The DeepSpeed converter to universal checkpoints (change of world size) needs this key.
                   "universal_checkpoint_info": {}}
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client)
+        engine.save(self.root, tag, client)
         dist.barrier()
         if self.rank == 0:
             marker = self.root / tag / MARKER
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": self.world_size,
-                                       "zero_stage": engine.zero_optimization_stage(),
+                                       "zero_stage": engine.zero_stage,
                                        "code_version": client.get("code_version")}))
             os.replace(tmp, marker)
             (self.root / "latest_committed.tmp").write_text(tag)
@@ -224,16 +224,10 @@ class CheckpointManager:
         root, tag = where
         target = root / f"{tag}_universal"
         if self.rank == 0 and not (target / MARKER).is_file():
-            import subprocess
-            import sys
+            from pretrain.engine import to_universal_checkpoint
 
             shutil.rmtree(target, ignore_errors=True)
-            done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                                   str(root / tag), "--output_folder", str(target), "--num_extract_workers", "1",
-                                   "--num_merge_workers", "1"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"converting {root / tag} to a universal checkpoint failed (DeepSpeed's "
-                                   f"ds_to_universal, exit {done.returncode}):\n{done.stderr[-3000:]}")
+            to_universal_checkpoint(root / tag, target)
             # The client state (step, loader, config) lives in the model-states file the converter copies.
             (target / MARKER).write_text((root / tag / MARKER).read_text())
         dist.barrier()
@@ -242,9 +236,7 @@ class CheckpointManager:
     def load(self, engine, where: tuple[Path, str]) -> dict:
         """Load model, optimizer and scheduler; return the client state with this rank's loader and RNG state."""
         root, tag = where
-        _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if client is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+        client = engine.load(root, tag)
         if client["world_size"] != self.world_size:
             # Another world size: model and optimizer come from the universal checkpoint; per-rank loader and RNG
             # states do not map onto the new ranks, so the data stream restarts its epoch with the new layout.

@@ -1,4 +1,5 @@
-"""DeepSpeed in one place: the process group, the generated DeepSpeed config, the optimizer and schedule.
+"""DeepSpeed in one place: the process group, the generated DeepSpeed config, the optimizer and schedule, the
+engine the trainer drives (``Engine``) and the checkpoint conversions (universal, consolidated fp32).
 
 Users never write DeepSpeed JSON; ``deepspeed_config`` derives it from the typed config (``engine.extra`` is
 merged last as an escape hatch).
@@ -6,13 +7,17 @@ merged last as an escape hatch).
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from mmfuse.allocator import keep_freed_memory
 from pretrain.config import EngineConfig, OptimConfig, PretrainConfig
+from pretrain.optim import lr_factor, no_decay
 
 
 @dataclass(frozen=True)
@@ -154,12 +159,6 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Norms, biases, embeddings (token, positional, class, mask) and temperatures are not decayed."""
-    lowered = name.lower()
-    return param.ndim < 2 or any(word in lowered for word in ("embedding", "logit_", "pos_embed", "cls_token", "position", "mask_token"))
-
-
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     decay, rest = [], []
     for name, param in model.named_parameters():
@@ -169,27 +168,160 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
-    """Linear warmup, then cosine to min_lr_ratio (or constant); a multiplier of the peak lr."""
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+    """The schedule's multiplier of the peak lr as a function of the step (``pretrain.optim.lr_factor``)."""
+    return lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio)
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, world_size: int, load_universal: bool = False):
-    """(engine, optimizer, scheduler) from ``deepspeed.initialize``; ``load_universal`` to resume a checkpoint
-    written at another world size (converted to a universal checkpoint first)."""
-    import deepspeed
+class Engine:
+    """The training step's module under DeepSpeed ZeRO, behind the few calls a training loop makes: forward,
+    backward, optimizer step (dropping a non-finite one), the learning rate, checkpoints and parameter gathering.
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.run.steps))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size, load_universal, trainable), dist_init_required=False)
-    return engine, optimizer, scheduler
+    ``external`` are parameters the module's forward reads outside their owning submodule's forward (ZeRO-3 must
+    gather them for it). ``load_universal`` resumes a checkpoint written at another world size (converted with
+    ``to_universal_checkpoint`` first). ``ds_engine`` is DeepSpeed's own engine, for benchmarks that inspect its
+    buffers; training code goes through the methods.
+    """
+
+    def __init__(self, module: torch.nn.Module, cfg: PretrainConfig, world_size: int, load_universal: bool = False,
+                 external: "list[torch.nn.Parameter] | tuple" = ()):
+        import deepspeed
+
+        if not torch.cuda.is_available():
+            # A CPU step frees and re-allocates tensors of up to the gradient bucket's size (DeepSpeed allocates
+            # it anew every step): served from a heap that keeps freed memory, they stop page-faulting in afresh
+            # (mmfuse/allocator.py; 2-3x fewer system seconds per step, see bench/RESULTS.md).
+            keep_freed_memory(mmap_threshold=1 << 30, trim_threshold=1 << 30)
+        # DeepSpeed's ZeRO step calls a deprecated torch collective every step; the warning says nothing to users.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+        self.zero_stage = cfg.engine.zero_stage
+        if self.zero_stage == 3:
+            for param in external:
+                deepspeed.zero.register_external_parameter(module, param)
+        optimizer = torch.optim.AdamW(param_groups(module, cfg.optim), lr=cfg.optim.lr,
+                                      betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.run.steps))
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        self.ds_engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, world_size, load_universal, trainable), dist_init_required=False)
+        precision = resolved_precision(cfg.engine)
+        self.loss_scaling = precision == "fp16"  # its scaler overflows now and then by design, dropping that step
+        # DeepSpeed's ZeRO, bf16 and fp16 optimizers drop a step whose gradient norm is not finite; its plain fp32
+        # path (ZeRO-0) does not, so this class checks that one itself.
+        self._guard = self.zero_stage == 0 and precision == "fp32"
+        self._guard_norm: torch.Tensor | None = None
+
+    def __call__(self, batch: dict):
+        return self.ds_engine(batch)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.ds_engine.get_data_types()[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds_engine.backward(loss)
+
+    def step(self) -> None:
+        """After each micro-batch's backward; at the accumulation boundary the optimizer updates, or drops a
+        non-finite gradient."""
+        if self._guard and self.ds_engine.is_gradient_accumulation_boundary() and self._nonfinite_gradient():
+            self._skip_step()
+        else:
+            self.ds_engine.step()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps dropped so far (non-finite gradients, fp16 scale overflows)."""
+        return self.ds_engine.skipped_steps
+
+    def grad_norm(self) -> float | torch.Tensor | None:
+        """The global gradient norm of the last optimizer step (None before any is known)."""
+        norm = self.ds_engine.get_global_grad_norm()
+        return norm if norm is not None else self._guard_norm
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def follow_schedule(self) -> None:
+        """Set the learning rate from the schedule at the current step. A checkpoint holds the rate of the old
+        schedule's next step; the schedule is a function of the step and run.steps, so a resume that extends the
+        run follows the new one from its first step."""
+        scheduler = self.scheduler
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+
+    def gathered(self, params: list[torch.nn.Parameter]):
+        """A context in which ``params`` are whole on every rank (ZeRO-3 partitions them; others already are)."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+
+    def save(self, root: Path, tag: str, client: dict) -> None:
+        """Every rank writes its part of ``root/tag`` (DeepSpeed's layout), ``client`` in rank 0's model file."""
+        self.ds_engine.save_checkpoint(str(root), tag=tag, client_state=client)
+
+    def load(self, root: Path, tag: str) -> dict:
+        """Model, optimizer and scheduler from ``root/tag``; returns the client state saved with them."""
+        _, client = self.ds_engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+        return client
+
+    def _nonfinite_gradient(self) -> bool:
+        """ZeRO-0 in fp32, at the boundary: after backward's all-reduce every rank holds the same gradient."""
+        grads = [p.grad for p in self.ds_engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return False
+        self._guard_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        return not bool(torch.isfinite(self._guard_norm))
+
+    def _skip_step(self) -> None:
+        """What DeepSpeed's own optimizers do with a non-finite gradient: drop it, leave weights, optimizer state
+        and learning-rate schedule as they are, and count the step as taken and skipped."""
+        ds = self.ds_engine
+        ds.zero_grad()
+        ds.micro_steps += 1
+        ds.global_steps += 1
+        ds.skipped_steps += 1
+
+
+def checkpoint_zero_stage(folder: Path) -> int:
+    """The ZeRO stage of a DeepSpeed checkpoint folder, from its file names (per-rank model states: stage 3;
+    per-rank optimizer states: 1-2, read as 2; neither: 0)."""
+    if any(folder.glob("zero_pp_rank_*_model_states.pt")):
+        return 3
+    return 2 if any(folder.glob("*optim_states.pt")) else 0
+
+
+def to_universal_checkpoint(source: Path, target: Path) -> None:
+    """Convert a sharded checkpoint folder into a DeepSpeed universal one (loads at any world size)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(source), "--output_folder", str(target), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"converting {source} to a universal checkpoint failed (DeepSpeed's ds_to_universal, "
+                           f"exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def consolidated_module_state(root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The whole fp32 state dict of the engine's module from a (sharded) checkpoint ``root/tag``."""
+    if zero_stage == 0:
+        # No partitioning: rank 0's model file holds the module. It is our own run's file (trusted), written by
+        # DeepSpeed with pickled client state, so it cannot be read with weights_only.
+        return torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag)
+    if zero_stage == 1:
+        # ZeRO-1's consolidation reads the optimizer's partitions only, which hold no frozen parameter (an
+        # image-text run's audio tower). They were never partitioned: rank 0's model file has them whole.
+        states = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = {**{k: v for k, v in states["module"].items() if k not in state}, **state}
+    return state

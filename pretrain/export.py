@@ -46,22 +46,9 @@ class ExportConfig:
 
 def consolidated_state(checkpoint_root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of the trained model from a (sharded) DeepSpeed checkpoint."""
-    import torch
+    from pretrain.engine import consolidated_module_state
 
-    if zero_stage == 0:
-        # No partitioning: rank 0's model file holds the module. It is our own run's file (trusted), written by
-        # DeepSpeed with pickled client state, so it cannot be read with weights_only.
-        states = torch.load(checkpoint_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        state = states["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag)
-        if zero_stage == 1:
-            # ZeRO-1's consolidation reads the optimizer's partitions only, which hold no frozen parameter (an
-            # image-text run's audio tower). They were never partitioned: rank 0's model file has them whole.
-            states = torch.load(checkpoint_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-            state = {**{k: v for k, v in states["module"].items() if k not in state}, **state}
+    state = consolidated_module_state(checkpoint_root, tag, zero_stage)
     # The engine wrapped the model in PretrainStep (attribute ``model``).
     return {name.removeprefix("model."): tensor.float() for name, tensor in state.items() if name.startswith("model.")}
 

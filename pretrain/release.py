@@ -154,7 +154,11 @@ def _model_config(values: dict) -> ModelConfig:
     """The typed model config from a release's JSON (unknown keys are an error, as everywhere)."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
+    from mmfuse.config import apply_renames, renamed_keys
+
+    base = OmegaConf.structured(ModelConfig)
+    values = apply_renames(OmegaConf.create(values), renamed_keys(base), "the release's config.json")
+    cfg = OmegaConf.to_object(OmegaConf.merge(base, values))
     cfg.validate()
     return cfg
 

@@ -1,20 +1,17 @@
 """The pre-training loop, read top to bottom as a recipe; setup lives in named methods.
 
-Each rank: join the process group → build model, loader, objectives, DeepSpeed engine → resume if a committed
+Each rank: join the process group → build model, loader, objectives, engine (pretrain/engine.py) → resume if a committed
 checkpoint exists → for each step: batch, losses, backward, step; agree across ranks on non-finite losses and stop
 signals; log; checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import random
 import signal
-import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,11 +22,10 @@ import torch.distributed as dist
 from data_pipeline.loader import Loader, build_loader
 from data_pipeline.storage import redact, redact_text, redact_values
 from mmfuse import code_version
-from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import to_dict, to_yaml
 from pretrain.checkpoint import CheckpointManager, tag_for
 from pretrain.config import PretrainConfig, model_audio
-from pretrain.engine import Topology, build_engine, init_distributed, resolved_precision
+from pretrain.engine import Engine, Topology, init_distributed
 from pretrain.flops import peak_tflops, train_flops_per_sample
 from pretrain.logger import MetricsLogger
 from pretrain.model import MultimodalModel
@@ -51,11 +47,6 @@ class Trainer:
         cfg.data.audio = model_audio(cfg.data.audio, cfg.model)
         self.cfg = cfg
         self.topo: Topology = init_distributed()
-        if self.topo.device.type == "cpu":
-            # A CPU step frees and re-allocates tensors of up to the gradient bucket's size (DeepSpeed allocates
-            # it anew every step): served from a heap that keeps freed memory, they stop page-faulting in afresh
-            # (mmfuse/allocator.py; 2-3x fewer system seconds per step, see bench/RESULTS.md).
-            keep_freed_memory(mmap_threshold=1 << 30, trim_threshold=1 << 30)
         self.run_dir = Path(cfg.run.dir)
         self.setup_run_folder()
         self.seed_everything(cfg.seed)
@@ -69,7 +60,7 @@ class Trainer:
         universal = self.resume_from is not None and self.checkpoints.check_resume_layout(self.resume_from)
         if universal:
             self.resume_from = self.checkpoints.to_universal(self.resume_from)
-        self.engine, self.optimizer, self.scheduler = build_engine(self.step_module, cfg, self.topo.world_size, universal)
+        self.engine = Engine(self.step_module, cfg, self.topo.world_size, universal, self.model.loose_parameters())
         self.metrics = MetricsLogger(self.run_dir, self.topo.is_main, cfg.log, to_dict(cfg))
         self.flops_per_sample = train_flops_per_sample(cfg.model, cfg.objectives)
         self.peak_flops = self.device_peak_flops()
@@ -77,10 +68,6 @@ class Trainer:
         self.stop_requested = False
         self.last_save = time.monotonic()
         self.grad_norm: float | torch.Tensor | None = None
-        # DeepSpeed's ZeRO, bf16 and fp16 optimizers drop a step whose gradient norm is not finite; its plain fp32
-        # path (ZeRO-0) does not, so the trainer checks that one itself.
-        self.guard_gradients = cfg.engine.zero_stage == 0 and resolved_precision(cfg.engine) == "fp32"
-        self.fp16 = resolved_precision(cfg.engine) == "fp16"
         self.maybe_resume()
         self.install_signal_handlers()
 
@@ -93,8 +80,6 @@ class Trainer:
         dist.barrier()
 
     def seed_everything(self, seed: int) -> None:
-        # DeepSpeed's ZeRO step calls a deprecated torch collective every step; the warning says nothing to users.
-        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         # Same seed on every rank for the model init; masking differs per rank through the rank offset below.
         random.seed(seed)
         np.random.seed(seed)
@@ -102,7 +87,7 @@ class Trainer:
         if self.cfg.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             # Its debugging aid of filling every torch.empty with NaN costs a write pass over each new buffer
-            # (DeepSpeed's gradient bucket included) and changes no result of code that reads what it wrote.
+            # (the engine's gradient bucket included) and changes no result of code that reads what it wrote.
             torch.utils.deterministic.fill_uninitialized_memory = False
 
     def build_model(self) -> MultimodalModel:
@@ -111,7 +96,7 @@ class Trainer:
         model = MultimodalModel(self.cfg.model)
         if self.cfg.model.init_open_clip:
             load_open_clip_weights(model.clip, self.cfg.model.init_open_clip)
-        for tower in self.cfg.model.lock:
+        for tower in self.cfg.model.freeze:
             for param in model.tower_parameters(tower):
                 param.requires_grad_(False)
         model.set_grad_checkpointing(self.cfg.engine.gradient_checkpointing)
@@ -150,14 +135,8 @@ class Trainer:
         objectives = build_objectives(objectives_cfg)
         weights = objective_weights(objectives_cfg)
         self.freeze_untrained_parts(objectives)
-        step = PretrainStep(self.model, objectives, DistContext(self.topo.rank, self.topo.world_size), weights,
+        return PretrainStep(self.model, objectives, DistContext(self.topo.rank, self.topo.world_size), weights,
                             self.cfg.engine.trim_text_padding, objectives_cfg.masked_batch_fraction)
-        if self.cfg.engine.zero_stage == 3:
-            import deepspeed
-
-            for param in self.model.loose_parameters():
-                deepspeed.zero.register_external_parameter(step, param)
-        return step
 
     def freeze_untrained_parts(self, objectives: list) -> None:
         """Parts no enabled objective reads (a contrastive-only run's audio tower and heads) stay out of the
@@ -182,11 +161,7 @@ class Trainer:
         # Only once the older checkpoint has loaded: a refused or failed resume must leave the newer ones as they are.
         self.checkpoints.set_aside_newer(self.step, self.resume_root)
         self.skipped_steps = client.get("skipped_steps", 0)
-        # The checkpoint holds the learning rate of the old schedule's next step; the schedule is a function of
-        # the step and run.steps, so a resume that extends the run follows the new one from its first step.
-        scheduler = self.scheduler
-        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * factor(scheduler.last_epoch)
+        self.engine.follow_schedule()  # a resume that extends run.steps follows the new schedule
         if client["loader"] is not None:
             self.loader.load_state_dict(client["loader"])
         else:
@@ -319,8 +294,7 @@ class Trainer:
         """One optimizer step over ``engine.grad_accum`` micro-batches.
 
         A micro-batch whose loss is not finite on some rank still goes through backward: its non-finite gradient
-        makes the optimizer drop the whole accumulated update at the step (DeepSpeed's ZeRO, bf16 and fp16
-        optimizers check the gradient norm; ``guard_gradients`` does it for plain fp32), the same path that
+        makes the optimizer drop the whole accumulated update at the step (``Engine.step``), the same path that
         catches a non-finite gradient behind a finite loss. Every rank runs the same collectives either way."""
         accum = self.cfg.engine.grad_accum
         result, sums = StepResult({}), {}
@@ -342,18 +316,15 @@ class Trainer:
             result.samples += samples
             result.local_samples += len(batch["__key__"])
             self.engine.backward(total)
-            if micro == accum - 1 and self.guard_gradients and self.nonfinite_gradient():
-                self.skip_optimizer_step()
-            else:
-                self.engine.step()
+            self.engine.step()
             for name, value in {**losses, "loss": total}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
         dropped = self.engine.skipped_steps > skipped_before
         result.skipped |= bool(result.nonfinite_loss_ranks) or dropped
-        # fp16's loss scaler overflows by design now and then (it probes for the largest scale): DeepSpeed drops
+        # fp16's loss scaler overflows by design now and then (it probes for the largest scale): the engine drops
         # that step and lowers the scale. Counted as skipped, but not a numerical failure to halt on.
-        result.scale_overflow = dropped and self.fp16 and not result.nonfinite_loss_ranks
-        norm = self.engine.get_global_grad_norm()
+        result.scale_overflow = dropped and self.engine.loss_scaling and not result.nonfinite_loss_ranks
+        norm = self.engine.grad_norm()
         self.grad_norm = norm if norm is not None else self.grad_norm
         result.losses = {name: value / accum for name, value in sums.items()}
         return result
@@ -369,24 +340,8 @@ class Trainer:
         total.register_hook(lambda grad: grad * float("nan"))
         return total
 
-    def nonfinite_gradient(self) -> bool:
-        """ZeRO-0 in fp32, at the last micro-batch: after backward's all-reduce every rank holds the same gradient."""
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
-            return False
-        self.grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        return not bool(torch.isfinite(self.grad_norm))
-
-    def skip_optimizer_step(self) -> None:
-        """What DeepSpeed's own optimizers do with a non-finite gradient: drop it, leave weights, optimizer state
-        and learning-rate schedule as they are, and count the step as taken and skipped."""
-        self.engine.zero_grad()
-        self.engine.micro_steps += 1
-        self.engine.global_steps += 1
-        self.engine.skipped_steps += 1
-
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return batch_to_device(batch, self.topo.device, self.engine.get_data_types()[0])
+        return batch_to_device(batch, self.topo.device, self.engine.compute_dtype)
 
     def checkpoint_due(self) -> bool:
         minutes = self.cfg.run.checkpoint_minutes
@@ -425,7 +380,7 @@ class Trainer:
         seconds = max(time.perf_counter() - window.start, 1e-9)
         metrics = {f"loss/{n}" if n != "loss" else "loss": float(v) for n, v in zip(names, values)}
         metrics.update({
-            "lr": float(self.scheduler.get_last_lr()[0]),
+            "lr": self.engine.lr,
             "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
             "samples_per_s": window.samples / seconds,
             "samples_per_s_per_device": window.local_samples / seconds,
@@ -453,13 +408,7 @@ class Trainer:
 
         model_cfg = self.cfg.model
         data, transform, tokenizer = self.data_inputs(self.cfg.data.eval, is_train=False)
-        # Under ZeRO-3 the parameters are partitioned: gather them for the evaluation forward passes.
-        gathered = contextlib.nullcontext()
-        if self.cfg.engine.zero_stage == 3:
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
-        with gathered:
+        with self.engine.gathered(list(self.model.parameters())):  # whole, for the evaluation's forward passes
             metrics = evaluate(self.model, data, self.cfg.eval, self.topo.rank, self.topo.world_size, self.topo.device,
                                transform, tokenizer, model_cfg.image.image_size)
         self.metrics.log(self.step, metrics)

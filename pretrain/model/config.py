@@ -81,6 +81,7 @@ class DecoderConfig:
 
 @dataclass
 class ModelConfig:
+    RENAMED = {"lock": "freeze"}  # until the next release (mmfuse/config.py)
     flavor: str = "tiny"
     """Named size; its file configs/model/<flavor>.yaml fills the fields below."""
     open_clip_name: str = ""
@@ -102,8 +103,9 @@ class ModelConfig:
     fused_patch_decoder: bool = False
     """Build the head of objectives.cross_modal_masked.patches. The trainer sets it from that option, and the run's
     config.yaml and releases record it, so export and fine-tuning rebuild the same model."""
-    lock: list[str] = field(default_factory=list)
-    """Towers to freeze (LiT / ImageBind-style), e.g. [image] or [image, text] to bind a new audio tower."""
+    freeze: list[str] = field(default_factory=list)
+    """Towers to freeze (LiT / ImageBind-style), e.g. [image] or [image, text] to bind a new audio tower (the
+    fine-tuning key of the same name does the same there)."""
     image: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
@@ -124,9 +126,9 @@ class ModelConfig:
         if a.n_mels % a.patch_size or a.frames % a.patch_size:
             raise ConfigError(f"model.audio.n_mels ({a.n_mels}) and model.audio.frames ({a.frames}) must be multiples of "
                               f"model.audio.patch_size ({a.patch_size})")
-        unknown = set(self.lock) - {"image", "text", "audio"}
+        unknown = set(self.freeze) - {"image", "text", "audio"}
         if unknown:
-            raise ConfigError(f"model.lock lists unknown towers {sorted(unknown)}; use image, text, audio")
+            raise ConfigError(f"model.freeze lists unknown towers {sorted(unknown)}; use image, text, audio")
         for name in ("image", "text", "audio", "fusion", "decoder"):
             part = getattr(self, name)
             if part.width % part.heads:

@@ -194,7 +194,7 @@ def test_deepspeed_zero2_through_accelerate_matches_ddp(world, tmp_path):
     for stage in (0, 2):
         run_dir = tmp_path / f"zero{stage}"
         args = common(world, run_dir, "vqa", *[d.format(w=world) for d in SHARDS], "run.steps=4", "run.log_every=1",
-                      "data.max_eval_samples=16", f"run.deepspeed_stage={stage}")
+                      "data.max_eval_samples=16", f"engine.zero_stage={stage}")
         result = subprocess.run([sys.executable, "-m", "finetune.run", *args], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -204,7 +204,7 @@ def test_deepspeed_zero2_through_accelerate_matches_ddp(world, tmp_path):
     assert len(losses[2]) == 4 and losses[2] == pytest.approx(losses[0], rel=1e-5)
     # Two processes: DeepSpeed checks train_batch_size against micro batch x world size.
     args = common(world, tmp_path / "zero2x2", "vqa", *[d.format(w=world) for d in SHARDS], "run.steps=2",
-                  "data.max_eval_samples=16", "run.deepspeed_stage=2", "launch.nproc=2")
+                  "data.max_eval_samples=16", "engine.zero_stage=2", "launch.nproc=2")
     result = subprocess.run([sys.executable, "-m", "finetune.run", *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "zero2x2" / "checkpoints" / "step_000002" / "pytorch_model").is_dir()

@@ -40,7 +40,7 @@ def test_sync_uploads_commits_and_an_empty_run_folder_resumes_from_s3(shards, tm
 
 def test_export_to_s3_then_a_run_initialised_from_it_with_a_locked_image_tower(shards, tmp_path, s3_server):  # noqa: F811
     """``mmfuse export RUN output.path=s3://...``; ``model.init_open_clip=s3://...`` through the trainer; and LiT:
-    ``model.lock=[image]`` keeps the loaded image tower exactly while the text tower trains on."""
+    ``model.freeze=[image]`` keeps the loaded image tower exactly while the text tower trains on."""
     import torch
 
     from mmfuse.cli import main as cli
@@ -51,7 +51,7 @@ def test_export_to_s3_then_a_run_initialised_from_it_with_a_locked_image_tower(s
     assert cli(["export", str(first), f"output.path={release}"]) == 0
     exported, config = load_release(release)
     assert config["source"]["checkpoint"] == "step_000002" and config["source"]["code_version"].startswith("0.1.0")
-    pretrain(shards, second, "run.steps=2", "run.checkpoint_every=0", "model.lock=[image]", "model.image.stem=patch",
+    pretrain(shards, second, "run.steps=2", "run.checkpoint_every=0", "model.freeze=[image]", "model.image.stem=patch",
              f"model.init_open_clip={release}/open_clip_model.safetensors")
     assert cli(["export", str(second), f"output.path={tmp_path}/second-release"]) == 0
     trained, _ = load_release(str(tmp_path / "second-release"))

@@ -12,7 +12,7 @@ from finetune.checkpoint import check_checkpoint, load_checkpoint, model_config_
 from finetune.config import FinetuneConfig
 from finetune.data import BatchPlan, detect_format, read_records
 from finetune.tasks.retrieval import recall_at_k
-from finetune.trainer import layer_scale, lr_factor
+from finetune.trainer import layer_scale, lr_schedule
 from mmfuse.config import CONFIG_ROOT, ConfigError, load_config
 from pretrain.model import ModelConfig, MultimodalModel
 from pretrain.model.towers import open_clip_config
@@ -175,9 +175,25 @@ def test_layer_decay_and_schedule(tiny):
     assert layer_scale("backbone.clip.token_embedding.weight", tiny, 0.5) == 0.5 ** 3
     assert layer_scale("backbone.audio.vit.blocks.0.mlp.fc1.weight", tiny, 0.5) == 0.5 ** 2
     assert layer_scale("backbone.fusion.query_in.weight", tiny, 0.5) == 1.0
-    cfg = config(**{"optim.warmup_steps": 4, "run.steps": 20})
-    factors = [lr_factor(s, cfg) for s in range(20)]
-    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0 and factors[-1] < 0.02
+    cfg = config(**{"optim.warmup_steps": 4, "run.steps": 20, "optim.min_lr_ratio": 0.1})
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import lr_lambda
+
+    engine_cfg = load_config(PretrainConfig, [], ["run.dir=x", "data.train=x", "optim.warmup_steps=4", "run.steps=20",
+                                                  "optim.min_lr_ratio=0.1"])
+    schedule = lr_lambda(engine_cfg.optim, engine_cfg.run.steps)
+    factors = [schedule(s) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0 and 0.1 < factors[-1] < 0.12
+    # Fine-tuning follows the same schedule (pretrain/optim.py): one rule for both stages.
+    task = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(task.parameters(), lr=1.0)
+    scheduler = lr_schedule(optimizer, cfg)
+    seen = []
+    for _ in range(20):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx(factors)
 
 
 def test_config_errors_name_the_key():

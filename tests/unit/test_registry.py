@@ -57,3 +57,31 @@ def test_reading_configs_and_names_imports_no_implementation():
             "'pretrain.objectives.')) and not m.endswith('.config')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_renamed_key_works_for_a_release_with_one_warning(tmp_path, caplog):
+    """One name per idea (pre-training's engine.zero_stage / engine.precision in fine-tuning too, freeze for
+    model.lock): the old names still load, in a file, an override and a release's config.json, and say so."""
+    from finetune.config import FinetuneConfig
+    from mmfuse.config import load_config
+    from pretrain.config import PRESETS, PretrainConfig
+    from pretrain.release import _model_config
+
+    common = ["task=retrieval", "checkpoint=c", "data.eval=e", "run.dir=r"]
+    with caplog.at_level("WARNING", logger="mmfuse.config"):
+        cfg = load_config(FinetuneConfig, [], [*common, "run.deepspeed_stage=2", "run.precision=no"])
+    assert (cfg.engine.zero_stage, cfg.engine.precision) == (2, "fp32")
+    assert "config key 'run.deepspeed_stage' is now 'engine.zero_stage'" in caplog.text
+    assert "config key 'run.precision' is now 'engine.precision'" in caplog.text
+
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  lock: [image]\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmfuse.config"):
+        cfg = load_config(PretrainConfig, [str(old)], ["run.dir=r", "data.train=t"], presets=PRESETS)
+        assert load_config(PretrainConfig, [], ["run.dir=r", "data.train=t", "model.lock=[text]"],
+                           presets=PRESETS).model.freeze == ["text"]
+    assert cfg.model.freeze == ["image"] and f"{old}: config key 'model.lock' is now 'model.freeze'" in caplog.text
+    assert _model_config({"flavor": "tiny", "lock": ["audio"]}).freeze == ["audio"]
+    with pytest.raises(ConfigError, match="engine.zero_stage must be 0"):
+        load_config(FinetuneConfig, [], [*common, "run.deepspeed_stage=3"])
