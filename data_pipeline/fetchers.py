@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 from data_pipeline.config import FetchConfig
 from data_pipeline.errors import SampleError, sample_step
-from data_pipeline.storage import filesystem, redact
+from mmfuse.storage import filesystem
+from mmfuse.redact import redact
 
 OPT_OUT_DIRECTIVES = {"noai", "noimageai", "noindex", "noimageindex"}
 _VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}

@@ -28,7 +28,8 @@ from data_pipeline.config import InputConfig, InspectConfig
 from data_pipeline.errors import SampleError
 from data_pipeline.preflight import check_input, check_output
 from data_pipeline.sources import shard_listing
-from data_pipeline.storage import filesystem, join, redact
+from mmfuse.storage import filesystem, join
+from mmfuse.redact import redact
 from data_pipeline.tarstream import RetryingFile, count_samples, split_name
 from mmfuse.config import parse_args
 from mmfuse.logs import setup_logging

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data_pipeline.config import InspectConfig
 from data_pipeline.inspect import Drawn
-from data_pipeline.storage import filesystem, is_local, join, redact, write_bytes
+from mmfuse.storage import filesystem, is_local, join, write_bytes
+from mmfuse.redact import redact
 
 PAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SHEET_COLUMNS = 8

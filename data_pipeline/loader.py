@@ -33,7 +33,7 @@ from data_pipeline.decode import Decoder
 from data_pipeline.errors import SampleError
 from data_pipeline.plan import SlotPlan, check_feasible, slot_plan, windows
 from data_pipeline.sources import Source, resolve_sources
-from data_pipeline.storage import redact_text
+from mmfuse.redact import redact_text
 from data_pipeline.tarstream import RawSample, ShardError, iter_samples
 from mmfuse.allocator import keep_freed_memory
 

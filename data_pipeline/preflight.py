@@ -15,7 +15,8 @@ import tarfile
 from urllib.parse import urlsplit
 
 from data_pipeline.sources import dataset_names, shard_listing
-from data_pipeline.storage import filesystem, is_local, join, redact, redact_text
+from mmfuse.storage import filesystem, is_local, join
+from mmfuse.redact import redact, redact_text
 from data_pipeline.tarstream import RetryingFile, split_name
 
 MODALITIES = ("image", "text", "audio")

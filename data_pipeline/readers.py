@@ -20,7 +20,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from data_pipeline.config import InputConfig
-from data_pipeline.storage import filesystem, redact
+from mmfuse.storage import filesystem
+from mmfuse.redact import redact
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
 AUDIO_EXTENSIONS = {"flac", "wav", "ogg", "mp3", "opus"}

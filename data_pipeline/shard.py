@@ -18,7 +18,8 @@ from pathlib import Path
 from data_pipeline.config import ShardConfig
 from data_pipeline.distributor import run_local
 from data_pipeline.readers import ShardTask, plan_shards
-from data_pipeline.storage import filesystem, is_local, join, redact, write_bytes
+from mmfuse.storage import filesystem, is_local, join, write_bytes
+from mmfuse.redact import redact
 from data_pipeline.worker import ShardWorker, config_fingerprint
 from data_pipeline.writer import shard_name
 from mmfuse.config import parse_args, to_dict

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import braceexpand
 
-from data_pipeline.storage import filesystem, redact
+from mmfuse.storage import filesystem
+
+from mmfuse.redact import redact
 from data_pipeline.tarstream import count_samples
 
 log = logging.getLogger(__name__)

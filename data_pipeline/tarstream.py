@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from data_pipeline.storage import filesystem, redact
+from mmfuse.storage import filesystem
+
+from mmfuse.redact import redact
 
 
 @dataclass

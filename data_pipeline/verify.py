@@ -16,7 +16,8 @@ from PIL import Image
 
 from data_pipeline.config import VerifyConfig
 from data_pipeline.sources import stats_counts
-from data_pipeline.storage import filesystem, join, redact
+from mmfuse.storage import filesystem, join
+from mmfuse.redact import redact
 from mmfuse.config import parse_args
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

@@ -25,7 +25,8 @@ from data_pipeline.errors import SampleError, sample_step
 from data_pipeline.fetchers import Fetcher
 from data_pipeline.image import process_image
 from data_pipeline.readers import Row, ShardTask, read_rows
-from data_pipeline.storage import filesystem, join, redact
+from mmfuse.storage import filesystem, join
+from mmfuse.redact import redact
 from data_pipeline.text import process_text
 from data_pipeline.writer import ShardWriter, sample_key, shard_name
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.config import OutputConfig
-from data_pipeline.storage import commit_file, filesystem, is_local, join, write_bytes
+from mmfuse.storage import commit_file, filesystem, is_local, join, write_bytes
 
 # Fixed tar metadata so the same samples always give the same bytes.
 _TAR_MTIME = 0

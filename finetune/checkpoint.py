@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.config import LEGACY_FRONT_END, AudioFeatureConfig, from_recorded
-from data_pipeline.storage import filesystem, join, redact
+from mmfuse.storage import filesystem, join
+from mmfuse.redact import redact
 from finetune.config import FinetuneConfig
 from mmfuse.config import CONFIG_ROOT
 from mmfuse.schema import ConfigError
-from pretrain.tags import MARKER, committed_tags
+from mmfuse.commits import MARKER, committed_tags
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from data_pipeline.config import AudioFeatureConfig, MembersConfig
 from finetune.tasks import TASKS
 from mmfuse.schema import MISSING, ConfigError
-from pretrain.logger import LogConfig
+from mmfuse.tracking import LogConfig
 
 DATA_FORMATS = ("auto", "shards", "coco", "vqa", "folder", "manifest")
 TOWERS = ("image", "text", "audio")

@@ -18,7 +18,9 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_pipeline.storage import filesystem, redact, redact_text
+from mmfuse.storage import filesystem
+
+from mmfuse.redact import redact, redact_text
 from finetune.config import FinetuneConfig
 
 log = logging.getLogger("mmfuse.finetune")

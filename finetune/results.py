@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.storage import redact
+from mmfuse.redact import redact
 from mmfuse.plots import learning_curves
 
 

@@ -33,7 +33,7 @@ def preflight(cfg: FinetuneConfig, stage: str = "finetune") -> None:
     from data_pipeline.preflight import check_input, check_output
     from finetune.checkpoint import check_checkpoint, resolve_resume
     from finetune.records import check_data
-    from pretrain.logger import require_wandb
+    from mmfuse.tracking import require_wandb
 
     require_wandb(cfg.log)
     check_input("checkpoint", cfg.checkpoint)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_pipeline.storage import redact, redact_text
+from mmfuse.redact import redact, redact_text
 from finetune.checkpoint import audio_front_end, load_checkpoint, resolve_resume
 from finetune.config import FinetuneConfig
 from finetune.data import TaskData
@@ -30,8 +29,8 @@ from finetune.evaluation import evaluate
 from finetune.results import write_outputs
 from finetune.tasks import TaskContext, build_task
 from mmfuse.config import to_dict, to_yaml
-from pretrain.tags import MARKER, committed_tags, tag_for
-from pretrain.logger import MetricsLogger
+from mmfuse.commits import commit, prune, tag_for, uncommit
+from mmfuse.tracking import MetricsLogger
 from pretrain.optim import lr_factor, no_decay
 
 log = logging.getLogger("mmfuse.finetune")
@@ -317,6 +316,9 @@ class Finetuner:
     def save(self) -> Path:
         root = self.run_dir / "checkpoints"
         folder = root / tag_for(self.step)
+        if self.accelerator.is_main_process:
+            uncommit(folder)
+        self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(folder))
         mine = {"data": self.train_data.state_dict(), "task_rng": self.task.generator.get_state().tolist()}
         states = [mine]
@@ -327,11 +329,8 @@ class Finetuner:
         if self.accelerator.is_main_process:
             (folder / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world,
                                                                    "ranks": states}))
-            tmp = folder / (MARKER + ".tmp")
-            tmp.write_text(json.dumps({"step": self.step, "time": time.time()}))
-            os.replace(tmp, folder / MARKER)
-            for old in committed_tags(root)[:-max(1, self.cfg.run.keep)]:
-                shutil.rmtree(root / old, ignore_errors=True)
+            commit(folder, {"step": self.step, "time": time.time(), "world_size": self.world})
+            prune(root, self.cfg.run.keep)
         self.accelerator.wait_for_everyone()
         return folder
 

@@ -1,6 +1,8 @@
 """mmfuse: an open pipeline for pre-training image-text-audio models. This package is the front door and the
-runtime every stage shares: the ``mmfuse`` command (cli.py), the one config loader (config.py), logging
-(logs.py), progress (progress.py), credential redaction (redact.py), plots and the allocator setting."""
+runtime every stage shares: the ``mmfuse`` command (cli.py), the one config loader (config.py), name registries
+(registry.py), local launching (launch.py), storage (storage.py: fsspec, atomic writes), the checkpoint commit
+protocol (commits.py), metrics tracking (tracking.py), logging (logs.py), progress (progress.py), credential
+redaction (redact.py), plots and the allocator setting. Importing it imports no torch."""
 
 import functools
 

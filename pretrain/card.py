@@ -8,7 +8,6 @@ recorded. Every string that comes from a config or a path is redacted: a card ne
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path

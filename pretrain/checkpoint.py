@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain.tags import MARKER, check_resume_path, committed_tags, tag_for, tag_step  # noqa: F401 (re-exported)
+from mmfuse.commits import MARKER, check_resume_path, commit, committed_tags, prune, tag_for, tag_step, uncommit
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ class CheckpointManager:
     def save(self, engine, step: int, client: dict, loader_state: dict) -> str:
         """Every rank calls this at the same step. Returns the tag once it is committed."""
         tag = tag_for(step)
-        if self.rank == 0:  # a tag saved again (after a rollback) is not committed while it is being rewritten
-            (self.root / tag / MARKER).unlink(missing_ok=True)
+        if self.rank == 0:
+            uncommit(self.root / tag)
         dist.barrier()
         per_rank = {"loader": loader_state, "rng": rng_state()}
         gathered = [None] * self.world_size
@@ -84,12 +84,8 @@ class CheckpointManager:
         engine.save(self.root, tag, client)
         dist.barrier()
         if self.rank == 0:
-            marker = self.root / tag / MARKER
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": self.world_size,
-                                       "zero_stage": engine.zero_stage,
-                                       "code_version": client.get("code_version")}))
-            os.replace(tmp, marker)
+            commit(self.root / tag, {"step": step, "time": time.time(), "world_size": self.world_size,
+                                     "zero_stage": engine.zero_stage, "code_version": client.get("code_version")})
             (self.root / "latest_committed.tmp").write_text(tag)
             os.replace(self.root / "latest_committed.tmp", self.root / "latest_committed")
             self._prune(tag)
@@ -139,20 +135,16 @@ class CheckpointManager:
         try:
             action(self.sync)
         except Exception as err:  # network and object-store errors come in many types
-            from data_pipeline.storage import redact, redact_text
+            from mmfuse.redact import redact, redact_text
 
             log.error("could not sync %s to %s: %s (it stays committed locally)", what,
                       redact(self.sync.url), redact_text(str(err)) or type(err).__name__)
 
     def _prune(self, newest: str) -> None:
         """Keep the newest ``keep`` committed checkpoints; drop uncommitted leftovers older than the newest."""
-        tags = committed_tags(self.root)
         newest_step = tag_step(newest)
         best = self.best()
-        for tag in tags[: -self.keep]:
-            if best and tag == best["tag"]:
-                continue
-            shutil.rmtree(self.root / tag, ignore_errors=True)
+        for tag in prune(self.root, self.keep, {best["tag"]} if best else set()):
             shutil.rmtree(self.root / f"{tag}_universal", ignore_errors=True)
         for path in self.root.iterdir():
             step = tag_step(path.name)

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from data_pipeline.config import AudioFeatureConfig, LoaderConfig, from_recorded
 from mmfuse.config import MISSING, ConfigError
-from pretrain.logger import LogConfig
+from mmfuse.tracking import LogConfig
 from pretrain.model.config import ModelConfig
 from pretrain.objectives.config import ObjectivesConfig
 

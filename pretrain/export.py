@@ -16,7 +16,7 @@ from mmfuse.logs import setup_logging
 from mmfuse.redact import redact
 from pretrain.card import ReleaseInfo
 from pretrain.config import PretrainConfig, model_audio
-from pretrain.tags import MARKER, committed_tags, tag_for, tag_step
+from mmfuse.commits import MARKER, committed_tags, tag_for, tag_step
 
 if TYPE_CHECKING:
     import torch

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_pipeline.config import FRONT_END, LEGACY_FRONT_END, AudioFeatureConfig
-from data_pipeline.storage import commit_file, filesystem, is_local, join, redact, redact_values
+from mmfuse.storage import commit_file, filesystem, is_local, join
+from mmfuse.redact import redact, redact_values
 from mmfuse.config import to_dict
 from pretrain.card import ReleaseInfo, RunRecord, model_card
 from pretrain.model.config import ModelConfig

@@ -31,9 +31,9 @@ def preflight(cfg: PretrainConfig) -> None:
                                          size_mismatch)
     from mmfuse.config import ConfigError
     from mmfuse.launch import says_warnings
-    from pretrain.logger import require_wandb
+    from mmfuse.tracking import require_wandb
     from pretrain.objectives.config import missing_modalities, read_modalities
-    from pretrain.tags import check_resume_path
+    from mmfuse.commits import check_resume_path
 
     require_wandb(cfg.log)
     if cfg.engine.precision == "fp16":

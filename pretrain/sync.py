@@ -12,8 +12,10 @@ import logging
 import os
 from pathlib import Path
 
-from data_pipeline.storage import filesystem, join, redact, write_bytes
-from pretrain.checkpoint import MARKER, tag_step
+from mmfuse.storage import filesystem, join, write_bytes
+
+from mmfuse.redact import redact
+from mmfuse.commits import MARKER, tag_step
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.loader import Loader, build_loader
-from data_pipeline.storage import redact, redact_text, redact_values
+from mmfuse.redact import redact, redact_text, redact_values
 from mmfuse import code_version
 from mmfuse.config import to_dict, to_yaml
 from pretrain.checkpoint import CheckpointManager, tag_for
 from pretrain.config import PretrainConfig, model_audio
 from pretrain.engine import Engine, Topology, init_distributed
 from pretrain.flops import peak_tflops, train_flops_per_sample
-from pretrain.logger import MetricsLogger
+from mmfuse.tracking import MetricsLogger
 from pretrain.model import MultimodalModel
 from pretrain.objectives import DistContext, build_objectives, objective_weights
 from pretrain.step import NonFiniteLoss, PretrainStep, StepResult, batch_to_device

@@ -216,7 +216,7 @@ def shard_ids(count: int) -> list[ShardTask]:
 
 
 def all_done(cfg: ShardConfig, total_shards: int) -> bool:
-    from data_pipeline.storage import filesystem, join
+    from mmfuse.storage import filesystem, join
     from data_pipeline.writer import shard_name
 
     fs, root = filesystem(cfg.output.path)

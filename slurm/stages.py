@@ -55,7 +55,7 @@ def _pretrain_check(cfg, slurm) -> None:
 
 
 def _pretrain_finished(cfg) -> bool:
-    from pretrain.tags import committed_tags
+    from mmfuse.commits import committed_tags
 
     tags = committed_tags(Path(cfg.run.dir) / "checkpoints")
     return bool(tags) and int(tags[-1].removeprefix("step_")) >= cfg.run.steps

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.storage import redact_text
+from mmfuse.redact import redact_text
 from mmfuse.config import ConfigError, help_text, load_config, to_yaml
 from slurm.config import SlurmConfig
 from slurm.executor import build_executor, sbatch_script

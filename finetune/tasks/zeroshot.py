@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.storage import filesystem, redact
+from mmfuse.storage import filesystem
+
+from mmfuse.redact import redact
 from finetune.tasks.base import Task, TaskContext, rows
 from mmfuse.schema import ConfigError
 from pretrain.evaluate import DEFAULT_TEMPLATES, embed_rows, text_classifier, topk_accuracy

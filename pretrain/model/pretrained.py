@@ -14,7 +14,9 @@ import tempfile
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.storage import filesystem, is_local, redact
+from mmfuse.storage import filesystem, is_local
+
+from mmfuse.redact import redact
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:

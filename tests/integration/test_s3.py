@@ -214,7 +214,7 @@ def test_failed_upload_leaves_nothing_visible(tmp_path, s3_server, s3fs_client, 
 def test_filesystem_sees_objects_written_by_another_process(s3_server, s3fs_client):
     """The parent lists a prefix, workers (other clients) add objects, the parent looks for them: no stale
     listing may answer (s3fs caches listings per instance unless told not to)."""
-    from data_pipeline.storage import filesystem
+    from mmfuse.storage import filesystem
 
     fs, root = filesystem(f"{s3_server['url']}/ds")
     s3fs_client.pipe_file(f"{root}/shard-000000_stats.json", b"{}")

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from pretrain.checkpoint import MARKER, CheckpointManager, committed_tags, saved_zero_stage
+from mmfuse.commits import MARKER, committed_tags
+from pretrain.checkpoint import CheckpointManager, saved_zero_stage
 from pretrain.report import format_report, last_eval, untrained_eval
 
 
@@ -94,8 +95,8 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside_intact(tmp_path,
 
 
 def test_a_tag_saved_again_is_uncommitted_while_it_is_rewritten(tmp_path, one_rank_group):
-    class FullDisk:  # DeepSpeed's save failing half-way, after the old marker's folder was reused
-        def save_checkpoint(self, root, tag, client_state):
+    class FullDisk:  # the engine's save failing half-way, after the old marker's folder was reused
+        def save(self, root, tag, client):
             (tmp_path / "checkpoints" / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
             raise OSError(28, "No space left on device")
 
@@ -137,7 +138,7 @@ def test_a_resume_drops_the_records_after_its_checkpoint_from_metrics_and_tensor
     """Steps 1-10 were logged before a crash (the last line torn); the run resumes from step 5's checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pretrain.logger import MetricsLogger
+    from mmfuse.tracking import MetricsLogger
 
     first = MetricsLogger(tmp_path, enabled=True)
     for step in range(1, 11):

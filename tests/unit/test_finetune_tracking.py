@@ -8,7 +8,7 @@ import pytest
 
 from mmfuse.cli import main as cli
 from mmfuse.config import CONFIG_ROOT
-from pretrain.logger import LogConfig, MetricsLogger
+from mmfuse.tracking import LogConfig, MetricsLogger
 
 SECRET_URL = "https://user:hunter2@data.example.com/train?X-Amz-Signature=abc123"
 

@@ -7,7 +7,7 @@ import pytest
 
 from pretrain.checkpoint import CheckpointManager, read_best
 from pretrain.export import ExportConfig, pick_checkpoint
-from pretrain.tags import MARKER, committed_tags, tag_for
+from mmfuse.commits import MARKER, committed_tags, tag_for
 
 
 def commit(root: Path, step: int) -> None:

@@ -13,7 +13,7 @@ from mmfuse.cli import main as cli
 from mmfuse.config import load_config, to_yaml
 from pretrain.config import PretrainConfig
 from pretrain.model import ModelConfig, MultimodalModel
-from pretrain.tags import MARKER
+from mmfuse.commits import MARKER
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from data_pipeline.storage import commit_file, filesystem, redact, redact_text, write_bytes
+from mmfuse.storage import commit_file, filesystem, write_bytes
+
+from mmfuse.redact import redact, redact_text
 
 
 @pytest.mark.parametrize(
@@ -112,7 +114,7 @@ def test_local_paths_get_the_local_filesystem(tmp_path):
 
 
 def test_a_url_that_does_not_parse_is_still_redacted():
-    from data_pipeline.storage import redact_text
+    from mmfuse.redact import redact_text
 
     text = redact_text("failed: http://user:PASS@[bad/x/y?sig=SECRET#frag, and https://h/p?token=T")
     assert "SECRET" not in text and "PASS" not in text and "token=T" not in text

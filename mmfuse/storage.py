@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.core import url_to_fs
 
-from mmfuse.redact import redact, redact_text, redact_values  # noqa: F401 (their home before mmfuse/)
+from mmfuse.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
 
