@@ -235,7 +235,7 @@ def _floor_init() -> None:
 def _floor_work(indices) -> int:
     from PIL import Image
 
-    from data_pipeline.decode import decode_audio
+    from data_pipeline.loader.decode import decode_audio
     from data_pipeline.image import decode_jpeg_fast
 
     transform, audio_cfg, samples = _FLOOR["transform"], _FLOOR["audio_cfg"], _FLOOR["samples"]

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from data_pipeline.config import InputConfig, InspectConfig
 from data_pipeline.errors import SampleError
 from data_pipeline.preflight import check_input, check_output
-from data_pipeline.sources import shard_listing
+from data_pipeline.loader.sources import shard_listing
 from mmfuse.storage import filesystem, join
 from mmfuse.redact import redact
-from data_pipeline.tarstream import RetryingFile, count_samples, split_name
+from data_pipeline.loader.tarstream import RetryingFile, count_samples, split_name
 from mmfuse.config import parse_args
 from mmfuse.logs import setup_logging
 from mmfuse.progress import progress
@@ -265,8 +265,8 @@ def sharding_failures(kind: str, dataset: str, urls: list[str]) -> Counter:
 
 def draw_manifest(cfg: InspectConfig) -> Drawn:
     """Rows drawn uniformly from the manifest(s), their media fetched as ``mmfuse shard`` would (local, http, s3)."""
-    from data_pipeline.fetchers import Fetcher
-    from data_pipeline.readers import list_sources, load_rows
+    from data_pipeline.shard.fetchers import Fetcher
+    from data_pipeline.shard.readers import list_sources, load_rows
 
     columns = cfg.manifest
     input_cfg = InputConfig(path=cfg.path, format=columns.format, image_column=columns.image_column,

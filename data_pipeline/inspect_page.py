@@ -119,7 +119,7 @@ def decode_audio(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
 
 def log_mel(wave: np.ndarray, rate: int) -> np.ndarray:
     """``[N_MELS, frames]`` natural-log mel power (HTK scale, 25 ms Hann windows), in numpy: the training front end
-    (data_pipeline/melspec.py) is torch, which this stage does not import. At most ~1,000 frames."""
+    (data_pipeline/loader/melspec.py) is torch, which this stage does not import. At most ~1,000 frames."""
     n_fft = 2 ** max(6, round(math.log2(rate * 0.025)))
     wave = np.pad(wave, (0, max(0, n_fft - len(wave))))
     hop = max(rate // 100, (len(wave) - n_fft) // 1000 + 1)

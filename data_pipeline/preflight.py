@@ -14,10 +14,10 @@ import posixpath
 import tarfile
 from urllib.parse import urlsplit
 
-from data_pipeline.sources import dataset_names, shard_listing
+from data_pipeline.loader.sources import dataset_names, shard_listing
 from mmfuse.storage import filesystem, is_local, join
 from mmfuse.redact import redact, redact_text
-from data_pipeline.tarstream import RetryingFile, split_name
+from data_pipeline.loader.tarstream import RetryingFile, split_name
 
 MODALITIES = ("image", "text", "audio")
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".txt")

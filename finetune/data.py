@@ -25,11 +25,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from data_pipeline.batchring import RingReceiver, WorkerRing
+from data_pipeline.loader.batchring import RingReceiver, WorkerRing
 from data_pipeline.config import AudioFeatureConfig, FetchConfig, LoaderConfig
-from data_pipeline.decode import Decoder
+from data_pipeline.loader.decode import Decoder
 from data_pipeline.errors import SampleError
-from data_pipeline.fetchers import Fetcher
+from data_pipeline.shard.fetchers import Fetcher
 from data_pipeline.text import decode_caption
 from finetune.config import FinetuneConfig
 from finetune.records import Record, detect_format, read_records  # noqa: F401 (the readers moved there; re-exported)
@@ -66,7 +66,7 @@ class RecordDataset(torch.utils.data.Dataset):
         return sample
 
     def collate(self, samples: list[dict | None]) -> dict[str, Any]:
-        """In a worker, the batch tensors go into its ring (``data_pipeline.batchring``); ``TaskData`` unpacks them."""
+        """In a worker, the batch tensors go into its ring (``data_pipeline.loader.batchring``); ``TaskData`` unpacks them."""
         if self._ring is False:
             self._ring = WorkerRing.in_this_worker(self.prefetch_factor)
         good = [s for s in samples if "__error__" not in s]
@@ -127,7 +127,7 @@ class TaskData:
                                   audio=audio)
         decoder = Decoder(loader_cfg, transform, tokenizer, image_size, train=self.train)
         self.epoch, self.step = 0, 0
-        self.rings = RingReceiver()  # the workers' batch memory (data_pipeline.batchring)
+        self.rings = RingReceiver()  # the workers' batch memory (data_pipeline.loader.batchring)
         if self.format == "shards":
             from data_pipeline.loader import Loader
 
@@ -180,8 +180,8 @@ class TaskData:
         """Every sample's task fields (class names, answer vocabularies), read without decoding any media."""
         if self.plan is not None:
             return [r.meta for r in self.records]
-        from data_pipeline.sources import resolve_sources
-        from data_pipeline.tarstream import iter_samples
+        from data_pipeline.loader.sources import resolve_sources
+        from data_pipeline.loader.tarstream import iter_samples
 
         found = []
         for source in resolve_sources(self.path):

@@ -209,7 +209,7 @@ def _folder_records(path: str) -> list[Record]:
 
 def _manifest_records(path: str, images: str) -> list[Record]:
     from data_pipeline.config import InputConfig
-    from data_pipeline.readers import detect_format as manifest_format, load_rows
+    from data_pipeline.shard.readers import detect_format as manifest_format, load_rows
 
     fmt = manifest_format(path, "auto")
     rows = load_rows(path, fmt, InputConfig(path=path, pass_through=True), require_text=False)  # image + label is fine

@@ -12,8 +12,8 @@ from mmfuse.redact import redact_text
 # name → (module with main(argv), one-line summary)
 STAGES = {
     "synth": ("data_pipeline.synth", "generate the synthetic shapes world (images, captions, audio, task fields)"),
-    "shard": ("data_pipeline.shard", "pack raw pairs into WebDataset shards (local or s3://)"),
-    "verify": ("data_pipeline.verify", "check every shard of a dataset against sizes.json and its stats"),
+    "shard": ("data_pipeline.shard.stage", "pack raw pairs into WebDataset shards (local or s3://)"),
+    "verify": ("data_pipeline.shard.verify", "check every shard of a dataset against sizes.json and its stats"),
     "inspect": ("data_pipeline.inspect", "sample a dataset: contact sheet, HTML page of samples, summary plots"),
     "pretrain": ("pretrain.run", "pre-train with contrastive + masked objectives under DeepSpeed ZeRO (launch.nproc=N)"),
     "export": ("pretrain.export", "consolidate a training checkpoint into a release folder (safetensors + open_clip export)"),

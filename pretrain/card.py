@@ -331,7 +331,7 @@ def _shards(names: list[str]) -> int | None:
     name them; local folders list them (sizes.json). None where any dataset's count is unknown."""
     import braceexpand
 
-    from data_pipeline.sources import shard_listing
+    from data_pipeline.loader.sources import shard_listing
 
     total = 0
     for name in names:

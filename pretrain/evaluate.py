@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from data_pipeline.config import LoaderConfig
 from data_pipeline.loader import build_loader
-from data_pipeline.sources import resolve_sources
-from data_pipeline.tarstream import iter_samples
+from data_pipeline.loader.sources import resolve_sources
+from data_pipeline.loader.tarstream import iter_samples
 from pretrain.config import DEFAULT_TEMPLATES, EvalConfig  # noqa: F401 (re-exported: they were defined here)
 
 PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))

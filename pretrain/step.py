@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_pipeline.decode import ZERO_WHEN_ABSENT
+from data_pipeline.loader.decode import ZERO_WHEN_ABSENT
 from pretrain.model import MultimodalModel
 from pretrain.objectives import DistContext, Forward
 

@@ -30,7 +30,7 @@ from typing import Any
 import submitit
 
 from data_pipeline.config import ShardConfig
-from data_pipeline.readers import ShardTask
+from data_pipeline.shard.readers import ShardTask
 from slurm.task import setup_logging
 
 log = logging.getLogger("mmfuse.slurm")
@@ -38,9 +38,9 @@ log = logging.getLogger("mmfuse.slurm")
 
 def plan_array(cfg: ShardConfig, create_output: bool = True) -> tuple[list[ShardTask], list[ShardTask], str]:
     """(every planned shard, those still to write, the config fingerprint), as ``mmfuse shard`` plans them."""
-    from data_pipeline.readers import plan_shards
-    from data_pipeline.shard import pending_tasks, prepare_output
-    from data_pipeline.worker import config_fingerprint
+    from data_pipeline.shard.readers import plan_shards
+    from data_pipeline.shard.stage import pending_tasks, prepare_output
+    from data_pipeline.shard.worker import config_fingerprint
 
     if create_output:
         prepare_output(cfg.output.path)
@@ -79,9 +79,9 @@ class ShardSlice(submitit.helpers.Checkpointable):
                 signal.signal(signum, handler)
 
     def _run(self) -> dict[str, Any]:
-        from data_pipeline.distributor import run_local
-        from data_pipeline.shard import finalize, pending_tasks
-        from data_pipeline.worker import ShardWorker
+        from data_pipeline.shard.distributor import run_local
+        from data_pipeline.shard.stage import finalize, pending_tasks
+        from data_pipeline.shard.worker import ShardWorker
 
         started = time.time()
         todo = pending_tasks(self.cfg, self.tasks, self.fingerprint)
@@ -133,7 +133,7 @@ def exit_now(code: Any) -> None:
     for either. What this task started goes with it: the pool, its forkserver (which a signal may have made the pool
     start afresh) and its workers, which nothing else ends (the local executor signals the task only;
     ``proctrack/linuxproc`` loses track of orphans)."""
-    distributor = sys.modules.get("data_pipeline.distributor")
+    distributor = sys.modules.get("data_pipeline.shard.distributor")
     # The pool's thread would replace the workers killed below, from a new fork server if need be. Told to stop, it
     # ends when it next wakes (a worker dying wakes it), possibly after starting processes: kill until it has ended.
     handlers = distributor.stop_starting_workers() if distributor is not None else []
@@ -217,7 +217,7 @@ def shard_ids(count: int) -> list[ShardTask]:
 
 def all_done(cfg: ShardConfig, total_shards: int) -> bool:
     from mmfuse.storage import filesystem, join
-    from data_pipeline.writer import shard_name
+    from data_pipeline.shard.writer import shard_name
 
     fs, root = filesystem(cfg.output.path)
     present = {path.rsplit("/", 1)[-1] for path in fs.glob(join(root, f"{cfg.output.prefix}-*_stats.json"))}
@@ -226,7 +226,7 @@ def all_done(cfg: ShardConfig, total_shards: int) -> bool:
 
 def finalize_all(cfg: ShardConfig) -> None:
     """Every shard written already (a resubmission after the last task died before the totals): write them."""
-    from data_pipeline.shard import finalize
+    from data_pipeline.shard.stage import finalize
 
     tasks, _, _ = plan_array(cfg, create_output=False)
     finalize(cfg, tasks, 0.0)

@@ -69,6 +69,6 @@ def _shard_run_dir(cfg) -> str:
 STAGES: dict[str, Stage] = {
     "pretrain": Stage("pretrain.config:PretrainConfig", "pretrain.run", lambda cfg: cfg.run.dir, _pretrain_finished,
                       check=_pretrain_check, preflight="pretrain.run"),
-    "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard", _shard_run_dir, array=True,
-                   preflight="data_pipeline.shard"),
+    "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard.stage", _shard_run_dir, array=True,
+                   preflight="data_pipeline.shard.stage"),
 }

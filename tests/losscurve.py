@@ -95,7 +95,7 @@ def compare(stored: dict[str, list[float]], measured: dict[str, list[float]], to
 
 def zero_images() -> None:
     """Make the loader's decoder return all-zero images (in this process)."""
-    from data_pipeline.decode import Decoder
+    from data_pipeline.loader.decode import Decoder
 
     original = Decoder.decode_image
     Decoder.decode_image = lambda self, data: original(self, data) * 0

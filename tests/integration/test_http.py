@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline import shard
+from data_pipeline.shard import stage as shard
 from data_pipeline.config import FetchConfig, ShardConfig, VerifyConfig
 from data_pipeline.errors import SampleError
-from data_pipeline.fetchers import Fetcher
-from data_pipeline.readers import _cached_rows
-from data_pipeline.verify import verify
+from data_pipeline.shard.fetchers import Fetcher
+from data_pipeline.shard.readers import _cached_rows
+from data_pipeline.shard.verify import verify
 from mmfuse.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -10,7 +10,7 @@ import pytest
 from data_pipeline.config import LoaderConfig
 from data_pipeline.loader import build_loader
 from data_pipeline.preflight import check_dataset
-from data_pipeline.sources import resolve_sources
+from data_pipeline.loader.sources import resolve_sources
 from finetune.records import detect_format
 from mmfuse.cli import main as cli
 from mmfuse.config import load_config

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import shard
+from data_pipeline.shard import stage as shard
 from data_pipeline.config import OutputConfig, ShardConfig, VerifyConfig
-from data_pipeline.readers import _cached_rows
-from data_pipeline.verify import verify
-from data_pipeline.writer import ShardWriter
+from data_pipeline.shard.readers import _cached_rows
+from data_pipeline.shard.verify import verify
+from data_pipeline.shard.writer import ShardWriter
 from mmfuse.config import load_config
 from tests.conftest import make_jpeg
 

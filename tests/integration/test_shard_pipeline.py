@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from data_pipeline.config import ShardConfig, VerifyConfig
-from data_pipeline.readers import _cached_rows
-from data_pipeline.shard import run
-from data_pipeline.verify import verify
+from data_pipeline.shard.readers import _cached_rows
+from data_pipeline.shard.stage import run
+from data_pipeline.shard.verify import verify
 from mmfuse.config import load_config
 from tests.datagen import BAD_REASONS, DIRTY_CAPTION, bad_input_zoo, good_rows, write_manifest
 
@@ -207,7 +207,7 @@ def test_verify_reports_truncated_and_missing_shards(tmp_path, capsys):
     manifest = write_manifest(tmp_path / "m.parquet", good_rows(tmp_path, 6))
     out = tmp_path / "out"
     shard(manifest, out, "output.samples_per_shard=2")
-    from data_pipeline.verify import main as verify_main
+    from data_pipeline.shard.verify import main as verify_main
     assert verify_main([str(out)]) == 0
     data = (out / "shard-000000.tar").read_bytes()
     (out / "shard-000000.tar").write_bytes(data[: len(data) // 2])

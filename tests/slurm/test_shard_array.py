@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.config import ShardConfig
-from data_pipeline.readers import _cached_rows
+from data_pipeline.shard.readers import _cached_rows
 from mmfuse.cli import main as cli
 from mmfuse.config import load_config
 from slurm.jobs import job_states

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.writer import shard_name
+from data_pipeline.shard.writer import shard_name
 from mmfuse.cli import main as cli
 from slurm.jobs import job_info, job_states, wait
 from tests.slurm.conftest import REPO, wait_for

@@ -12,9 +12,9 @@ import soundfile as sf
 import torch
 
 from data_pipeline.config import AudioFeatureConfig, LoaderConfig, SpecAugmentConfig
-from data_pipeline.decode import Decoder, decode_audio, window_offsets
+from data_pipeline.loader.decode import Decoder, decode_audio, window_offsets
 from data_pipeline.loader import build_loader
-from data_pipeline.melspec import FLOOR, log_mel
+from data_pipeline.loader.melspec import FLOOR, log_mel
 from mmfuse.config import CONFIG_ROOT, ConfigError, load_config
 from tests.loaderdata import jpeg, write_tar
 

@@ -4,7 +4,7 @@ import gc
 
 import torch
 
-from data_pipeline.batchring import FREE, LENT, RingReceiver, WorkerRing
+from data_pipeline.loader.batchring import FREE, LENT, RingReceiver, WorkerRing
 
 
 def trip(ring: WorkerRing, receiver: RingReceiver, **tensors) -> dict:

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from data_pipeline.config import LoaderConfig
-from data_pipeline.decode import Decoder
+from data_pipeline.loader.decode import Decoder
 from data_pipeline.errors import SampleError
-from data_pipeline.tarstream import RawSample
+from data_pipeline.loader.tarstream import RawSample
 from tests.datagen import animated_gif, bomb_png, palette_with_transparency, rotated_jpeg
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,7 +56,7 @@ def test_open_clip_transform_batches_are_bit_identical_to_applying_it(is_train):
 
 
 def test_batch_normalize_mixes_uint8_float_and_missing_images():
-    from data_pipeline.decode import split_tensor_tail
+    from data_pipeline.loader.decode import split_tensor_tail
 
     transform = open_clip.image_transform(64, is_train=False)
     head, normalize = split_tensor_tail(transform)
@@ -72,7 +72,7 @@ def test_batch_normalize_mixes_uint8_float_and_missing_images():
 
 
 def test_jpegs_decode_through_turbojpeg_with_pillows_pixels_and_failure_reasons(monkeypatch):
-    import data_pipeline.decode as decode
+    import data_pipeline.loader.decode as decode
     from data_pipeline.errors import SampleError
 
     fast = []

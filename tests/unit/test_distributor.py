@@ -18,7 +18,7 @@ POOL = """
 import json, multiprocessing.forkserver, os, signal, sys, threading, time
 from functools import partial
 
-from data_pipeline import distributor
+from data_pipeline.shard import distributor
 from slurm.shard_array import exit_now, kill_descendants
 
 results = distributor.run_local(partial(time.sleep), [60] * 4, 2)

@@ -10,7 +10,7 @@ import pytest
 
 from data_pipeline.config import FetchConfig
 from data_pipeline.errors import SampleError
-from data_pipeline.fetchers import Fetcher, opted_out
+from data_pipeline.shard.fetchers import Fetcher, opted_out
 
 
 @pytest.mark.parametrize(

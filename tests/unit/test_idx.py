@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline import idx
+from data_pipeline.shard import idx
 
 CLASSES = ["zero", "one", "two"]
 IMAGES = np.arange(4 * 3 * 2, dtype=np.uint8).reshape(4, 3, 2) * 10  # 4 images of 3 rows x 2 columns

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_pipeline.plan import check_feasible, slot_plan, windows
-from data_pipeline.sources import ShardInfo, Source
+from data_pipeline.loader.plan import check_feasible, slot_plan, windows
+from data_pipeline.loader.sources import ShardInfo, Source
 
 
 def sources_of(counts, weight=1.0, name="d"):

@@ -118,7 +118,7 @@ def test_s3_outputs_are_probed_with_a_write(s3_server):
 def test_the_checks_import_no_torch():
     import subprocess
 
-    code = ("import sys; import pretrain.run, finetune.run, data_pipeline.shard, data_pipeline.preflight, "
+    code = ("import sys; import pretrain.run, finetune.run, data_pipeline.shard.stage, data_pipeline.preflight, "
             "finetune.records, finetune.checkpoint, pretrain.release; print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 

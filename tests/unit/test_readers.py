@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.config import InputConfig
-from data_pipeline.readers import _cached_rows, list_sources, plan_shards, read_rows
+from data_pipeline.shard.readers import _cached_rows, list_sources, plan_shards, read_rows
 
 ROWS = [{"image": f"img/{i}.jpg", "text": f"caption {i}", "label": i} for i in range(7)]
 

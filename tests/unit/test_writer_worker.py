@@ -9,8 +9,8 @@ import pytest
 
 from data_pipeline.config import OutputConfig, ShardConfig
 from data_pipeline.errors import SampleError
-from data_pipeline.worker import _json_fields, config_fingerprint, ordered_map
-from data_pipeline.writer import ShardWriter, sample_key
+from data_pipeline.shard.worker import _json_fields, config_fingerprint, ordered_map
+from data_pipeline.shard.writer import ShardWriter, sample_key
 from mmfuse.config import load_config
 
 

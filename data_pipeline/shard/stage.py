@@ -16,12 +16,12 @@ from collections import Counter
 from pathlib import Path
 
 from data_pipeline.config import ShardConfig
-from data_pipeline.distributor import run_local
-from data_pipeline.readers import ShardTask, plan_shards
+from data_pipeline.shard.distributor import run_local
+from data_pipeline.shard.readers import ShardTask, plan_shards
 from mmfuse.storage import filesystem, is_local, join, write_bytes
 from mmfuse.redact import redact
-from data_pipeline.worker import ShardWorker, config_fingerprint
-from data_pipeline.writer import shard_name
+from data_pipeline.shard.worker import ShardWorker, config_fingerprint
+from data_pipeline.shard.writer import shard_name
 from mmfuse.config import parse_args, to_dict
 from mmfuse.logs import setup_logging
 from mmfuse.progress import progress
@@ -105,7 +105,7 @@ def preflight(cfg: ShardConfig) -> None:
 
 def example_inputs(cfg: ShardConfig, tasks: list[ShardTask], count: int = 3) -> list[str]:
     """The media locations of the first input rows, for an error message."""
-    from data_pipeline.readers import load_rows
+    from data_pipeline.shard.readers import load_rows
 
     rows = load_rows(tasks[0].source, tasks[0].format, cfg.input)[:count] if tasks else ()
     return [path for row in rows for path in (row.image, row.audio) if path][:count]

@@ -4,7 +4,7 @@ The output folder is what ``mmfuse shard`` reads (``input.path=DIR/manifest.parq
 relative path, a caption made from a template and the class name, and the ``label`` / ``label_name`` task fields
 that zero-shot evaluation takes its class names from::
 
-    python -m data_pipeline.idx --images train-images-idx3-ubyte.gz --labels train-labels-idx1-ubyte.gz \\
+    python -m data_pipeline.shard.idx --images train-images-idx3-ubyte.gz --labels train-labels-idx1-ubyte.gz \\
         --classes "T-shirt/top,Trouser,..." --caption "a photo of a {}." --output raw/train [--limit N]
 
 IDX (LeCun's format): two zero bytes, a type code (0x08 = unsigned byte, the only one these datasets use), the
@@ -142,7 +142,7 @@ def parse_classes(value: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.idx", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.shard.idx", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="IDX image file (idx3-ubyte, optionally .gz)")
     parser.add_argument("--labels", required=True, help="IDX label file (idx1-ubyte, optionally .gz)")
     parser.add_argument("--classes", required=True,
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = convert(args.images, args.labels, parse_classes(args.classes), args.caption, args.output, args.limit)
     except ValueError as err:
-        print(f"data_pipeline.idx: error: {err}", file=sys.stderr)
+        print(f"data_pipeline.shard.idx: error: {err}", file=sys.stderr)
         return 1
     rows = pq.read_metadata(manifest).num_rows
     print(f"{manifest}: {rows} samples")

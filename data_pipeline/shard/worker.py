@@ -22,13 +22,13 @@ import pyarrow.parquet as pq
 
 from data_pipeline.config import ShardConfig
 from data_pipeline.errors import SampleError, sample_step
-from data_pipeline.fetchers import Fetcher
+from data_pipeline.shard.fetchers import Fetcher
 from data_pipeline.image import process_image
-from data_pipeline.readers import Row, ShardTask, read_rows
+from data_pipeline.shard.readers import Row, ShardTask, read_rows
 from mmfuse.storage import filesystem, join
 from mmfuse.redact import redact
 from data_pipeline.text import process_text
-from data_pipeline.writer import ShardWriter, sample_key, shard_name
+from data_pipeline.shard.writer import ShardWriter, sample_key, shard_name
 
 # Settings that do not change what a shard contains (excluded from the config fingerprint).
 _RUNTIME_KEYS = ("processes", "progress", "retry_failed", "fetch.threads")

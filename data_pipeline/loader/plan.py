@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.sources import Source
+from data_pipeline.loader.sources import Source
 
 
 @dataclass(frozen=True)

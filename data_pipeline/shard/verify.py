@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from data_pipeline.config import VerifyConfig
-from data_pipeline.sources import stats_counts
+from data_pipeline.loader.sources import stats_counts
 from mmfuse.storage import filesystem, join
 from mmfuse.redact import redact
 from mmfuse.config import parse_args

@@ -27,14 +27,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batchring import RingReceiver, WorkerRing
+from data_pipeline.loader.batchring import RingReceiver, WorkerRing
 from data_pipeline.config import LoaderConfig
-from data_pipeline.decode import Decoder
+from data_pipeline.loader.decode import Decoder
 from data_pipeline.errors import SampleError
-from data_pipeline.plan import SlotPlan, check_feasible, slot_plan, windows
-from data_pipeline.sources import Source, resolve_sources
+from data_pipeline.loader.plan import SlotPlan, check_feasible, slot_plan, windows
+from data_pipeline.loader.sources import Source, resolve_sources
 from mmfuse.redact import redact_text
-from data_pipeline.tarstream import RawSample, ShardError, iter_samples
+from data_pipeline.loader.tarstream import RawSample, ShardError, iter_samples
 from mmfuse.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class Loader:
         self.wait_seconds = 0.0
         self.totals: Counter[str] = Counter()
         self._epoch_stats: dict[int, dict] = {}
-        self._rings = RingReceiver()  # the workers' batch memory (data_pipeline.batchring)
+        self._rings = RingReceiver()  # the workers' batch memory (data_pipeline.loader.batchring)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""

@@ -22,12 +22,12 @@ import soxr
 import torch
 from PIL import Image
 
-from data_pipeline.batchring import fresh_shared
+from data_pipeline.loader.batchring import fresh_shared
 from data_pipeline.config import AudioFeatureConfig, LoaderConfig
 from data_pipeline.errors import SampleError, sample_step
 from data_pipeline.image import decode_jpeg_fast, to_rgb, upright_transpose
-from data_pipeline.melspec import log_mel, spec_augment
-from data_pipeline.tarstream import RawSample
+from data_pipeline.loader.melspec import log_mel, spec_augment
+from data_pipeline.loader.tarstream import RawSample
 from data_pipeline.text import strip_control
 
 MODALITIES = ("image", "text", "audio")

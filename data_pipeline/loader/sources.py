@@ -17,7 +17,7 @@ import braceexpand
 from mmfuse.storage import filesystem
 
 from mmfuse.redact import redact
-from data_pipeline.tarstream import count_samples
+from data_pipeline.loader.tarstream import count_samples
 
 log = logging.getLogger(__name__)
 
