@@ -17,14 +17,17 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data_pipeline.config import InspectConfig
-from data_pipeline.inspect import Drawn
-from mmfuse.storage import filesystem, is_local, join, write_bytes
 from mmfuse.redact import redact
+from mmfuse.storage import filesystem, is_local, join, write_bytes
+
+if TYPE_CHECKING:  # the drawing comes from inspect.py, which imports this module when it renders
+    from data_pipeline.inspect import Drawn
 
 PAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SHEET_COLUMNS = 8

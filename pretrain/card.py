@@ -291,10 +291,8 @@ def _loading_section(model: dict, where: str) -> list[str]:
 
 
 def _preprocessing_section(release: dict) -> list[str]:
-    from pretrain.release import release_front_end
-
     pre = release["preprocess"]
-    audio = release_front_end(release)
+    audio = pre["audio"]  # a release being saved records its whole front end (pretrain/release.py)
     f_max = f"{audio['f_max']:g} Hz" if audio["f_max"] else "sample_rate / 2"
     templates = release.get("zeroshot", {}).get("templates", [])
     lines = ["## Preprocessing (config.json)", "",
