@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Unit, integration and end-to-end tiers on both cores (pytest-xdist; a test file stays on one worker, so its
+# module fixtures are built once), then the SLURM tier on its own: its jobs' time limits and signals assume the
+# machine is theirs. Each part ends with its slowest tests.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/slurm
+	$(PY) -m pytest -q tests/slurm
 
 # The local SLURM cluster tests/slurm submit to (root; installs slurm-wlm + munge when missing; idempotent). The
 # tests start it themselves when they can; without it they are skipped, saying why. Stop: cluster.py stop.
@@ -30,7 +34,7 @@ slurm-cluster:
 	python3 slurm/local_cluster/cluster.py start
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n 2 tests/unit
 
 # Store the loss curve tests/e2e/test_loss_curve.py compares against (after a change meant to move it; say why in
 # the commit). Without --refresh: compare and print what moved. `--zero-image` / `optim.lr=1e-2` show what it catches.

@@ -9,29 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from mmfuse.cli import main as cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain-data")
-    assert cli(["synth", f"output.path={root}/raw", "num_samples=96", "image_size=64", "seed=5"]) == 0
-    # Drop the audio of every third sample: training must cope with missing modalities.
-    table = pq.read_table(root / "raw" / "manifest.parquet").to_pylist()
-    for i, row in enumerate(table):
-        if i % 3 == 0:
-            row["audio"] = None
-    pq.write_table(pa.Table.from_pylist(table), root / "raw" / "partial.parquet")
-    assert cli(["shard", f"input.path={root}/raw/partial.parquet", f"output.path={root}/shards",
-                "output.samples_per_shard=24", "image.size=64", "image.resize_mode=center_crop", "progress=false"]) == 0
-    return root / "shards"
 
 
 def command(shards, run_dir, *overrides):

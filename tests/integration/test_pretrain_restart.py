@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.integration.test_pretrain import command, metrics, pretrain, shards  # noqa: F401 (the fixture)
+from tests.integration.test_pretrain import command, metrics, pretrain
 from mmfuse.launch import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
