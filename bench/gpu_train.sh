@@ -61,7 +61,7 @@ rm -rf "$WORK/run"
     objectives.masked_image.weight=0 objectives.masked_audio.weight=0 objectives.masked_text.weight=0 \
     objectives.cross_modal_masked.weight=0 objectives.contrastive.pairs.audio_text=0 \
     objectives.contrastive.pairs.image_audio=0 \
-    model.lock="[audio]" engine.zero_stage=2 engine.precision="$PRECISION" engine.compile="$COMPILE" run.deterministic=false \
+    model.freeze="[audio]" engine.zero_stage=2 engine.precision="$PRECISION" engine.compile="$COMPILE" run.deterministic=false \
     engine.trim_text_padding=false \
     run.steps="$STEPS" run.log_every="$LOG_EVERY" run.checkpoint_every=0 run.save_at_end=false optim.warmup_steps=20 launch.nproc=1 \
     ${EXTRA[@]+"${EXTRA[@]}"}

@@ -105,6 +105,8 @@ def apply_renames(cfg: Any, renames: dict[str, str], source: str) -> Any:
         parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
         if not isinstance(parent, DictConfig) or leaf not in parent:
             continue
+        if OmegaConf.select(cfg, new, default=_ABSENT) is not _ABSENT:
+            raise ConfigError(f"{source} sets both {old} and {new} (the new name of {old}): keep {new}")
         value = parent[leaf]
         del parent[leaf]
         OmegaConf.update(cfg, new, value, merge=True, force_add=True)
@@ -141,7 +143,7 @@ def _under(mount: str, cfg: Any) -> Any:
     return cfg
 
 
-def _mount(base: DictConfig, loaded: Any, mounts: dict[str, str]) -> str:
+def _mount(base: DictConfig, loaded: Any, mounts: dict[str, str], renames: dict[str, str] | None = None) -> str:
     """Where a ``--config`` file belongs: a preset's parent (``model``) for a file written for it, else the root.
 
     A flavor file (``configs/model/small.yaml``, or a copy of one anywhere) is written for ``model``: none of its
@@ -155,7 +157,8 @@ def _mount(base: DictConfig, loaded: Any, mounts: dict[str, str]) -> str:
         return ""
     for mount in mounts:
         node = OmegaConf.select(base, mount)
-        if isinstance(node, DictConfig) and keys & set(node.keys()):
+        old = {key.removeprefix(mount + ".") for key in renames or {} if key.startswith(mount + ".")}
+        if isinstance(node, DictConfig) and keys & (set(node.keys()) | old):
             return mount
     return ""
 
@@ -169,7 +172,7 @@ def _merge(merged, files, overrides, mounts: dict[str, str] | None = None, renam
         if not path.is_file():
             raise ConfigError(f"config file not found: {file}")
         loaded = OmegaConf.load(path)
-        mount = _mount(merged, loaded, mounts or {})
+        mount = _mount(merged, loaded, mounts or {}, renames)
         if mount:
             key = mounts[mount]
             mounted.append((file, key, OmegaConf.select(loaded, key.rpartition(".")[2])))
@@ -187,7 +190,8 @@ def _merge(merged, files, overrides, mounts: dict[str, str] | None = None, renam
                 # YAML 1.1 reads no/off/yes/on as booleans, `key=` as null and `a: b` as a mapping: a string field
                 # takes the text
                 override = OmegaConf.create(_nested(key.strip(), value.strip()))
-            merged = OmegaConf.merge(merged, override)
+            # run={precision: bf16}: an old name inside a mapping value
+            merged = OmegaConf.merge(merged, apply_renames(override, renames or {}, "the command line"))
         except OmegaConfBaseException as err:
             raise ConfigError(_explain(err, key.strip())) from None
         except yaml.YAMLError as err:  # {image_id}.png reads as a YAML mapping followed by text

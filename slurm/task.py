@@ -65,8 +65,12 @@ class StageTask(submitit.helpers.Checkpointable):
             from omegaconf import OmegaConf
 
             # Already resolved and validated at submission: rebuild the dataclass, nothing is merged over it.
-            schema = STAGES[self.stage].load_schema()
-            self._cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(self._yaml)))
+            from mmfuse.config import apply_renames, renamed_keys
+
+            schema = OmegaConf.structured(STAGES[self.stage].load_schema())
+            # A job submitted before a key was renamed and requeued after reads it under its new name.
+            saved = apply_renames(OmegaConf.create(self._yaml), renamed_keys(schema), "the submitted job's config")
+            self._cfg = OmegaConf.to_object(OmegaConf.merge(schema, saved))
         return self._cfg
 
     def __call__(self) -> Any:

@@ -125,3 +125,15 @@ def test_stop_signals_reach_the_stage_even_before_it_is_ready():
     assert out.returncode == 0, out.stderr
     # Both reached the stage as SIGUSR1 (the held one re-sent as such); both are on record for the requeue decision.
     assert out.stdout.strip() == "['USR1', 'USR1'] [10, 12]"
+
+
+def test_a_job_submitted_before_a_key_was_renamed_reads_it_under_the_new_name():
+    import pickle
+
+    from pretrain.config import PRESETS, PretrainConfig
+    from slurm.task import StageTask
+
+    cfg = load_config(PretrainConfig, [], ["run.dir=r", "data.train=t", "model.freeze=[image]"], presets=PRESETS)
+    task = pickle.loads(pickle.dumps(StageTask("pretrain", cfg, max_requeue=1)))
+    task._yaml = task._yaml.replace("freeze:", "lock:")  # as an older release wrote it
+    assert "lock:" in task._yaml and task.cfg.model.freeze == ["image"]

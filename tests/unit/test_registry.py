@@ -83,5 +83,13 @@ def test_a_renamed_key_works_for_a_release_with_one_warning(tmp_path, caplog):
                            presets=PRESETS).model.freeze == ["text"]
     assert cfg.model.freeze == ["image"] and f"{old}: config key 'model.lock' is now 'model.freeze'" in caplog.text
     assert _model_config({"flavor": "tiny", "lock": ["audio"]}).freeze == ["audio"]
+    flavor_file = tmp_path / "flavor.yaml"  # a file for model: whose only key is an old name still mounts there
+    flavor_file.write_text("lock: [text]\n")
+    assert load_config(PretrainConfig, [str(flavor_file)], ["run.dir=r", "data.train=t"], presets=PRESETS).model.freeze == ["text"]
+    assert load_config(FinetuneConfig, [], [*common, "run={precision: bf16, keep: 3}"]).engine.precision == "bf16"
+    both = tmp_path / "both.yaml"
+    both.write_text("run: {precision: bf16}\nengine: {precision: fp16}\n")
+    with pytest.raises(ConfigError, match="sets both run.precision and engine.precision"):
+        load_config(FinetuneConfig, [str(both)], common)
     with pytest.raises(ConfigError, match="engine.zero_stage must be 0"):
         load_config(FinetuneConfig, [], [*common, "run.deepspeed_stage=3"])
