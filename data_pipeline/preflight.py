@@ -139,11 +139,13 @@ def dataset_modalities(spec: str, members) -> set[str]:
     return found
 
 
-def size_mismatch(key: str, spec: str, model_size: int, factor: float = 2.0) -> list[str]:
-    """One line per dataset of ``spec`` whose shards ``mmfuse shard`` wrote at an image size ``factor`` or more away
-    from the model's input (``dataset.json`` records it): larger costs decode and resize work on every sample of
-    every epoch, smaller is upsampled into blur. Datasets without that record (img2dataset, resize_mode=no) say
-    nothing."""
+def size_mismatch(key: str, spec: str, model_size: int, larger: float = 4.0, smaller: float = 2.0) -> list[str]:
+    """One line per dataset of ``spec`` whose shards ``mmfuse shard`` wrote at an image size ``larger`` times the
+    model's input or more, or ``smaller`` times below it (``dataset.json`` records it): larger costs decode and resize
+    work on every sample of every epoch, smaller is upsampled into blur. At 2x larger the cost did not show (the
+    shapes world's 128 px shards for the 64 px tiny flavor: no faster at 64 px, and its 64 px JPEG shards trained a
+    worse image tower, docs/demo.md), so only 4x and more is worth a word. Datasets without that record
+    (img2dataset, resize_mode=no) say nothing."""
     lines = []
     for name in dataset_names(spec):
         if "{" in name or name.endswith(".tar"):
@@ -156,11 +158,12 @@ def size_mismatch(key: str, spec: str, model_size: int, factor: float = 2.0) -> 
         size = image.get("size")
         if not isinstance(size, int) or image.get("resize_mode") == "no" or not size:
             continue
-        if size >= factor * model_size:
+        if size >= larger * model_size:
             lines.append(f"{key}: {redact(name)} holds images at {size} px and the model reads {model_size} px: every "
                          f"sample is decoded at {size} and resized each epoch, about {(size / model_size) ** 2:.0f}x the "
-                         f"pixels it needs; reshard once with image.size={model_size} for a faster loader")
-        elif size * factor <= model_size:
+                         f"pixels it needs; reshard once with image.size={model_size} for a faster loader (image.format=png "
+                         f"if fine detail matters at that size: JPEG at a few dozen pixels blurs it)")
+        elif size * smaller <= model_size:
             lines.append(f"{key}: {redact(name)} holds images at {size} px and the model reads {model_size} px: they "
                          f"are upsampled {model_size / size:.1f}x (blurred); reshard from the originals with "
                          f"image.size={model_size} if they are larger")

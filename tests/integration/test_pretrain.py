@@ -329,11 +329,11 @@ def test_keep_best_keeps_the_evaluation_winner_and_export_releases_it(shards, tm
 
 def test_keep_best_with_a_metric_the_evaluation_lacks_fails_at_step_0(shards, tmp_path):
     """Both ranks stop on the same bad input: the launcher prints its line once, no rank prints a traceback. The
-    launch's warnings (here: 64 px shards for a 32 px model) come once too, from the launcher, not per rank."""
+    launch's warnings (here: 64 px shards for a 128 px model) come once too, from the launcher, not per rank."""
     result = pretrain(shards, tmp_path / "typo", "run.steps=50", "launch.nproc=2", f"data.eval={shards}",
-                      "eval.batch_size=16", "run.keep_best=zeroshot/image/top_1", "model.image.image_size=32", check=False)
+                      "eval.batch_size=16", "run.keep_best=zeroshot/image/top_1", "model.image.image_size=128", check=False)
     assert result.returncode == 1
-    assert result.stderr.count("holds images at 64 px and the model reads 32 px") == 1, result.stderr[-3000:]
+    assert result.stderr.count("holds images at 64 px and the model reads 128 px") == 1, result.stderr[-3000:]
     said = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(said) == 1 and said[0].startswith("mmfuse pretrain: error: run.keep_best=zeroshot/image/top_1 is not a "
                                                  "metric of this run's evaluation; it has: "), result.stderr[-3000:]

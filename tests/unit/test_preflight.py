@@ -143,7 +143,7 @@ def test_shards_written_far_from_the_models_input_size_get_one_line_each(tmp_pat
         (tmp_path / name / "dataset.json").write_text(json.dumps({"config": {"image": image}}))
         return str(tmp_path / name)
 
-    big, right, small = dataset("big", size=256), dataset("right", size=96), dataset("small", size=28)
+    big, right, small = dataset("big", size=256), dataset("right", size=128), dataset("small", size=28)
     unknown = dataset("unknown", size=256, resize_mode="no")
     (tmp_path / "img2dataset").mkdir()
     lines = size_mismatch("data.train", "::".join([big, right, small, unknown, str(tmp_path / "img2dataset")]), 64)
