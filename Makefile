@@ -21,18 +21,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Unit, integration and end-to-end tiers on both cores (pytest-xdist; a test file stays on one worker, so its
-# module fixtures are built once), then the SLURM tier on its own: its jobs' time limits and signals assume the
-# machine is theirs. Each part ends with its slowest tests.
+# One process: most integration tests already run two ranks on the two cores, and two pytest workers made the whole
+# run slower (26 min for the non-SLURM tiers against about 23 serial), so only the unit tier runs on two workers.
+# The run ends with its slowest tests.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/slurm
-	$(PY) -m pytest -q tests/slurm
+	$(PY) -m pytest -q
 
 # The local SLURM cluster tests/slurm submit to (root; installs slurm-wlm + munge when missing; idempotent). The
 # tests start it themselves when they can; without it they are skipped, saying why. Stop: cluster.py stop.
 slurm-cluster:
 	python3 slurm/local_cluster/cluster.py start
 
+# The unit tier, on two pytest workers (single-process tests: they share the cores well).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests/unit
 
