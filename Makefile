@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# One process: most integration tests already run two ranks on the two cores (two pytest workers: see issue 16's
-# note for the measurements). The run ends with its slowest tests.
+# Unit, integration and end-to-end tiers on two pytest workers (a test file stays on one worker, so its module
+# fixtures are built once), then the SLURM tier on its own: its jobs' time limits and signals assume the machine is
+# theirs. Same machine, same day: 2,056 s against 2,417 s in one process. Each part ends with its slowest tests.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/slurm
+	$(PY) -m pytest -q tests/slurm
 
 # The local SLURM cluster tests/slurm submit to (root; installs slurm-wlm + munge when missing; idempotent). The
 # tests start it themselves when they can; without it they are skipped, saying why. Stop: cluster.py stop.
