@@ -53,5 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+def console() -> int:
+    """The ``mmfuse`` command: ``main`` in a process of its own, which exits right after."""
+    from mmfuse.launch import skip_the_exit_collection
+
+    try:
+        return main()
+    finally:
+        skip_the_exit_collection()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

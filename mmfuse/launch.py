@@ -49,6 +49,18 @@ def rank_entry(stage: str, main: Callable[[], int]) -> int:
             where = f"[rank {rank}] " if "WORLD_SIZE" in os.environ else ""
             print(f"mmfuse {stage}: {kind}: {where}{message}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    finally:
+        skip_the_exit_collection()
+
+
+def skip_the_exit_collection() -> None:
+    """Called by a process about to exit: the interpreter's shutdown walks every live object once more for
+    reference cycles, which after importing torch, DeepSpeed and open_clip took about 3 s of each rank's exit (a
+    quarter of a short run's wall time). Frozen objects are left out of that walk; their memory goes back with the
+    process either way, and nothing they hold (files, sockets) depends on it: those close by reference counting."""
+    import gc
+
+    gc.freeze()
 
 
 def spawn_local(module: str, argv: list[str], nproc: int, port: int = 0, stage: str = "") -> int:
