@@ -377,6 +377,9 @@ class LoaderConfig:
     train: str = MISSING
     """Dataset(s): a folder or URL with sizes.json, a brace pattern (shard-{000000..000099}.tar) or a .tar;
     several joined by '::' are mixed."""
+    keep: str = ""
+    """A subset index from ``mmfuse curate`` (OUT/index.parquet or OUT): train on the samples it keeps, read from
+    the original shards (the others are passed over by their tar headers). One dataset in train."""
     weights: list[float] = field(default_factory=list)
     """Mixing weights, one per '::'-separated dataset (resampled mode); empty = proportional to size."""
     mode: str = "exact"

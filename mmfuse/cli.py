@@ -14,6 +14,7 @@ STAGES = {
     "synth": ("data_pipeline.synth", "generate the synthetic shapes world (images, captions, audio, task fields)"),
     "shard": ("data_pipeline.shard.stage", "pack raw pairs into WebDataset shards (local or s3://)"),
     "verify": ("data_pipeline.shard.verify", "check every shard of a dataset against sizes.json and its stats"),
+    "curate": ("data_pipeline.curate.stage", "score, de-duplicate and filter shards into a subset index (data.keep=OUT)"),
     "inspect": ("data_pipeline.inspect", "sample a dataset: contact sheet, HTML page of samples, summary plots"),
     "pretrain": ("pretrain.run", "pre-train with contrastive + masked objectives under DeepSpeed ZeRO (launch.nproc=N)"),
     "export": ("pretrain.export", "consolidate a training checkpoint into a release folder (safetensors + open_clip export)"),

@@ -84,7 +84,30 @@ def load_run(path: Path, label: str = "") -> Run:
     task = summary.get("task") or config.get("task")
     trained = max(row["step"] for row in rows) > 0
     kind = "pre-training" if not task else f"fine-tuning ({task})" if trained else f"evaluation ({task})"
-    return Run(path, label or path.name, kind, flatten(redact_values(config)), rows, _baselines(rows, summary))
+    flat = current_names(flatten(redact_values(config)), SCHEMAS["finetune" if task else "pretrain"])
+    return Run(path, label or path.name, kind, flat, rows, _baselines(rows, summary))
+
+
+# The config schemas of the runs a report reads, named rather than imported (mmfuse sits below the stages).
+SCHEMAS = {"pretrain": "pretrain.config:PretrainConfig", "finetune": "finetune.config:FinetuneConfig"}
+
+
+def current_names(flat: dict[str, Any], schema: str) -> dict[str, Any]:
+    """A run's flattened config with keys renamed since it was written under their current names (the schema's
+    ``RENAMED``), so an old run and a new one compare like with like instead of differing in every renamed key."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    from mmfuse.config import renamed_keys
+
+    module, _, name = schema.partition(":")
+    renames = renamed_keys(OmegaConf.structured(getattr(importlib.import_module(module), name)))
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        old = next((old for old in renames if key == old or key.startswith(old + ".")), None)
+        out[renames[old] + key[len(old):] if old else key] = value
+    return out
 
 
 def _baselines(rows: list[dict], summary: dict) -> dict[str, dict[str, float]]:

@@ -51,6 +51,10 @@ def preflight(cfg: PretrainConfig) -> None:
     if cfg.model.init_open_clip:
         check_input("model.init_open_clip", cfg.model.init_open_clip)
     check_dataset("data.train", cfg.data.train)
+    if cfg.data.keep:  # a missing subset index, or one made for other shards, fails here rather than in a rank
+        from data_pipeline.loader.sources import resolve_sources
+
+        resolve_sources(cfg.data.train, keep=cfg.data.keep)
     if cfg.data.eval:
         check_dataset("data.eval", cfg.data.eval)
     if "image" in read_modalities(cfg.objectives) and says_warnings():

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class ShardInfo:
     url: str
     count: int
+    keep: tuple[int, ...] | None = None
+    """With a curated subset (``data.keep``): the positions in the tar of the ``count`` samples to read."""
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,20 @@ def dataset_names(spec: str) -> list[str]:
     return names
 
 
-def resolve_sources(spec: str, weights: list[float] | None = None) -> list[Source]:
-    """``a::b::c`` → one Source per dataset; weights default to dataset sizes."""
+def resolve_sources(spec: str, weights: list[float] | None = None, keep: str = "") -> list[Source]:
+    """``a::b::c`` → one Source per dataset; weights default to dataset sizes. ``keep``: a subset index
+    (``mmfuse curate``) naming which samples of the (single) dataset to read."""
+    names = dataset_names(spec)
+    if keep and len(names) > 1:
+        raise ValueError(f"data.keep applies to one dataset; data.train names {len(names)} (curate their union, or "
+                         "mix curated datasets by giving each its own reshard)")
     sources = []
-    for i, name in enumerate(dataset_names(spec)):
+    for i, name in enumerate(names):
         shards = tuple(ShardInfo(url, count if count is not None else _count(url)) for url, count in shard_listing(name))
         if not shards:
             raise ValueError(f"dataset {redact(name)!r} has no shards")
+        if keep:
+            shards = kept_shards(shards, keep, name)
         samples = sum(s.count for s in shards)
         weight = float(weights[i]) if weights else float(samples)
         sources.append(Source(name, shards, weight))
@@ -123,3 +132,45 @@ def _listed(url: str, sizes: dict[str, int]) -> int | None:
 def _count(url: str) -> int:
     log.info("no sizes.json entry for %s: counting its samples from the tar headers", redact(url))
     return count_samples(url)
+
+
+def kept_positions(index: str) -> dict[str, tuple[int, ...]]:
+    """A subset index (``mmfuse curate``'s ``index.parquet``, or the folder holding it) → {shard file name: the
+    ascending positions of its kept samples}."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(index)
+    if fs.isdir(path):
+        path = posixpath.join(path, "index.parquet")
+    if not fs.exists(path):
+        raise ValueError(f"data.keep={redact(index)!r}: no subset index there (mmfuse curate writes OUT/index.parquet)")
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=["shard", "position", "kept"])
+    table = table.filter(pc.field("kept")).sort_by([("shard", "ascending"), ("position", "ascending")])
+    positions: dict[str, list[int]] = {}
+    for shard, position in zip(table["shard"].to_pylist(), table["position"].to_pylist()):
+        positions.setdefault(shard, []).append(position)
+    return {shard: tuple(kept) for shard, kept in positions.items()}
+
+
+def kept_shards(shards: tuple[ShardInfo, ...], index: str, name: str) -> tuple[ShardInfo, ...]:
+    """``shards`` cut to the samples the subset index keeps (shards with none left out); a ValueError when the index
+    was made for other shards."""
+    positions = kept_positions(index)
+    names = {posixpath.basename(shard.url) for shard in shards}
+    unknown = sorted(set(positions) - names)
+    if unknown:
+        raise ValueError(f"data.keep={redact(index)!r} names shards that {redact(name)!r} does not have ({unknown[0]}, "
+                         f"... {len(unknown)} in all): it was made for another dataset")
+    kept = []
+    for shard in shards:
+        chosen = positions.get(posixpath.basename(shard.url), ())
+        if chosen and chosen[-1] >= shard.count:
+            raise ValueError(f"data.keep={redact(index)!r} keeps sample {chosen[-1]} of {posixpath.basename(shard.url)}, "
+                             f"which holds {shard.count}: it was made for another version of {redact(name)!r}")
+        if chosen:
+            kept.append(ShardInfo(shard.url, len(chosen), chosen))
+    if not kept:
+        raise ValueError(f"data.keep={redact(index)!r} keeps no sample of {redact(name)!r}")
+    return tuple(kept)

@@ -166,7 +166,8 @@ class ShardStream(IterableDataset):
     def _ordered_samples(self, plan: SlotPlan, skip: int, counts: Counter, warn) -> Iterator[RawSample | None]:
         """The slot's samples in shuffled order from position ``skip`` on; None where a planned sample is missing."""
         position = 0
-        reader = _SegmentReader(self.cfg, self.decoder.wanted, counts, warn)
+        keep = {shard.url: shard.keep for source in self.sources for shard in source.shards if shard.keep is not None}
+        reader = _SegmentReader(self.cfg, self.decoder.wanted, counts, warn, keep)
         for index, window in enumerate(windows(plan)):
             if position + len(window) <= skip:
                 position += len(window)
@@ -182,8 +183,10 @@ class ShardStream(IterableDataset):
 class _SegmentReader:
     """Reads planned samples in order, keeping one tar open; counts short shards and corrupt tars."""
 
-    def __init__(self, cfg: LoaderConfig, wanted: set[str], counts: Counter, warn):
+    def __init__(self, cfg: LoaderConfig, wanted: set[str], counts: Counter, warn,
+                 keep: dict[str, tuple[int, ...]] | None = None):
         self.cfg, self.wanted, self.counts, self.warn = cfg, wanted, counts, warn
+        self.keep = keep or {}  # url -> the tar positions of a curated shard's samples (data.keep)
         self._url: str | None = None
         self._next_index = 0
         self._it: Iterator[RawSample] | None = None
@@ -205,7 +208,9 @@ class _SegmentReader:
     def _open(self, url: str, index: int) -> None:
         self.close()
         self._url, self._broken = url, False
-        self._it = iter_samples(url, self.wanted, self.cfg.max_member_bytes, skip=index, retries=self.cfg.read_retries)
+        kept = self.keep.get(url)
+        self._it = iter_samples(url, self.wanted, self.cfg.max_member_bytes, skip=0 if kept else index,
+                                retries=self.cfg.read_retries, positions=kept[index:] if kept else None)
 
     def _read(self) -> RawSample | None:
         if self._broken:
@@ -245,7 +250,7 @@ class Loader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.sources = resolve_sources(cfg.train, cfg.weights or None)
+        self.sources = resolve_sources(cfg.train, cfg.weights or None, cfg.keep)
         self.workers = max(cfg.workers, 1)
         check_feasible(self.sources, cfg.mode, world_size * self.workers, cfg.batch_size)
         self.dataset = ShardStream(cfg, self.sources, decoder, rank, world_size)
@@ -294,7 +299,8 @@ class Loader:
         return {**counts, "wait_seconds": round(self.wait_seconds, 3)}
 
     def fingerprint(self) -> str:
-        shards = [(s.url, s.count) for source in self.sources for s in source.shards]
+        shards = [(s.url, s.count) + ((s.keep,) if s.keep is not None else ())  # a curated subset: its positions too
+                  for source in self.sources for s in source.shards]
         return hashlib.sha256(repr(shards).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import io
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from mmfuse.storage import filesystem
 
@@ -117,8 +117,13 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def iter_samples(url: str, wanted: set[str], max_member_bytes: int, skip: int = 0, retries: int = 3) -> Iterator[RawSample]:
-    """Samples of one tar, in order, after skipping the first ``skip``; raises ShardError when the tar is bad."""
+def iter_samples(url: str, wanted: set[str], max_member_bytes: int, skip: int = 0, retries: int = 3,
+                 positions: Sequence[int] | None = None) -> Iterator[RawSample]:
+    """Samples of one tar, in order, after skipping the first ``skip``; raises ShardError when the tar is bad.
+    ``positions`` (ascending): only the samples at these indices (a curated subset), ending after the last one;
+    the others are passed over by their headers, their data never read."""
+    take = None if positions is None else set(positions)
+    last = max(take, default=-1) if take is not None else None
     try:
         handle = RetryingFile(url, retries)
     except FileNotFoundError:
@@ -141,11 +146,13 @@ def iter_samples(url: str, wanted: set[str], max_member_bytes: int, skip: int = 
                     continue
                 key, ext = split_name(info.name)
                 if current is None or key != current.key:
-                    if current is not None and index >= skip:
+                    if current is not None and index >= skip and (take is None or index in take):
                         yield current
                     index += 1
+                    if last is not None and index > last:
+                        return
                     current = RawSample(key)
-                if index < skip or ext not in wanted:
+                if index < skip or (take is not None and index not in take) or ext not in wanted:
                     continue
                 if info.size > max_member_bytes:
                     current.skipped.append("member_too_large")
@@ -160,7 +167,7 @@ def iter_samples(url: str, wanted: set[str], max_member_bytes: int, skip: int = 
             # tarfile takes a missing end-of-archive marker (two zero blocks) for the end: check it is there.
             if handle.size() - tar.offset < 2 * tarfile.BLOCKSIZE:
                 raise ShardError("shard_truncated", f"{redact(url)}: no end-of-archive marker")
-            if current is not None and index >= skip:
+            if current is not None and index >= skip and (take is None or index in take):
                 yield current
     except tarfile.ReadError as err:
         raise ShardError("shard_corrupt", f"{redact(url)}: {err}") from None

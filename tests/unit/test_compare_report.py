@@ -129,6 +129,16 @@ def test_identical_configs_say_so(tmp_path):
     assert "The configs are the same." in report and "| key |" not in report
 
 
+def test_a_run_from_before_a_key_was_renamed_compares_under_the_new_name(tmp_path):
+    """model.lock became model.freeze: an old run's config.yaml still says lock, and the report must not list both
+    keys as differences of two runs that froze the same tower."""
+    old = pretrain_run(tmp_path / "old", ["run.dir=same", "model.freeze=[image]"], pretrain_rows(1.0))
+    (old / "config.yaml").write_text((old / "config.yaml").read_text().replace("freeze:", "lock:"))
+    new = pretrain_run(tmp_path / "new", ["run.dir=same", "model.freeze=[image]"], pretrain_rows(1.5))
+    _, report = report_of(tmp_path, old, new)
+    assert "lock:" in (old / "config.yaml").read_text() and "The configs are the same." in report
+
+
 def test_pretraining_and_finetuning_runs_side_by_side(tmp_path):
     pre = pretrain_run(tmp_path / "pre", [], pretrain_rows(1.0))
     fine = finetune_run(tmp_path / "zs")

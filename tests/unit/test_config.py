@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from data_pipeline.config import ShardConfig
+from mmfuse.cli import STAGES
 from mmfuse.config import MISSING, ConfigError, field_docs, help_text, load_config, parse_args
 
 
@@ -176,8 +177,7 @@ def test_shipped_pretrain_configs_load_alone_and_with_every_flavor(path, tmp_pat
         assert (stacked.objectives, stacked.data, stacked.eval) == (cfg.objectives, cfg.data, cfg.eval), flavor
 
 
-@pytest.mark.parametrize("stage", ["synth", "shard", "verify", "inspect", "pretrain", "export", "finetune", "eval",
-                                   "report", "submit"])
+@pytest.mark.parametrize("stage", list(STAGES))  # every stage of mmfuse --help
 def test_help_and_config_errors_import_neither_torch_nor_deepspeed(stage):
     """What makes them come back in a fraction of a second instead of 5-25 s."""
     import subprocess

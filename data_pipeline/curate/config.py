@@ -1,0 +1,77 @@
+"""``mmfuse curate``'s settings (``configs/curate/default.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_pipeline.config import MembersConfig
+from mmfuse.config import MISSING, ConfigError
+
+
+@dataclass
+class CurateInputConfig:
+    path: str = MISSING
+    """The sharded dataset: a folder or object-store prefix with sizes.json (``mmfuse shard``), an img2dataset
+    folder, a brace pattern or a .tar."""
+
+
+@dataclass
+class CurateOutputConfig:
+    path: str = MISSING
+    """Folder (local or s3://) for index.parquet, REPORT.md, curate.json and the per-shard scans (scan/)."""
+
+
+@dataclass
+class CaptionRules:
+    """Captions a sample is dropped for (reason ``caption_*``); every rule off at its 0 / empty value."""
+
+    min_words: int = 1
+    """Fewer words than this: ``caption_short`` (an empty or missing caption has 0)."""
+    max_words: int = 0
+    """More words than this: ``caption_long``. 0: no limit."""
+    max_repeat: float = 0.0
+    """The most frequent word's share of a caption above this (spam such as "sale sale sale sale"):
+    ``caption_repetitive``. Captions of fewer than 4 words are exempt. 0: off."""
+    boilerplate: list[str] = field(default_factory=list)
+    """Case-insensitive phrases that drop a caption holding one ("image not found", "stock photo"):
+    ``caption_boilerplate``."""
+
+
+@dataclass
+class DedupRules:
+    exact: bool = True
+    """Drop a sample whose image bytes equal an earlier kept sample's: ``duplicate``."""
+    near: bool = True
+    """Drop a sample whose image's perceptual hash (64-bit DCT hash, imagehash.phash) is within ``max_distance``
+    bits of an earlier kept sample's (re-encoded, resized or lightly edited copies): ``near_duplicate``."""
+    max_distance: int = 4
+    """Hamming distance (of 64 bits) that still counts as the same picture."""
+
+
+@dataclass
+class CurateConfig:
+    """Score, de-duplicate and filter a sharded dataset into a subset index for ``data.keep``."""
+
+    input: CurateInputConfig = field(default_factory=CurateInputConfig)
+    output: CurateOutputConfig = field(default_factory=CurateOutputConfig)
+    captions: CaptionRules = field(default_factory=CaptionRules)
+    dedup: DedupRules = field(default_factory=DedupRules)
+    members: MembersConfig = field(default_factory=MembersConfig)
+    """Which tar members hold the image and the caption (as in the loader's data.members)."""
+    processes: int = 2
+    """Processes scanning shards in parallel; 1 scans in this process."""
+    max_image_pixels: int = 89_478_485
+    """Images whose header claims more pixels are not decoded (decompression bombs): ``image_unreadable``."""
+    progress: bool = True
+    """Show a progress bar while scanning."""
+
+    def validate(self) -> None:
+        rules = self.captions
+        if rules.min_words < 0 or rules.max_words < 0 or not 0 <= rules.max_repeat <= 1:
+            raise ConfigError("captions.min_words and captions.max_words must be >= 0, captions.max_repeat in [0, 1]")
+        if rules.max_words and rules.max_words < rules.min_words:
+            raise ConfigError(f"captions.max_words={rules.max_words} is below captions.min_words={rules.min_words}")
+        if not 0 <= self.dedup.max_distance <= 32:
+            raise ConfigError(f"dedup.max_distance must be within 0..32 bits (of 64), got {self.dedup.max_distance}")
+        if self.processes < 1:
+            raise ConfigError("processes must be at least 1")

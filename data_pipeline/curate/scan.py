@@ -1,0 +1,120 @@
+"""Read every sample of a shard once and keep what the filters decide on: per sample its position in the tar, key,
+image content digest, perceptual hash, size and caption. One parquet per shard under ``OUT/scan/``, written when
+the shard is done, so a rerun scans only the shards it has not."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from data_pipeline.curate.config import CurateConfig
+from data_pipeline.loader.sources import ShardInfo
+from data_pipeline.loader.tarstream import ShardError, iter_samples
+
+SCHEMA = pa.schema([
+    ("shard", pa.string()), ("position", pa.int32()), ("key", pa.string()),
+    ("digest", pa.string()),  # blake2b-128 of the image bytes; "" without a readable image
+    ("phash", pa.uint64()),  # imagehash.phash as 64 bits; 0 without a readable image
+    ("width", pa.int32()), ("height", pa.int32()),
+    ("caption", pa.string()),
+    ("problem", pa.string()),  # "" or why the sample cannot be judged: image_missing, image_unreadable
+])
+
+
+@dataclass(frozen=True)
+class ScanTask:
+    shard: ShardInfo
+    out: str
+    """Where the shard's scan parquet goes."""
+
+
+def scan_path(root: str, shard_url: str) -> str:
+    return posixpath.join(root, "scan", posixpath.basename(shard_url).removesuffix(".tar") + ".parquet")
+
+
+def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None) -> pa.Table:
+    """One shard's rows (``SCHEMA``); a ShardError when the tar itself is unreadable."""
+    image_exts, text_exts = _extensions(cfg.members.image), _extensions(cfg.members.text)
+    wanted = {*image_exts, *text_exts, cfg.members.json}
+    rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+    name = posixpath.basename(task.shard.url)
+    for position, raw in enumerate(iter_samples(task.shard.url, wanted, max_member_bytes=50_000_000)):
+        image = next((raw.members[e] for e in image_exts if e in raw.members), None)
+        digest, phash, size, problem = "", 0, (0, 0), ""
+        if image is None:
+            problem = "image_missing"
+        else:
+            digest = hashlib.blake2b(image, digest_size=16).hexdigest()
+            try:
+                phash, size = perceptual_hash(image, cfg.max_image_pixels)
+            except ValueError:
+                problem = "image_unreadable"
+        for column, value in (("shard", name), ("position", position), ("key", raw.key), ("digest", digest),
+                              ("phash", phash), ("width", size[0]), ("height", size[1]),
+                              ("caption", caption(raw.members, text_exts, cfg)), ("problem", problem)):
+            rows[column].append(value)
+        on_sample(not problem)
+    return pa.Table.from_pydict(rows, schema=SCHEMA)
+
+
+def perceptual_hash(data: bytes, max_pixels: int) -> tuple[int, tuple[int, int]]:
+    """(64-bit DCT hash, (width, height)) of an encoded image; a ValueError when it does not decode or claims
+    more than ``max_pixels`` pixels (checked from the header, before decoding)."""
+    import imagehash
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.size[0] * image.size[1] > max_pixels:
+            raise ValueError(f"{image.size[0]}x{image.size[1]} pixels")
+        image.draft("L", (64, 64))  # JPEG: decode at a reduced scale, enough for a 32x32 hash input
+        bits = imagehash.phash(image).hash.flatten()
+    except (OSError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ValueError(type(err).__name__) from None
+    return int.from_bytes(np.packbits(bits).tobytes(), "big"), image.size
+
+
+def _extensions(spec: str) -> list[str]:  # as the loader reads data.members (without importing its torch)
+    return [e.strip().lower() for e in spec.split(";") if e.strip()]
+
+
+def caption(members: dict[str, bytes], text_exts: list[str], cfg: CurateConfig) -> str:
+    data = next((members[e] for e in text_exts if e in members), None)
+    if data is not None:
+        return data.decode("utf-8", errors="replace")
+    try:
+        meta = json.loads(members.get(cfg.members.json, b"{}"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return ""
+    value = meta.get(cfg.members.text_json_field, "") if isinstance(meta, dict) else ""
+    return value if isinstance(value, str) else ""
+
+
+class ScanWorker:
+    """Scans one shard into its parquet (the distributor's per-task callable; ``on_sample`` is set by it)."""
+
+    def __init__(self, cfg: CurateConfig):
+        self.cfg = cfg
+        self.on_sample = None
+
+    def __call__(self, task: ScanTask) -> dict:
+        import pyarrow.parquet as pq
+
+        from mmfuse.storage import filesystem, write_bytes
+
+        try:
+            table = scan_shard(task, self.cfg, self.on_sample or (lambda success: None))
+        except ShardError as err:
+            raise ValueError(f"{err.reason}: {err.detail}") from None
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        fs, path = filesystem(task.out)
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        write_bytes(fs, path, buffer.getvalue())
+        return {"shard": posixpath.basename(task.shard.url), "samples": table.num_rows}

@@ -1,0 +1,187 @@
+"""``mmfuse curate``: which samples of a sharded dataset to train on, as a subset index over the original shards.
+
+    mmfuse curate input.path=SHARDS output.path=OUT [captions.min_words=3] [dedup.max_distance=4] ...
+    mmfuse pretrain ... data.train=SHARDS data.keep=OUT
+
+Scans every shard once (in parallel; a rerun scans only the shards it has not), then applies the filters to the
+scans, which takes seconds: change a rule and rerun to re-decide without reading a shard again. Writes
+``OUT/index.parquet`` (shard, position, key, kept, reason, duplicate_of, ...), ``OUT/curate.json`` and
+``OUT/REPORT.md``. A run that keeps no sample is an error (the index is still written, to see why).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import sys
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from data_pipeline.curate.config import CurateConfig
+from data_pipeline.curate.filters import WORD, caption_reasons, exact_duplicates, near_duplicates
+from data_pipeline.curate.scan import ScanTask, ScanWorker, scan_path
+from mmfuse.config import parse_args, to_dict
+from mmfuse.redact import redact, redact_values
+from mmfuse.storage import filesystem, write_bytes
+
+log = logging.getLogger(__name__)
+SCAN_SETTINGS = "scan/settings.json"
+
+
+def run(cfg: CurateConfig) -> dict:
+    """Scan, filter, write the index and the report; returns the summary (curate.json)."""
+    from data_pipeline.loader.sources import resolve_sources
+    from data_pipeline.shard.distributor import run_local
+    from mmfuse.progress import progress
+
+    preflight(cfg)
+    (source,) = resolve_sources(cfg.input.path)
+    fs, root = filesystem(cfg.output.path)
+    check_scan_settings(cfg, fs, root)
+    tasks = [ScanTask(shard, scan_path(cfg.output.path, shard.url)) for shard in source.shards]
+    todo = [task for task in tasks if not fs.exists(filesystem(task.out)[1])]
+    bar = progress(sum(task.shard.count for task in todo), "curate: scan", "sample", disable=not cfg.progress, delay=1)
+    for _ in run_local(ScanWorker(cfg), todo, cfg.processes, (lambda done, ok: bar.update(done - bar.n)) if cfg.progress else None):
+        pass
+    bar.close()
+    scans = pa.concat_tables([_read_parquet(task.out) for task in tasks])
+    index = decide(scans, cfg)
+    summary = summarize(index, cfg)
+    _write(fs, posixpath.join(root, "index.parquet"), _parquet_bytes(index))
+    _write(fs, posixpath.join(root, "curate.json"), (json.dumps(summary, indent=1) + "\n").encode())
+    _write(fs, posixpath.join(root, "REPORT.md"), report(index, summary).encode())
+    print(one_line(summary), file=sys.stderr)
+    if not summary["kept"]:
+        raise ValueError(f"every one of the {summary['samples']} samples was dropped ({_reasons(summary)}): loosen the "
+                         f"rules; the decisions are in {redact(cfg.output.path)}/index.parquet")
+    return summary
+
+
+def preflight(cfg: CurateConfig) -> None:
+    """Before any shard is read: the dataset lists shards, the output is writable, and each rule's input exists."""
+    from data_pipeline.preflight import PreflightError, check_dataset, check_output, dataset_modalities
+    from data_pipeline.loader.sources import dataset_names
+
+    if len(dataset_names(cfg.input.path)) > 1:
+        raise PreflightError("input.path names several datasets ('::'): curate one at a time (data.keep applies to one)")
+    check_dataset("input.path", cfg.input.path)
+    check_output("output.path", cfg.output.path)
+    found = dataset_modalities(cfg.input.path, cfg.members)
+    if "text" not in found and (cfg.captions.min_words or cfg.captions.max_words or cfg.captions.boilerplate):
+        raise PreflightError(f"input.path has {', '.join(sorted(found)) or 'no known modality'} and no captions: the "
+                             "caption rules would drop every sample (set captions.min_words=0, or check members.text)")
+    if "image" not in found and (cfg.dedup.exact or cfg.dedup.near):
+        log.info("input.path has no images: the image de-duplication has nothing to compare")
+
+
+def check_scan_settings(cfg: CurateConfig, fs, root: str) -> None:
+    """Scans are reused by a rerun only when they were made reading the same members the same way."""
+    settings = json.dumps({"members": to_dict(cfg.members), "max_image_pixels": cfg.max_image_pixels}, sort_keys=True)
+    path = posixpath.join(root, SCAN_SETTINGS)
+    if fs.exists(path):
+        if fs.cat_file(path).decode() != settings:
+            raise ValueError(f"{redact(cfg.output.path)} holds scans made with other members / max_image_pixels "
+                             "settings: use a new output.path, or rerun with the settings that made them")
+        return
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    _write(fs, path, settings.encode())
+
+
+def decide(scans: pa.Table, cfg: CurateConfig) -> pa.Table:
+    """The index: the scans' identity columns plus kept, reason and duplicate_of, one row per sample."""
+    keys = scans["key"].to_pylist()
+    reasons = [problem if problem == "image_unreadable" else "" for problem in scans["problem"].to_pylist()]
+    for i, why in enumerate(caption_reasons(scans["caption"].to_pylist(), cfg.captions)):
+        reasons[i] = reasons[i] or why
+    duplicate_of = [""] * len(keys)
+    digests = scans["digest"].to_pylist()
+    steps = [("duplicate", cfg.dedup.exact, lambda alive: exact_duplicates(digests, alive)),
+             ("near_duplicate", cfg.dedup.near,
+              lambda alive: near_duplicates(scans["phash"].to_numpy(), alive, cfg.dedup.max_distance))]
+    for reason, enabled, find in steps:
+        if not enabled:
+            continue
+        alive = np.array([not why and bool(digest) for why, digest in zip(reasons, digests)], dtype=bool)
+        for i, original in enumerate(find(alive)):
+            if original >= 0:
+                reasons[i], duplicate_of[i] = reason, keys[original]
+    words = [len(WORD.findall(text)) for text in scans["caption"].to_pylist()]
+    return pa.table({
+        "shard": scans["shard"], "position": scans["position"], "key": scans["key"],
+        "kept": pa.array([not why for why in reasons]), "reason": pa.array(reasons),
+        "duplicate_of": pa.array(duplicate_of), "caption_words": pa.array(words, pa.int32()),
+        "width": scans["width"], "height": scans["height"],
+        "phash": pa.array([f"{h:016x}" for h in scans["phash"].to_pylist()]), "digest": scans["digest"],
+    })
+
+
+def summarize(index: pa.Table, cfg: CurateConfig) -> dict:
+    reasons = Counter(why for why in index["reason"].to_pylist() if why)
+    kept = sum(index["kept"].to_pylist())
+    return {"input": redact(cfg.input.path), "samples": index.num_rows, "kept": kept,
+            "shards": len(set(index["shard"].to_pylist())), "dropped": dict(reasons.most_common()),
+            "settings": redact_values({k: v for k, v in to_dict(cfg).items() if k not in ("input", "output")})}
+
+
+def one_line(summary: dict) -> str:
+    share = summary["kept"] / max(summary["samples"], 1)
+    return (f"curate: kept {summary['kept']} of {summary['samples']} samples ({share:.1%})"
+            + (f"; dropped {_reasons(summary)}" if summary["dropped"] else ""))
+
+
+def report(index: pa.Table, summary: dict, examples: int = 5) -> str:
+    rows = index.select(["key", "reason", "duplicate_of"]).to_pylist()
+    lines = [f"# Curation of {summary['input']}", "",
+             f"{summary['samples']} samples in {summary['shards']} shards: **{summary['kept']} kept** "
+             f"({summary['kept'] / max(summary['samples'], 1):.1%}).", "",
+             "| reason | samples | share | examples |", "|---|---|---|---|"]
+    for reason, count in summary["dropped"].items():
+        seen = [r for r in rows if r["reason"] == reason][:examples]
+        shown = ", ".join(f"{r['key']} (of {r['duplicate_of']})" if r["duplicate_of"] else r["key"] for r in seen)
+        lines.append(f"| {reason} | {count} | {count / summary['samples']:.1%} | {shown} |")
+    lines += ["", "Train on the kept samples, read from the original shards:", "",
+              f"    mmfuse pretrain ... data.train={summary['input']} data.keep=<this folder>", "",
+              "Settings: `" + json.dumps(summary["settings"], sort_keys=True) + "`", ""]
+    return "\n".join(lines)
+
+
+def _reasons(summary: dict) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in summary["dropped"].items()) or "no reason"
+
+
+def _read_parquet(url: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def _write(fs, path: str, data: bytes) -> None:
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    write_bytes(fs, path, data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmfuse.logs import setup_logging
+
+    cfg = parse_args(CurateConfig, argv, prog="mmfuse curate", description=__doc__.strip())
+    setup_logging()
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

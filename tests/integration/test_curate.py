@@ -1,0 +1,135 @@
+"""mmfuse curate on shards of the synthetic world with planted copies and bad captions, and the loader reading the
+kept samples from the original shards (data.keep)."""
+
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data_pipeline.config import LoaderConfig
+from data_pipeline.loader import build_loader
+from data_pipeline.loader.tarstream import iter_samples
+from mmfuse.cli import main as cli
+from mmfuse.config import load_config
+from tests.loaderdata import write_tar
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def reencoded(jpg: bytes, size: int, quality: int) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpg)).convert("RGB").resize((size, size), Image.BICUBIC).save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def noisy(shards, tmp_path_factory):
+    """The 96 synthetic samples, then per shard: 2 byte-identical copies, 2 re-encoded and resized copies, one empty
+    caption and one spam caption (new keys, other samples' pictures). Returns (dataset, {key: (reason, original)})."""
+    root = tmp_path_factory.mktemp("noisy")
+    planted, sizes = {}, {}
+    for s, tar in enumerate(sorted(Path(shards).glob("*.tar"))):
+        items = [{"__key__": raw.key, **raw.members} for raw in iter_samples(str(tar), {"jpg", "txt", "json", "flac"}, 1 << 30)]
+        extra = []
+        for k, (item, kind) in enumerate(zip(items, ["duplicate", "duplicate", "near_duplicate", "near_duplicate"])):
+            jpg = item["jpg"] if kind == "duplicate" else reencoded(item["jpg"], 48 + 8 * k, 70)
+            extra.append({**item, "__key__": f"copy{s}{k}", "jpg": jpg})
+            planted[f"copy{s}{k}"] = (kind, item["__key__"])
+        for k, (text, reason) in enumerate([(b"", "caption_short"), (b"buy buy buy buy now", "caption_repetitive")]):
+            # Another sample's picture too: the caption rule, which runs first, is the reason given.
+            extra.append({**items[10 + k], "__key__": f"text{s}{k}", "txt": text})
+            planted[f"text{s}{k}"] = (reason, "")
+        rows = items[:12] + extra + items[12:]  # copies after their originals, in the middle of the shard
+        write_tar(root / tar.name, rows)
+        sizes[tar.name] = len(rows)
+    (root / "sizes.json").write_text(json.dumps(sizes))
+    return root, planted
+
+
+def curate(dataset, out, *overrides):
+    return cli(["curate", f"input.path={dataset}", f"output.path={out}", "progress=false", "captions.max_repeat=0.5",
+                *overrides])
+
+
+def test_planted_copies_and_bad_captions_are_dropped_and_every_original_kept(noisy, tmp_path, capsys):
+    dataset, planted = noisy
+    assert curate(dataset, tmp_path / "out") == 0
+    index = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
+    assert len(index) == 96 + 4 * 6
+    by_key = {row["key"]: row for row in index}
+    for key, (reason, original) in planted.items():
+        assert (by_key[key]["reason"], by_key[key]["duplicate_of"]) == (reason, original), key
+    originals = [row for row in index if row["key"] not in planted]
+    assert all(row["kept"] and row["reason"] == "" for row in originals)  # no false removal
+    assert [(row["shard"], row["position"]) for row in index] == sorted((row["shard"], row["position"]) for row in index)
+    summary = json.loads((tmp_path / "out" / "curate.json").read_text())
+    assert summary["kept"] == 96 and summary["dropped"] == dict(Counter(reason for reason, _ in planted.values()))
+    assert "curate: kept 96 of 120 samples (80.0%); dropped" in capsys.readouterr().err
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "| duplicate | 8 | 6.7% | copy00 (of " in report and f"data.keep=" in report
+
+
+def test_a_changed_rule_is_decided_again_from_the_scans_without_reading_a_shard(noisy, tmp_path):
+    dataset, planted = noisy
+    out = tmp_path / "out"
+    assert curate(dataset, out) == 0
+    scans = {p: p.stat().st_mtime_ns for p in (out / "scan").glob("*.parquet")}
+    assert len(scans) == 4
+    assert curate(dataset, out, "dedup.near=false", "captions.min_words=0") == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "scan").glob("*.parquet")} == scans
+    reasons = Counter(row["reason"] for row in pq.read_table(out / "index.parquet").to_pylist())
+    # The empty captions pass now, and their pictures are other samples' (the fixture): copies, one reason each.
+    assert reasons == {"": 96 + 8, "duplicate": 8 + 4, "caption_repetitive": 4}
+    # Scans made reading other members are not reused silently.
+    assert curate(dataset, out, "members.text=caption") == 1
+
+
+def test_the_loader_reads_exactly_the_kept_samples_from_the_original_shards(noisy, tmp_path):
+    dataset, planted = noisy
+    assert curate(dataset, tmp_path / "out") == 0
+    kept = {row["key"] for row in pq.read_table(tmp_path / "out" / "index.parquet").to_pylist() if row["kept"]}
+    cfg = load_config(LoaderConfig, [], [f"train={dataset}", f"keep={tmp_path}/out", "batch_size=8", "workers=2",
+                                         "shuffle_window=16"])
+    loaders = [build_loader(cfg, rank, 2) for rank in range(2)]
+    batches = [[batch["__key__"] for batch in loader] for loader in loaders]
+    keys = [key for rank in batches for batch in rank for key in batch]
+    assert Counter(keys) == Counter(kept)  # each kept sample once, nothing else
+    assert len(batches[0]) == len(batches[1]) == len(loaders[0]) == 96 // (2 * 8)
+    # Resume mid-epoch: a new loader at batch 3 of rank 1 goes on with the same samples.
+    resumed = build_loader(cfg, 1, 2)
+    resumed.load_state_dict({**loaders[1].state_dict(), "epoch": 0, "step": 3})
+    assert [batch["__key__"] for batch in resumed] == batches[1][3:]
+
+
+def test_bad_input_stops_before_any_shard_is_read(noisy, shards, tmp_path, capsys):
+    dataset, _ = noisy
+    # Every sample dropped: an error, with the decisions written to look at.
+    assert curate(dataset, tmp_path / "all", "captions.min_words=50") == 1
+    assert "every one of the 120 samples was dropped (caption_short 120)" in capsys.readouterr().err
+    assert (tmp_path / "all" / "index.parquet").is_file()
+    # A subset index of another dataset, or none at all, fails the training's launcher in seconds.
+    assert curate(dataset, tmp_path / "ok") == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    for tar in Path(shards).glob("*.tar"):
+        os.symlink(tar, other / tar.name.replace("shard-", "part-"))
+    (other / "sizes.json").write_text(json.dumps({t.name.replace("shard-", "part-"): 24 for t in Path(shards).glob("*.tar")}))
+    common = ["pretrain", "--config", "configs/pretrain/tiny.yaml", f"run.dir={tmp_path}/run"]
+    assert cli([*common, f"data.train={other}", f"data.keep={tmp_path}/ok"]) == 1
+    assert "names shards that" in capsys.readouterr().err
+    assert cli([*common, f"data.train={dataset}", f"data.keep={tmp_path}/nowhere"]) == 1
+    assert "no subset index there" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # Caption rules on a dataset without captions: said before scanning.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    write_tar(bare / "shard-000000.tar", [{"__key__": f"k{i}", "jpg": (Path(dataset) / "sizes.json").read_bytes()} for i in range(3)])
+    (bare / "sizes.json").write_text(json.dumps({"shard-000000.tar": 3}))
+    assert curate(bare, tmp_path / "bare-out") == 1
+    assert "no captions: the caption rules would drop every sample" in capsys.readouterr().err
+    assert not (tmp_path / "bare-out" / "scan").exists()
