@@ -71,7 +71,7 @@ def test_planted_copies_and_bad_captions_are_dropped_and_every_original_kept(noi
     assert summary["kept"] == 96 and summary["dropped"] == dict(Counter(reason for reason, _ in planted.values()))
     assert "curate: kept 96 of 120 samples (80.0%); dropped" in capsys.readouterr().err
     report = (tmp_path / "out" / "REPORT.md").read_text()
-    assert "| duplicate | 8 | 6.7% | copy00 (of " in report and f"data.keep=" in report
+    assert "| duplicate | 8 | 6.7% | copy00 (of " in report and "data.keep=" in report
 
 
 def test_a_changed_rule_is_decided_again_from_the_scans_without_reading_a_shard(noisy, tmp_path):
