@@ -168,3 +168,25 @@ def confusion_matrix(labels: list[int], predictions: list[int], classnames: list
     if title:
         ax.set_title(title)
     return _save(fig, out)
+
+
+def score_histogram(scores: list[float], kept: list[bool], title: str) -> bytes:
+    """PNG bytes: a histogram of ``scores``, kept and dropped samples stacked in two colours (curation's similarity
+    filter, where the cut falls)."""
+    import io
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    kept_scores = [s for s, k in zip(scores, kept) if k]
+    dropped = [s for s, k in zip(scores, kept) if not k]
+    ax.hist([kept_scores, dropped], bins=40, stacked=True, label=[f"kept ({len(kept_scores)})", f"dropped ({len(dropped)})"],
+            color=["tab:blue", "tab:gray"])
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -49,6 +49,18 @@ class DedupRules:
 
 
 @dataclass
+class SimilarityRules:
+    """The scorer's image-text cosine similarity (CLIP score; audio-text for audio-only samples), as DataComp filters
+    by: ``low_similarity``. Samples without both sides of the pair are not judged by it."""
+
+    min: float = -1.0
+    """Drop a sample scoring below this. -1: off."""
+    top_fraction: float = 1.0
+    """Keep this share of the samples still kept, by highest score (DataComp's best simple baseline keeps about
+    0.3). 1: off."""
+
+
+@dataclass
 class CurateConfig:
     """Score, de-duplicate and filter a sharded dataset into a subset index for ``data.keep``."""
 
@@ -56,6 +68,12 @@ class CurateConfig:
     output: CurateOutputConfig = field(default_factory=CurateOutputConfig)
     captions: CaptionRules = field(default_factory=CaptionRules)
     dedup: DedupRules = field(default_factory=DedupRules)
+    scorer: str = ""
+    """A release (``mmfuse export``'s folder, local or s3://) whose embeddings score every sample: the scans then
+    hold image / text / audio embeddings (fp16) and image-text / audio-text similarities, read by ``similarity``."""
+    scorer_batch_size: int = 64
+    """Samples the scorer embeds at once."""
+    similarity: SimilarityRules = field(default_factory=SimilarityRules)
     members: MembersConfig = field(default_factory=MembersConfig)
     """Which tar members hold the image and the caption (as in the loader's data.members)."""
     processes: int = 2
@@ -73,5 +91,12 @@ class CurateConfig:
             raise ConfigError(f"captions.max_words={rules.max_words} is below captions.min_words={rules.min_words}")
         if not 0 <= self.dedup.max_distance <= 32:
             raise ConfigError(f"dedup.max_distance must be within 0..32 bits (of 64), got {self.dedup.max_distance}")
-        if self.processes < 1:
-            raise ConfigError("processes must be at least 1")
+        if self.processes < 1 or self.scorer_batch_size < 1:
+            raise ConfigError("processes and scorer_batch_size must be at least 1")
+        rules = self.similarity
+        if not -1 <= rules.min <= 1 or not 0 < rules.top_fraction <= 1:
+            raise ConfigError(f"similarity.min must be in [-1, 1] and similarity.top_fraction in (0, 1], got {rules.min} "
+                              f"and {rules.top_fraction}")
+        if (rules.min > -1 or rules.top_fraction < 1) and not self.scorer:
+            raise ConfigError("similarity.min / similarity.top_fraction read a model's scores: set scorer=RELEASE (an "
+                              "mmfuse export folder)")

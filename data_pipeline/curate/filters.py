@@ -35,6 +35,18 @@ def caption_reasons(captions: list[str], rules: CaptionRules) -> list[str]:
     return reasons
 
 
+def low_similarity(score: np.ndarray, alive: np.ndarray, minimum: float, top_fraction: float) -> np.ndarray:
+    """True where an ``alive`` sample's score is below ``minimum``, or outside the best ``top_fraction`` of the
+    alive samples that pass it (ties broken by sample order: the earlier sample ranks higher)."""
+    drop = alive & (score < minimum)
+    passing = np.flatnonzero(alive & ~drop)
+    if top_fraction < 1 and len(passing):
+        keep = int(np.ceil(top_fraction * len(passing)))
+        ranked = passing[np.argsort(-score[passing], kind="stable")]
+        drop[ranked[keep:]] = True
+    return drop
+
+
 def exact_duplicates(digests: list[str], alive: np.ndarray) -> np.ndarray:
     """For each sample, the index of the earlier kept sample with the same digest, else -1 (only ``alive``
     samples with a digest take part)."""

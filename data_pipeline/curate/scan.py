@@ -27,6 +27,9 @@ SCHEMA = pa.schema([
 ])
 
 
+SCORER = "pretrain.scorer:ReleaseScorer"
+
+
 @dataclass(frozen=True)
 class ScanTask:
     shard: ShardInfo
@@ -38,13 +41,23 @@ def scan_path(root: str, shard_url: str) -> str:
     return posixpath.join(root, "scan", posixpath.basename(shard_url).removesuffix(".tar") + ".parquet")
 
 
-def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None) -> pa.Table:
-    """One shard's rows (``SCHEMA``); a ShardError when the tar itself is unreadable."""
+def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None, scorer=None) -> pa.Table:
+    """One shard's rows (``SCHEMA``, plus the ``scorer``'s columns when given); a ShardError when the tar itself is
+    unreadable."""
     image_exts, text_exts = _extensions(cfg.members.image), _extensions(cfg.members.text)
     wanted = {*image_exts, *text_exts, cfg.members.json}
+    if scorer is not None:
+        wanted |= {*_extensions(cfg.members.audio)}
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
     name = posixpath.basename(task.shard.url)
+    scores: list[dict] = []
+    pending: list = []
     for position, raw in enumerate(iter_samples(task.shard.url, wanted, max_member_bytes=50_000_000)):
+        if scorer is not None:
+            pending.append(raw)
+            if len(pending) == cfg.scorer_batch_size:
+                scores.append(scorer(pending))
+                pending = []
         image = next((raw.members[e] for e in image_exts if e in raw.members), None)
         digest, phash, size, problem = "", 0, (0, 0), ""
         if image is None:
@@ -60,7 +73,24 @@ def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None
                               ("caption", caption(raw.members, text_exts, cfg)), ("problem", problem)):
             rows[column].append(value)
         on_sample(not problem)
-    return pa.Table.from_pydict(rows, schema=SCHEMA)
+    table = pa.Table.from_pydict(rows, schema=SCHEMA)
+    if scorer is None:
+        return table
+    if pending:
+        scores.append(scorer(pending))
+    return add_scores(table, scores)
+
+
+def add_scores(table: pa.Table, scores: list[dict]) -> pa.Table:
+    """The scorer's similarities (float32, NaN where unjudged) and embeddings (fp16 vectors) as columns."""
+    for column in ("image_text", "audio_text", "image", "text", "audio"):
+        values = np.concatenate([part[column] for part in scores]) if scores else np.zeros(0, np.float32)
+        if values.ndim == 2:
+            array = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
+            table = table.append_column(f"{column}_embedding", array)
+        else:
+            table = table.append_column(f"{column}_similarity" if "_" in column else column, pa.array(values))
+    return table
 
 
 def perceptual_hash(data: bytes, max_pixels: int) -> tuple[int, tuple[int, int]]:
@@ -102,6 +132,20 @@ class ScanWorker:
     def __init__(self, cfg: CurateConfig):
         self.cfg = cfg
         self.on_sample = None
+        self._scorer = None
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg, "on_sample": None, "_scorer": None}  # each process loads its own model
+
+    def scorer(self):
+        """The release's scorer, loaded once per process (pretrain.scorer, named: this layer sits below it)."""
+        if self.cfg.scorer and self._scorer is None:
+            import importlib
+
+            module = importlib.import_module(SCORER.partition(":")[0])
+            self._scorer = getattr(module, SCORER.partition(":")[2])(self.cfg.scorer, self.cfg.members,
+                                                                     self.cfg.scorer_batch_size)
+        return self._scorer
 
     def __call__(self, task: ScanTask) -> dict:
         import pyarrow.parquet as pq
@@ -109,7 +153,7 @@ class ScanWorker:
         from mmfuse.storage import filesystem, write_bytes
 
         try:
-            table = scan_shard(task, self.cfg, self.on_sample or (lambda success: None))
+            table = scan_shard(task, self.cfg, self.on_sample or (lambda success: None), self.scorer())
         except ShardError as err:
             raise ValueError(f"{err.reason}: {err.detail}") from None
         buffer = io.BytesIO()

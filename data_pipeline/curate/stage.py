@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.curate.config import CurateConfig
-from data_pipeline.curate.filters import WORD, caption_reasons, exact_duplicates, near_duplicates
+from data_pipeline.curate.filters import WORD, caption_reasons, exact_duplicates, low_similarity, near_duplicates
 from data_pipeline.curate.scan import ScanTask, ScanWorker, scan_path
 from mmfuse.config import parse_args, to_dict
 from mmfuse.redact import redact, redact_values
@@ -54,6 +54,13 @@ def run(cfg: CurateConfig) -> dict:
     _write(fs, posixpath.join(root, "index.parquet"), _parquet_bytes(index))
     _write(fs, posixpath.join(root, "curate.json"), (json.dumps(summary, indent=1) + "\n").encode())
     _write(fs, posixpath.join(root, "REPORT.md"), report(index, summary).encode())
+    if "image_text_similarity" in index.column_names:
+        from mmfuse.plots import score_histogram
+
+        score = similarity(index)
+        judged = np.isfinite(score)
+        _write(fs, posixpath.join(root, "similarity.png"), score_histogram(
+            score[judged].tolist(), np.asarray(index["kept"].to_pylist())[judged].tolist(), "scorer similarity"))
     print(one_line(summary), file=sys.stderr)
     if not summary["kept"]:
         raise ValueError(f"every one of the {summary['samples']} samples was dropped ({_reasons(summary)}): loosen the "
@@ -80,12 +87,13 @@ def preflight(cfg: CurateConfig) -> None:
 
 def check_scan_settings(cfg: CurateConfig, fs, root: str) -> None:
     """Scans are reused by a rerun only when they were made reading the same members the same way."""
-    settings = json.dumps({"members": to_dict(cfg.members), "max_image_pixels": cfg.max_image_pixels}, sort_keys=True)
+    settings = json.dumps({"members": to_dict(cfg.members), "max_image_pixels": cfg.max_image_pixels,
+                           "scorer": redact(cfg.scorer)}, sort_keys=True)
     path = posixpath.join(root, SCAN_SETTINGS)
     if fs.exists(path):
         if fs.cat_file(path).decode() != settings:
-            raise ValueError(f"{redact(cfg.output.path)} holds scans made with other members / max_image_pixels "
-                             "settings: use a new output.path, or rerun with the settings that made them")
+            raise ValueError(f"{redact(cfg.output.path)} holds scans made with another scorer or other members / "
+                             "max_image_pixels settings: use a new output.path, or rerun with the settings that made them")
         return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     _write(fs, path, settings.encode())
@@ -97,6 +105,11 @@ def decide(scans: pa.Table, cfg: CurateConfig) -> pa.Table:
     reasons = [problem if problem == "image_unreadable" else "" for problem in scans["problem"].to_pylist()]
     for i, why in enumerate(caption_reasons(scans["caption"].to_pylist(), cfg.captions)):
         reasons[i] = reasons[i] or why
+    score = similarity(scans)
+    if score is not None:
+        alive = np.array([not why for why in reasons]) & np.isfinite(score)
+        for i in np.flatnonzero(low_similarity(score, alive, cfg.similarity.min, cfg.similarity.top_fraction)):
+            reasons[i] = "low_similarity"
     duplicate_of = [""] * len(keys)
     digests = scans["digest"].to_pylist()
     steps = [("duplicate", cfg.dedup.exact, lambda alive: exact_duplicates(digests, alive)),
@@ -110,13 +123,23 @@ def decide(scans: pa.Table, cfg: CurateConfig) -> pa.Table:
             if original >= 0:
                 reasons[i], duplicate_of[i] = reason, keys[original]
     words = [len(WORD.findall(text)) for text in scans["caption"].to_pylist()]
+    scored = {name: scans[name] for name in ("image_text_similarity", "audio_text_similarity") if name in scans.column_names}
     return pa.table({
         "shard": scans["shard"], "position": scans["position"], "key": scans["key"],
         "kept": pa.array([not why for why in reasons]), "reason": pa.array(reasons),
         "duplicate_of": pa.array(duplicate_of), "caption_words": pa.array(words, pa.int32()),
         "width": scans["width"], "height": scans["height"],
-        "phash": pa.array([f"{h:016x}" for h in scans["phash"].to_pylist()]), "digest": scans["digest"],
+        "phash": pa.array([f"{h:016x}" for h in scans["phash"].to_pylist()]), "digest": scans["digest"], **scored,
     })
+
+
+def similarity(scans: pa.Table) -> np.ndarray | None:
+    """Per sample the scorer's image-text similarity, else its audio-text one (audio-only samples), NaN without
+    either; None when the scans hold no scores."""
+    if "image_text_similarity" not in scans.column_names:
+        return None
+    image_text = scans["image_text_similarity"].to_numpy(zero_copy_only=False)
+    return np.where(np.isfinite(image_text), image_text, scans["audio_text_similarity"].to_numpy(zero_copy_only=False))
 
 
 def summarize(index: pa.Table, cfg: CurateConfig) -> dict:
@@ -143,6 +166,8 @@ def report(index: pa.Table, summary: dict, examples: int = 5) -> str:
         seen = [r for r in rows if r["reason"] == reason][:examples]
         shown = ", ".join(f"{r['key']} (of {r['duplicate_of']})" if r["duplicate_of"] else r["key"] for r in seen)
         lines.append(f"| {reason} | {count} | {count / summary['samples']:.1%} | {shown} |")
+    if "image_text_similarity" in index.column_names:
+        lines += ["", "![similarity of kept and dropped samples](similarity.png)"]
     lines += ["", "Train on the kept samples, read from the original shards:", "",
               f"    mmfuse pretrain ... data.train={summary['input']} data.keep=<this folder>", "",
               "Settings: `" + json.dumps(summary["settings"], sort_keys=True) + "`", ""]

@@ -133,3 +133,62 @@ def test_bad_input_stops_before_any_shard_is_read(noisy, shards, tmp_path, capsy
     assert curate(bare, tmp_path / "bare-out") == 1
     assert "no captions: the caption rules would drop every sample" in capsys.readouterr().err
     assert not (tmp_path / "bare-out" / "scan").exists()
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    """A release of the tiny flavor at random initialisation: scores that mean nothing, computed the real way."""
+    import torch
+
+    from mmfuse.config import CONFIG_ROOT
+    from pretrain.model import ModelConfig, MultimodalModel
+    from pretrain.release import save_release
+
+    torch.manual_seed(0)
+    model_cfg = load_config(ModelConfig, [str(CONFIG_ROOT / "model" / "tiny.yaml")], ["image.image_size=64"])
+    root = tmp_path_factory.mktemp("scorer") / "release"
+    save_release(MultimodalModel(model_cfg).state_dict(), model_cfg, str(root), {"test": "random init"})
+    return root
+
+
+def test_a_release_scores_every_pair_and_the_top_fraction_is_kept(noisy, scorer, tmp_path):
+    import numpy as np
+    import open_clip
+    import torch
+
+    from pretrain.release import load_release
+
+    dataset, planted = noisy
+    out = tmp_path / "out"
+    assert curate(dataset, out, f"scorer={scorer}", "similarity.top_fraction=0.5", "dedup.near=false",
+                  "scorer_batch_size=16") == 0
+    scan = pq.read_table(out / "scan" / "shard-000000.parquet")
+    assert {"image_embedding", "text_embedding", "audio_embedding", "image_text_similarity"} <= set(scan.column_names)
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    # The similarity rule runs after the caption rules and before de-duplication.
+    judged = [row for row in index if row["reason"] in ("", "low_similarity", "duplicate")]
+    passed = [row for row in judged if row["reason"] != "low_similarity"]
+    # Every sample has an image; all but the planted empty captions have a caption to score it against.
+    assert [row["key"] for row in index if not np.isfinite(row["image_text_similarity"])] == [
+        key for key, (reason, _) in planted.items() if reason == "caption_short"]
+    assert len(passed) == -(-len(judged) // 2)  # the better half of those still kept
+    worst_passed = min(row["image_text_similarity"] for row in passed)
+    assert all(row["image_text_similarity"] <= worst_passed for row in judged if row["reason"] == "low_similarity")
+    assert sum(np.isnan(row["audio_text_similarity"]) for row in index) > 0  # a third of the samples have no audio
+    # The score is the cosine the release itself gives the pair.
+    model, _ = load_release(str(scorer))
+    model.eval()
+    (raw,) = [r for r in iter_samples(str(Path(dataset) / "shard-000000.tar"), {"jpg", "txt"}, 1 << 30) if r.key == index[0]["key"]]
+    transform = open_clip.image_transform(64, is_train=False)
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=model.cfg.text.context_length)([raw.members["txt"].decode()])
+    with torch.no_grad():
+        image = model.embed("image", transform(Image.open(io.BytesIO(raw.members["jpg"])).convert("RGB"))[None])
+        expected = float((image * model.embed("text", tokens)).sum())
+    assert index[0]["image_text_similarity"] == pytest.approx(expected, abs=1e-4)
+    assert (out / "similarity.png").read_bytes().startswith(b"\x89PNG") and "similarity.png" in (out / "REPORT.md").read_text()
+
+
+def test_similarity_rules_without_a_scorer_are_a_config_error(noisy, tmp_path, capsys):
+    dataset, _ = noisy
+    assert curate(dataset, tmp_path / "out", "similarity.min=0.3") == 2
+    assert "set scorer=RELEASE" in capsys.readouterr().err and not (tmp_path / "out").exists()

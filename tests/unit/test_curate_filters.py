@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.curate.config import CaptionRules, CurateConfig
-from data_pipeline.curate.filters import caption_reasons, exact_duplicates, near_duplicates
+from data_pipeline.curate.filters import caption_reasons, exact_duplicates, low_similarity, near_duplicates
 from mmfuse.config import ConfigError, load_config
 
 
@@ -53,6 +53,15 @@ def test_a_copy_of_a_dropped_sample_is_kept_and_the_first_copy_wins():
     assert exact_duplicates(digests, alive).tolist() == [-1, -1, -1, 2, -1]
     hashes = np.array([5, 2**60, 5, 7, 5], dtype=np.uint64)  # 7 is one bit from 5
     assert near_duplicates(hashes, alive, 1).tolist() == [-1, -1, -1, 2, 2]
+
+
+def test_similarity_drops_below_the_minimum_then_outside_the_top_fraction_of_the_rest():
+    score = np.array([0.9, 0.1, 0.5, 0.5, 0.7, np.nan, 0.3, 0.8])
+    alive = np.array([True, True, True, True, True, False, True, False])  # 5 and 7 were dropped before
+    assert np.flatnonzero(low_similarity(score, alive, 0.2, 1.0)).tolist() == [1]
+    # Of the 5 passing 0.2 (0.9, 0.5, 0.5, 0.7, 0.3), the best 3 stay; the tie at 0.5 keeps the earlier sample.
+    assert np.flatnonzero(low_similarity(score, alive, 0.2, 0.6)).tolist() == [1, 3, 6]
+    assert not low_similarity(score, alive, -1.0, 1.0).any()
 
 
 def test_each_caption_rule_gives_its_reason():
