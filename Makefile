@@ -23,9 +23,11 @@ install: $(STAMP)
 
 # Unit, integration and end-to-end tiers on two pytest workers (a test file stays on one worker, so its module
 # fixtures are built once), then the SLURM tier on its own: its jobs' time limits and signals assume the machine is
-# theirs. Same machine, same day: 2,056 s against 2,417 s in one process. Each part ends with its slowest tests.
+# theirs. Files go out in collection order (--no-loadscope-reorder): the few long end-to-end and integration files
+# first, the many short unit files last, where they fill the gaps (xdist's default sends files with the most tests
+# first, which left a long two-test file running alone at the end). Each part ends with its slowest tests.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/slurm
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --ignore=tests/slurm
 	$(PY) -m pytest -q tests/slurm
 
 # The local SLURM cluster tests/slurm submit to (root; installs slurm-wlm + munge when missing; idempotent). The

@@ -29,6 +29,7 @@ from typing import Any
 
 import submitit
 
+from mmfuse.launch import skip_the_exit_collection
 from mmfuse.logs import setup_logging as _setup_logging
 from slurm.env import torch_env
 from slurm.stages import STAGES
@@ -83,6 +84,7 @@ class StageTask(submitit.helpers.Checkpointable):
         link_rank_log(Path(spec.run_dir(self.cfg)), rank)
         log.info("%s: rank %s of %s, master %s:%s", self.stage, rank, env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"])
         result = spec.run(self.cfg)
+        skip_the_exit_collection()  # submitit only writes the result after this: the job's process then ends
         if stops is None:
             return result
         seen = stops.close()

@@ -259,6 +259,7 @@ class Loader:
         self.totals: Counter[str] = Counter()
         self._epoch_stats: dict[int, dict] = {}
         self._rings = RingReceiver()  # the workers' batch memory (data_pipeline.loader.batchring)
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
@@ -299,9 +300,11 @@ class Loader:
         return {**counts, "wait_seconds": round(self.wait_seconds, 3)}
 
     def fingerprint(self) -> str:
-        shards = [(s.url, s.count) + ((s.keep,) if s.keep is not None else ())  # a curated subset: its positions too
-                  for source in self.sources for s in source.shards]
-        return hashlib.sha256(repr(shards).encode()).hexdigest()[:16]
+        if self._fingerprint is None:  # once: a curated subset's positions can be millions of numbers
+            shards = [(s.url, s.count) + ((s.keep,) if s.keep is not None else ())
+                      for source in self.sources for s in source.shards]
+            self._fingerprint = hashlib.sha256(repr(shards).encode()).hexdigest()[:16]
+        return self._fingerprint
 
     def state_dict(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.integration.test_pretrain import command, metrics, pretrain
+from tests.integration.pretraining import command, metrics, pretrain
 from mmfuse.launch import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.integration.test_pretrain import metrics, pretrain
+from tests.integration.pretraining import metrics, pretrain
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 SECRET = "sync-test-secret-5e1f"  # moto accepts any key; this one must never appear in a log or a saved file

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.integration.test_pretrain import metrics, pretrain
+from tests.integration.pretraining import metrics, pretrain
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 ONE_PROCESS = ("launch.nproc=1", "run.checkpoint_every=0")

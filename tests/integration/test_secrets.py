@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_pretrain import command
+from tests.integration.pretraining import command
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 SECRETS = ("PASSWORD-SECRET", "SIGNATURE-SECRET", "TOKEN-SECRET")
