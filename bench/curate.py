@@ -130,11 +130,12 @@ def main() -> int:
         index, seconds = curate(work / "noisy", work / "plain", "captions.min_words=0")
         originals = [row for row in index if row["key"] not in planted]
         print(f"{len(index)} samples ({len(originals)} originals), scanned and filtered in {seconds:.1f} s")
-        print(score(index, planted, "duplicate", ("duplicate", "near_duplicate")))
-        print(score(index, planted, "near_duplicate", ("duplicate", "near_duplicate")))
+        print(score(index, planted, "duplicate", ("duplicate",)))
+        print(score(index, planted, "near_duplicate", ("near_duplicate",)))
         print(f"false removals among the originals: {sum(not row['kept'] for row in originals)} of {len(originals)}")
         if args.scorer:
-            for rule in (f"similarity.top_fraction={1 - args.swap:.2f}", "similarity.min=0.5", "similarity.min=0.7"):
+            share = sum(kind == "swapped" for kind in planted.values()) / len(index)  # of all samples, copies included
+            for rule in (f"similarity.top_fraction={1 - share:.2f}", "similarity.min=0.5", "similarity.min=0.7"):
                 # One output folder: the first rule scans (and scores) the shards, the others re-decide from the scans.
                 index, seconds = curate(work / "noisy", work / "scored", "captions.min_words=0",
                                         f"scorer={args.scorer}", rule)
