@@ -81,3 +81,10 @@ def test_each_caption_rule_gives_its_reason():
 def test_rules_that_cannot_work_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(CurateConfig, [], ["input.path=x", "output.path=y", "captions.min_words=3", override])
+
+
+def test_the_shipped_recipe_loads_and_applies_its_rules():
+    cfg = load_config(CurateConfig, ["configs/curate/default.yaml"], ["input.path=x", "output.path=y"])
+    assert (cfg.captions.min_words, cfg.dedup.near, cfg.dedup.max_distance) == (2, True, 4)
+    reasons = caption_reasons(["a red circle", "circle", "Image not found - a red circle"], cfg.captions)
+    assert reasons == ["", "caption_short", "caption_boilerplate"]
