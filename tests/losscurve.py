@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 GOLDEN = Path(__file__).parent / "golden" / "loss_curve.json"
-STEPS, WINDOW = 120, 20
+STEPS, WINDOW = 80, 20
 # Relative tolerance of a window's mean loss. Measured: reruns on one machine agree to the bit; a 10x learning rate
 # moves some objective's windows by far more (see the issue note that introduced this file).
 TOLERANCE = 0.08

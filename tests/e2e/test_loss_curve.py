@@ -1,4 +1,4 @@
-"""The stored loss curve (tests/golden/loss_curve.json): the tiny flavor, fixed seed, every objective, 120 steps in
+"""The stored loss curve (tests/golden/loss_curve.json): the tiny flavor, fixed seed, every objective, 80 steps in
 one process through the real ``mmfuse pretrain``; per-objective losses averaged over 20-step windows must stay within
 the tolerance of the stored ones. Refresh after a change meant to move them: ``make loss-curve``."""
 
