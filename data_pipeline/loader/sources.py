@@ -54,8 +54,8 @@ def resolve_sources(spec: str, weights: list[float] | None = None, keep: str = "
     (``mmfuse curate``) naming which samples of the (single) dataset to read."""
     names = dataset_names(spec)
     if keep and len(names) > 1:
-        raise ValueError(f"data.keep applies to one dataset; data.train names {len(names)} (curate their union, or "
-                         "mix curated datasets by giving each its own reshard)")
+        raise ValueError(f"data.keep applies to one dataset; data.train names {len(names)} (curate them as one "
+                         "dataset, or reshard each curated subset and mix those)")
     sources = []
     for i, name in enumerate(names):
         shards = tuple(ShardInfo(url, count if count is not None else _count(url)) for url, count in shard_listing(name))
