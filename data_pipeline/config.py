@@ -348,6 +348,11 @@ def from_recorded(configured: AudioFeatureConfig, recorded: dict, source: str, f
     return dataclasses.replace(configured, **values)
 
 
+def extensions(spec: str) -> list[str]:
+    """A ``MembersConfig`` field (``"jpg;jpeg;png"``) as the extensions it lists, lower case."""
+    return [e.strip().lower() for e in spec.split(";") if e.strip()]
+
+
 @dataclass
 class MembersConfig:
     """Which tar members hold which modality; the first present extension wins."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from data_pipeline.config import extensions
 from data_pipeline.curate.config import CurateConfig
 from data_pipeline.loader.sources import ShardInfo
 from data_pipeline.loader.tarstream import ShardError, iter_samples
@@ -44,10 +45,10 @@ def scan_path(root: str, shard_url: str) -> str:
 def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None, scorer=None) -> pa.Table:
     """One shard's rows (``SCHEMA``, plus the ``scorer``'s columns when given); a ShardError when the tar itself is
     unreadable."""
-    image_exts, text_exts = _extensions(cfg.members.image), _extensions(cfg.members.text)
+    image_exts, text_exts = extensions(cfg.members.image), extensions(cfg.members.text)
     wanted = {*image_exts, *text_exts, cfg.members.json}
     if scorer is not None:
-        wanted |= {*_extensions(cfg.members.audio)}
+        wanted |= {*extensions(cfg.members.audio)}
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
     name = posixpath.basename(task.shard.url)
     scores: list[dict] = []
@@ -110,10 +111,6 @@ def perceptual_hash(data: bytes, max_pixels: int) -> tuple[int, tuple[int, int]]
     return int.from_bytes(np.packbits(bits).tobytes(), "big"), image.size
 
 
-def _extensions(spec: str) -> list[str]:  # as the loader reads data.members (without importing its torch)
-    return [e.strip().lower() for e in spec.split(";") if e.strip()]
-
-
 def caption(members: dict[str, bytes], text_exts: list[str], cfg: CurateConfig) -> str:
     data = next((members[e] for e in text_exts if e in members), None)
     if data is not None:
@@ -148,17 +145,32 @@ class ScanWorker:
         return self._scorer
 
     def __call__(self, task: ScanTask) -> dict:
-        import pyarrow.parquet as pq
-
-        from mmfuse.storage import filesystem, write_bytes
-
         try:
             table = scan_shard(task, self.cfg, self.on_sample or (lambda success: None), self.scorer())
         except ShardError as err:
             raise ValueError(f"{err.reason}: {err.detail}") from None
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        fs, path = filesystem(task.out)
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        write_bytes(fs, path, buffer.getvalue())
+        write_table(task.out, table)
         return {"shard": posixpath.basename(task.shard.url), "samples": table.num_rows}
+
+
+def write_table(url: str, table: pa.Table) -> None:
+    """``table`` as one parquet file at ``url`` (local or object store), written atomically."""
+    import pyarrow.parquet as pq
+
+    from mmfuse.storage import filesystem, write_bytes
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    fs, path = filesystem(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    write_bytes(fs, path, buffer.getvalue())
+
+
+def read_table(url: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    from mmfuse.storage import filesystem
+
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)

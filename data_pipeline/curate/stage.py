@@ -11,7 +11,6 @@ scans, which takes seconds: change a rule and rerun to re-decide without reading
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
@@ -23,7 +22,7 @@ import pyarrow as pa
 
 from data_pipeline.curate.config import CurateConfig
 from data_pipeline.curate.filters import WORD, caption_reasons, exact_duplicates, low_similarity, near_duplicates
-from data_pipeline.curate.scan import ScanTask, ScanWorker, scan_path
+from data_pipeline.curate.scan import ScanTask, ScanWorker, read_table, scan_path, write_table
 from mmfuse.config import parse_args, to_dict
 from mmfuse.redact import redact, redact_values
 from mmfuse.storage import filesystem, write_bytes
@@ -48,10 +47,10 @@ def run(cfg: CurateConfig) -> dict:
     for _ in run_local(ScanWorker(cfg), todo, cfg.processes, (lambda done, ok: bar.update(done - bar.n)) if cfg.progress else None):
         pass
     bar.close()
-    scans = pa.concat_tables([_read_parquet(task.out) for task in tasks])
+    scans = pa.concat_tables([read_table(task.out) for task in tasks])
     index = decide(scans, cfg)
     summary = summarize(index, cfg)
-    _write(fs, posixpath.join(root, "index.parquet"), _parquet_bytes(index))
+    write_table(posixpath.join(cfg.output.path, "index.parquet"), index)
     _write(fs, posixpath.join(root, "curate.json"), (json.dumps(summary, indent=1) + "\n").encode())
     _write(fs, posixpath.join(root, "REPORT.md"), report(index, summary).encode())
     if "image_text_similarity" in index.column_names:
@@ -95,7 +94,6 @@ def check_scan_settings(cfg: CurateConfig, fs, root: str) -> None:
             raise ValueError(f"{redact(cfg.output.path)} holds scans made with another scorer or other members / "
                              "max_image_pixels settings: use a new output.path, or rerun with the settings that made them")
         return
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     _write(fs, path, settings.encode())
 
 
@@ -176,22 +174,6 @@ def report(index: pa.Table, summary: dict, examples: int = 5) -> str:
 
 def _reasons(summary: dict) -> str:
     return ", ".join(f"{reason} {count}" for reason, count in summary["dropped"].items()) or "no reason"
-
-
-def _read_parquet(url: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    import pyarrow.parquet as pq
-
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
 
 
 def _write(fs, path: str, data: bytes) -> None:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.loader.batchring import fresh_shared
-from data_pipeline.config import AudioFeatureConfig, LoaderConfig
+from data_pipeline.config import AudioFeatureConfig, LoaderConfig, extensions
 from data_pipeline.errors import SampleError, sample_step
 from data_pipeline.image import decode_jpeg_fast, to_rgb, upright_transpose
 from data_pipeline.loader.melspec import log_mel, spec_augment
@@ -34,10 +34,6 @@ MODALITIES = ("image", "text", "audio")
 # Batch tensors that are all zeros when no sample of the batch has the modality: ``collate`` zero-fills missing
 # rows, so the trainer makes such tensors on the device instead of copying them (pretrain.step.batch_to_device).
 ZERO_WHEN_ABSENT = {"image": "has_image", "audio": "has_audio", "audio_mask": "has_audio"}
-
-
-def extensions(spec: str) -> list[str]:
-    return [e.strip().lower() for e in spec.split(";") if e.strip()]
 
 
 @dataclass

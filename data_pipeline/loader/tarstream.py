@@ -123,7 +123,7 @@ def iter_samples(url: str, wanted: set[str], max_member_bytes: int, skip: int = 
     ``positions`` (ascending): only the samples at these indices (a curated subset), ending after the last one;
     the others are passed over by their headers, their data never read."""
     take = None if positions is None else set(positions)
-    last = max(take, default=-1) if take is not None else None
+    last = None if positions is None else (positions[-1] if positions else -1)
     try:
         handle = RetryingFile(url, retries)
     except FileNotFoundError:
