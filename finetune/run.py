@@ -12,6 +12,9 @@ from finetune.config import FinetuneConfig
 from finetune.tasks import TASKS
 
 _TASKS = ", ".join(TASKS)
+# What every rank imports, loaded once by the launcher that forks them (mmfuse.launch.spawn_local). DeepSpeed is
+# left to the ranks that use it (engine.zero_stage).
+WARM = ("finetune.trainer", "pretrain.model.multimodal", "accelerate")
 DESCRIPTION = {
     "finetune": f"Fine-tune a released checkpoint on one task ({_TASKS}) and evaluate it.",
     "eval": f"Evaluate a released checkpoint on one task ({_TASKS}) without training.",
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None, stage: str = "finetune") -> int:
         from mmfuse.launch import spawn_local
 
         module = f"finetune.{'run' if stage == 'finetune' else 'eval'}"
-        return spawn_local(module, argv, cfg.launch.nproc, cfg.launch.master_port, stage)
+        return spawn_local(module, argv, cfg.launch.nproc, cfg.launch.master_port, stage, warm=WARM)
     run(cfg, train=stage == "finetune")
     return 0
 

@@ -47,9 +47,13 @@ def uncommit(folder: Path) -> None:
 def commit(folder: Path, record: dict) -> None:
     """Rank 0, after every rank's part of ``folder`` is written: mark it committed, ``record`` (step, time, ...)
     in the marker."""
-    tmp = folder / (MARKER + ".tmp")
+    tmp = folder / f".{MARKER}.{os.getpid()}.tmp"  # this process's own: no other writer can rename it away
     tmp.write_text(json.dumps(record))
-    os.replace(tmp, folder / MARKER)
+    try:
+        os.replace(tmp, folder / MARKER)
+    except FileNotFoundError as err:  # seen once in CI: say what the folder held, for the next time
+        held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "the folder is gone"
+        raise FileNotFoundError(f"committing {folder}: {err}; it holds {held}") from err
 
 
 def prune(root: Path, keep: int, protect: set[str] = frozenset()) -> list[str]:

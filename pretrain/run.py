@@ -9,6 +9,10 @@ from mmfuse.config import parse_args
 from mmfuse.logs import setup_logging
 from pretrain.config import PRESETS, PretrainConfig
 
+# What every rank imports, loaded once by the launcher that forks them (mmfuse.launch.spawn_local); the last one is
+# DeepSpeed's Muon module, which ZeRO-1/2 import on their first gradient reduction (it compiles, loading inductor).
+WARM = ("pretrain.trainer", "pretrain.model.multimodal", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer")
+
 
 def run(cfg: PretrainConfig) -> dict:
     import torch.distributed as dist
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.launch.nproc > 0 and "WORLD_SIZE" not in os.environ:
         from mmfuse.launch import spawn_local
 
-        return spawn_local("pretrain", argv, cfg.launch.nproc, cfg.launch.master_port, "pretrain")
+        return spawn_local("pretrain", argv, cfg.launch.nproc, cfg.launch.master_port, "pretrain", warm=WARM)
     run(cfg)
     return 0
 

@@ -38,7 +38,7 @@ def test_zero2_trains_and_resumes_bit_identically(shards, zero2_run, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (split / "metrics.jsonl").exists() or len(metrics(split)) < 3:
         time.sleep(0.2)
-    (rank1,) = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+    (rank1,) = [p for p in psutil.Process(proc.pid).children() if p.name() == "mmfuse rank 1"]
     rank1.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     stopped_at = len(metrics(split))
