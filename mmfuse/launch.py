@@ -22,6 +22,8 @@ from mmfuse.redact import redact_text
 
 ERRORS_ENV = "MMFUSE_RANK_ERRORS"
 """A folder where a spawned rank leaves the one-line error that stopped it, for the launcher to print once."""
+FORK_ENV = "MMFUSE_FORK_RANKS"
+"""Set to 0: every rank a fresh interpreter even where ``spawn_local`` would fork them."""
 
 
 def free_port() -> int:
@@ -78,8 +80,9 @@ def spawn_local(module: str, argv: list[str], nproc: int, port: int = 0, stage: 
     process) are imported here once and the ranks are forked from this process, already loaded: a 2-rank run of
     3 steps took 32 s of CPU, now 23. Nothing here has run a torch operation, so no thread pool is broken by the
     fork. With a GPU (or any accelerator device) each rank is a fresh interpreter as before: importing DeepSpeed
-    probes the device, and a device initialised before a fork is unusable after it."""
-    fork = bool(warm) and not accelerator_devices()
+    probes the device, and a device initialised before a fork is unusable after it. ``MMFUSE_FORK_RANKS=0`` asks
+    for fresh interpreters anywhere."""
+    fork = bool(warm) and not accelerator_devices() and os.environ.get(FORK_ENV, "1") != "0"
     if fork:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by the OpenMP runtime when torch loads
         for name in warm:

@@ -1,7 +1,14 @@
-"""In-loop evaluation: zero-shot classification (image and audio) and cross-modal retrieval, across ranks.
+"""In-loop evaluation: zero-shot classification (image and audio), cross-modal retrieval and the binding probe,
+across ranks.
 
 Each rank embeds its share of the held-out shards; the embeddings are gathered, de-duplicated by sample key and
 scored once, so the numbers do not depend on the number of ranks.
+
+The binding probe asks whether the model reads a caption as more than a bag of words: for each held-out caption with
+two or more phrases ("a large red circle and a small blue star"), a copy with lined-up words swapped between two
+phrases ("a small red circle and a large blue star", ``pretrain/objectives/negatives.py``) competes with it for the
+sample's image or clip. ``eval/binding/image_to_text`` is the share of samples whose own caption wins: 50% is a bag
+of words, 100% a model that knows which attribute goes with which object (the ARO benchmark's question).
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ from data_pipeline.loader import build_loader
 from data_pipeline.loader.sources import resolve_sources
 from data_pipeline.loader.tarstream import iter_samples
 from pretrain.config import DEFAULT_TEMPLATES, EvalConfig  # noqa: F401 (re-exported: they were defined here)
+from pretrain.objectives.config import PHRASE_SEPARATORS
+from pretrain.objectives.negatives import phrase_swaps
 
 PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))
+EMBEDDED = ("image", "text", "audio", "swapped")  # "swapped": the binding probe's copy of the caption
 
 
 def recall_at_k(similarity: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
@@ -45,6 +55,15 @@ def text_classifier(model, tokenizer, classnames: list[str], templates: list[str
         tokens = tokenizer([t.format(name) for t in templates]).to(device)
         rows.append(torch.nn.functional.normalize(model.embed("text", tokens).float().mean(0), dim=-1))
     return torch.stack(rows)
+
+
+def swapped_captions(tokens: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The binding probe's ``(copies, valid)`` of caption ``tokens`` (``[N, L]``): the swap is drawn from each
+    caption's own tokens, so a caption gets the same copy on any rank, in any batch, in every evaluation."""
+    weights = torch.arange(1, tokens.shape[1] + 1, dtype=torch.long)
+    draws = torch.stack([(tokens * weights).sum(1) % 997 / 997, (tokens * weights ** 2).sum(1) % 991 / 991], dim=1)
+    separators = {token for word in PHRASE_SEPARATORS for token in tokenizer.encode(word)}
+    return phrase_swaps(tokens, separators, tokenizer.eot_token_id, draws.float())
 
 
 def embed_rows(model, modality: str, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -74,8 +93,9 @@ def evaluate(model, data_cfg: LoaderConfig, eval_cfg: EvalConfig, rank: int, wor
     cfg = dataclasses.replace(data_cfg, mode="exact", batch_size=eval_cfg.batch_size, require=[])
     loader = build_loader(cfg, rank, world_size, image_transform, tokenizer, image_size, train=False)
     local: dict[str, Any] = {"keys": [], "labels": []}
-    embeddings: dict[str, list] = {m: [] for m in ("image", "text", "audio")}
-    presence: dict[str, list] = {m: [] for m in ("image", "text", "audio")}
+    embeddings: dict[str, list] = {m: [] for m in EMBEDDED}
+    presence: dict[str, list] = {m: [] for m in EMBEDDED}
+    probe = hasattr(tokenizer, "eot_token_id")  # open_clip's tokenizer: its token ids say where phrases end
     seen = 0
     dtype = next(model.parameters()).dtype  # bf16 / fp16 weights take inputs of their own dtype
     for batch in loader:
@@ -88,6 +108,15 @@ def evaluate(model, data_cfg: LoaderConfig, eval_cfg: EvalConfig, rank: int, wor
                 out[has] = embed_rows(model, modality, inputs, has.nonzero().squeeze(1).to(device)).float().cpu()
             embeddings[modality].append(out)
             presence[modality].append(has)
+        swapped = torch.zeros(batch["has_text"].shape[0], model.cfg.embed_dim)
+        has = torch.zeros_like(batch["has_text"])
+        if probe and batch["has_text"].any():
+            copies, valid = swapped_captions(batch["text"][batch["has_text"]], tokenizer)
+            has[batch["has_text"].nonzero().squeeze(1)[valid]] = True
+            if valid.any():
+                swapped[has] = model.embed("text", copies[valid].to(device)).float().cpu()
+        embeddings["swapped"].append(swapped)
+        presence["swapped"].append(has)
         local["keys"] += batch["__key__"]
         local["labels"].append(batch["label"])
         seen += len(batch["__key__"])
@@ -149,8 +178,8 @@ def _score(parts, classnames: list[str], classifier: torch.Tensor | None) -> dic
     keys = sorted(order)
     pick = lambda get: torch.stack([get(parts[p], i) for p, i in (order[k] for k in keys)]) if keys else torch.zeros(0)
     labels = pick(lambda part, i: part[1][i])
-    embedded = {m: pick(lambda part, i, m=m: part[2][m][i]) for m in ("image", "text", "audio")}
-    present = {m: pick(lambda part, i, m=m: part[3][m][i]) for m in ("image", "text", "audio")}
+    embedded = {m: pick(lambda part, i, m=m: part[2][m][i]) for m in EMBEDDED}
+    present = {m: pick(lambda part, i, m=m: part[3][m][i]) for m in EMBEDDED}
     metrics: dict[str, float] = {"eval/samples": float(len(keys))}
     for a, b in PAIRS:
         both = present[a] & present[b]
@@ -161,6 +190,12 @@ def _score(parts, classnames: list[str], classifier: torch.Tensor | None) -> dic
             metrics[f"eval/retrieval/{a}_to_{b}/{name}"] = value
         for name, value in recall_at_k(similarity.T).items():
             metrics[f"eval/retrieval/{b}_to_{a}/{name}"] = value
+    for modality in ("image", "audio"):
+        rows = present[modality] & present["swapped"]
+        if rows.any():
+            own = (embedded[modality][rows] * embedded["text"][rows]).sum(1)
+            copy = (embedded[modality][rows] * embedded["swapped"][rows]).sum(1)
+            metrics[f"eval/binding/{modality}_to_text"] = float((own > copy).float().mean() * 100)
     if classifier is not None:
         for modality in ("image", "audio"):
             rows = present[modality] & (labels >= 0)

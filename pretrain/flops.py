@@ -80,7 +80,9 @@ def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> 
         flops += share * pass_flops
     text = model.text
     text_pass = stack_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
-    flops += (1 if any("text" in pair.split("_") for pair in pairs) else 0) * text_pass
+    text_pairs = any("text" in pair.split("_") for pair in pairs)
+    # hard_negatives: one more pass for each caption with phrases (an upper bound: counted for every caption)
+    flops += text_pairs * (1 + contrastive.hard_negatives) * text_pass
     flops += part * ((objectives.masked_text.weight > 0) + (objectives.cross_modal_masked.weight > 0)) * text_pass
     decoder = model.decoder
     for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):

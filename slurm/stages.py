@@ -61,14 +61,22 @@ def _pretrain_finished(cfg) -> bool:
     return bool(tags) and int(tags[-1].removeprefix("step_")) >= cfg.run.steps
 
 
-def _shard_run_dir(cfg) -> str:
-    name = cfg.output.path.rstrip("/").rsplit("/", 1)[-1] or "dataset"
-    return str(Path("runs") / "shard" / name)
+def _output_run_dir(stage: str) -> Callable[[Any], str]:
+    """``runs/<stage>/<last part of output.path>``: the launcher's files of a stage that writes a dataset (which
+    may be an object-store URL) stay out of it."""
+    def run_dir(cfg) -> str:
+        name = cfg.output.path.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+        return str(Path("runs") / stage / name)
+
+    return run_dir
 
 
 STAGES: dict[str, Stage] = {
     "pretrain": Stage("pretrain.config:PretrainConfig", "pretrain.run", lambda cfg: cfg.run.dir, _pretrain_finished,
                       check=_pretrain_check, preflight="pretrain.run"),
-    "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard.stage", _shard_run_dir, array=True,
+    "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard.stage", _output_run_dir("shard"), array=True,
                    preflight="data_pipeline.shard.stage"),
+    # One task with curate.processes scan workers; a rerun scans only the shards it has no scan of.
+    "curate": Stage("data_pipeline.curate.config:CurateConfig", "data_pipeline.curate.stage", _output_run_dir("curate"),
+                    preflight="data_pipeline.curate.stage"),
 }

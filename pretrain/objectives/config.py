@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PHRASE_SEPARATORS = ("and", ",")
+"""Words that split a caption into the phrases whose words a hard negative swaps (and the binding probe's)."""
+
 
 @dataclass
 class ContrastiveConfig:
@@ -16,6 +19,14 @@ class ContrastiveConfig:
     """FLIP: feed the contrastive loss from the masked encoder pass (one pass per modality for both losses)."""
     mask_ratio: float = 0.5
     """Patches dropped for the contrastive pass when use_masked_forward is on and no masked objective sets one."""
+    hard_negatives: bool = False
+    """NegCLIP-style hard negative captions (pretrain/objectives/negatives.py): per caption with two or more
+    phrases, a copy with one pair of words swapped between them ("a small red circle and a large blue star" for "a
+    large red circle and a small blue star"), added to the captions that the images and clips of the rank's batch
+    are contrasted with. It teaches which attribute belongs to which object, where a bag of words is enough
+    otherwise; the cost is one more text-tower pass per step."""
+    phrase_separators: list[str] = field(default_factory=lambda: list(PHRASE_SEPARATORS))
+    """Words that split a caption into phrases for hard_negatives."""
 
 
 @dataclass

@@ -97,7 +97,7 @@ def test_bad_config_fails_before_any_sbatch_call(slurm_cluster, tmp_path, capsys
 
 def test_unknown_stage_names_the_submittable_ones(capsys):
     assert cli(["submit", "frobnicate"]) == 2
-    assert "submittable: pretrain, shard" in capsys.readouterr().err
+    assert "submittable: pretrain, shard, curate" in capsys.readouterr().err
 
 
 def test_what_only_sbatch_can_refuse_is_a_clear_error(slurm_cluster, tiny_shards, tmp_path, capsys):

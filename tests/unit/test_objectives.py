@@ -309,3 +309,52 @@ def test_a_masked_batch_fraction_outside_0_1_is_a_config_error(fraction, tmp_pat
     with pytest.raises(ConfigError, match=rf"objectives.masked_batch_fraction must be in \(0, 1\], got {fraction}"):
         load_config(PretrainConfig, ["configs/pretrain/tiny.yaml"],
                     [f"run.dir={tmp_path}", "data.train=x", f"objectives.masked_batch_fraction={fraction}"])
+
+
+def test_phrase_swaps_exchange_lined_up_words_between_phrases():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from pretrain.objectives.negatives import phrase_swaps
+
+    tokenizer = SimpleTokenizer(context_length=32)
+    captions = ["a photo of a large red circle and a small blue star", "one shape: a green triangle",
+                "a red circle, a red circle"]
+    separators = {t for word in ("and", ",") for t in tokenizer.encode(word)}
+    seen = set()
+    for u in (0.0, 0.4, 0.9):  # the draw picks which lined-up pair: the nouns, the colours or the sizes
+        negatives, valid = phrase_swaps(tokenizer(captions), separators, tokenizer.eot_token_id, torch.tensor([[0.0, u]] * 3))
+        assert valid.tolist() == [True, False, False]  # one phrase; two phrases that are the same words
+        seen.add(tokenizer.decode([t for t in negatives[0].tolist()[1:] if t not in (0, tokenizer.eot_token_id)]).strip())
+        assert torch.equal(negatives[1:], tokenizer(captions[1:]))
+    assert seen == {"a photo of a large red star and a small blue circle", "a photo of a large blue circle and a small red star",
+                    "a photo of a small red circle and a large blue star"}
+
+
+def test_hard_negatives_are_extra_columns_of_the_image_and_audio_to_text_directions():
+    a, b, negatives, scale = unit_rows(4), unit_rows(4, seed=1), unit_rows(3, seed=2), torch.tensor(10.0)
+    logits = scale * a @ torch.cat([b, negatives]).T
+    by_hand = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(scale * b @ a.T, torch.arange(4))) / 2
+    assert torch.allclose(clip_loss(a, b, scale, WS1, negatives=negatives), by_hand, atol=1e-6)
+    bias = torch.tensor(-3.0)
+    extra = -F.logsigmoid(-(scale * a @ negatives.T + bias)).sum() / 4
+    assert torch.allclose(siglip_loss(a, b, scale, bias, WS1, negatives=negatives),
+                          siglip_loss(a, b, scale, bias, WS1) + extra, atol=1e-5)
+
+
+def test_hard_negatives_reach_the_text_tower_for_captions_with_phrases(tiny):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer(context_length=32)
+    batch = make_batch(n=4, missing=False)
+    batch["text"] = tokenizer(["a red circle and a blue star", "a green cross", "a large star and a small circle",
+                               "one shape: a cross"])
+    plain = build_objectives(load_config(ObjectivesConfig, [], []))[0]
+    (negated,) = build_objectives(load_config(ObjectivesConfig, [], ["contrastive.hard_negatives=true"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        base = plain(tiny, batch, Forward(tiny, batch), WS1)
+        harder = negated(tiny, batch, Forward(tiny, batch), WS1)
+    # Two more columns (two captions have phrases) can only raise the image/audio -> text cross-entropy.
+    for pair in ("image_text", "audio_text"):
+        assert harder[f"contrastive/{pair}"] > base[f"contrastive/{pair}"]
+    assert torch.equal(harder["contrastive/image_audio"], base["contrastive/image_audio"])
