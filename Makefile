@@ -23,15 +23,15 @@ install: $(STAMP)
 
 # Two runs at once. The SLURM tier (tests/slurm) runs at normal priority: its jobs' time limits and signals assume
 # the CPUs are there when they need them, and most of its time is spent waiting for the scheduler, job starts and
-# signals. Beside it, at the lowest priority (nice 19), the unit, integration and end-to-end tiers on two pytest
-# workers soak up every cycle the SLURM jobs leave (a test file stays on one worker, so its module fixtures are
-# built once). Files go out in collection order (--no-loadscope-reorder): the few long end-to-end and integration
+# signals. Beside it, at a lower priority (nice 10: the loader's worker_nice still has room above it), the unit,
+# integration and end-to-end tiers on two pytest workers soak up every cycle the SLURM jobs leave (a test file
+# stays on one worker, so its module fixtures are built once). Files go out in collection order (--no-loadscope-reorder): the few long end-to-end and integration
 # files first, the many short unit files last, where they fill the gaps. The SLURM tier's report is printed after
 # the others' (it is written to $(SLURM_LOG) meanwhile); each part ends with its slowest tests.
 SLURM_LOG ?= .venv/test-slurm.log
 test: $(STAMP)
 	@$(PY) -m pytest -q tests/slurm > $(SLURM_LOG) 2>&1 & slurm=$$!; \
-	nice -n 19 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --ignore=tests/slurm; others=$$?; \
+	nice -n 10 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --ignore=tests/slurm; others=$$?; \
 	wait $$slurm; code=$$?; echo "--- tests/slurm (run alongside; $(SLURM_LOG)) ---"; cat $(SLURM_LOG); \
 	test $$others -eq 0 -a $$code -eq 0
 

@@ -160,7 +160,7 @@ def test_workers_run_at_the_configured_lower_priority(eight_shards):
     workers = [child for child in me.children() if child.pid not in before]
     niceness = [worker.nice() for worker in workers]
     del iterator
-    assert niceness == [me.nice() + 7] * 2
+    assert niceness == [min(me.nice() + 7, 19)] * 2  # 19 is the lowest priority there is
 
 
 def test_workers_write_batches_again_only_into_memory_the_loop_has_dropped(tmp_path):
