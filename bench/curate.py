@@ -3,12 +3,21 @@ near-duplicate search scales.
 
     .venv/bin/python bench/curate.py --data DEMO/eval_shards --scorer DEMO/release     # make demo's folders
     .venv/bin/python bench/curate.py --data DEMO/shards --scale 1000000                # + the 1M-hash timing
+    .venv/bin/python bench/curate.py --data POOL --scorer SCORER --semantic-clusters 100 --balance 300
+    .venv/bin/python bench/curate.py --data POOL --scorer SCORER --train 600 --eval HELD_OUT [--train-override ...]
+    .venv/bin/python bench/curate.py --data POOL --semantic-scale 1000000              # SemDeDup on 1M x 512
 
 Plants into a copy of ``--data``: ``--swap`` of the captions exchanged between samples, ``--exact`` byte-identical
 copies and ``--near`` re-encoded (JPEG quality 60-90) and resized (75-90%) copies of random samples, each copy right
 after a random later sample. Then runs ``mmfuse curate`` (without and, given ``--scorer``, with a model's scores) and
 prints precision and recall per planted kind, the false removals among the originals, and the time. ``--scale N``
 also times the near-duplicate search alone on N random 64-bit hashes with 1% planted near copies.
+``--semantic-clusters K``: SemDeDup alone on the scorer's embeddings at three thresholds (copies found, originals
+dropped). ``--balance T``: concept balancing with the world's class names as concepts. ``--train STEPS``: pre-trains
+the same steps on the curated subset (the scorer's ``similarity.min`` plus the hash de-duplication), on the whole
+noisy pool and on a random subset of the curated size, and prints each one's zero-shot accuracy on ``--eval``.
+``--semantic-scale N``: SemDeDup alone on N random 512-d embeddings (1,000 clusters, 1% planted copies).
+``--throughput``: scoring inside ``mmfuse curate`` (one process) against a bare decode-and-embed loop.
 """
 
 from __future__ import annotations
@@ -53,10 +62,11 @@ def make_noisy(data: Path, out: Path, swap: float, exact: float, near: float, se
     flat = [sample for shard in shards for sample in shard]
     planted: dict[str, str] = {}
     chosen = rng.choice(len(flat), int(swap * len(flat)), replace=False)
-    for i, j in zip(chosen, np.roll(chosen, 1)):  # each chosen sample takes the next chosen one's caption
-        if flat[j]["txt"] != flat[i]["txt"]:
+    captions = [flat[j]["txt"] for j in np.roll(chosen, 1)]  # read before any is written over
+    for i, text in zip(chosen, captions):  # each chosen sample takes the previous chosen one's caption
+        if text != flat[i]["txt"]:
             planted[flat[i]["__key__"]] = "swapped"
-        flat[i] = {**flat[i], "txt": flat[j]["txt"]}
+        flat[i] = {**flat[i], "txt": text}
     copies: dict[int, list[dict]] = {}
     for kind, share in (("duplicate", exact), ("near_duplicate", near)):
         for n, source in enumerate(rng.choice(len(flat), int(share * len(flat)), replace=False)):
@@ -113,6 +123,128 @@ def scale(n: int, max_distance: int = 4, seed: int = 0) -> None:
           f"{int((found >= 0).sum()):,} found ({len(copies):,} planted within {max_distance} bits)")
 
 
+def semantic(work: Path, planted: dict[str, str], scorer: str, clusters: int) -> None:
+    """SemDeDup alone (the hash filters off) on the scorer's scans: the planted copies it finds, and what else it drops."""
+    for threshold in (0.99, 0.97, 0.95):
+        index, seconds = curate(work / "noisy", work / "scored", "captions.min_words=0", f"scorer={scorer}",
+                                "dedup.exact=false", "dedup.near=false", f"semantic_dedup.clusters={clusters}",
+                                f"semantic_dedup.threshold={threshold}")
+        copies = {key for key, kind in planted.items() if kind in ("duplicate", "near_duplicate")}
+        dropped = {row["key"] for row in index if row["reason"] == "semantic_duplicate"}
+        originals = [row for row in index if row["key"] not in planted]
+        others = sum(row["reason"] == "semantic_duplicate" for row in originals)
+        print(f"[semantic_dedup.threshold={threshold}, clusters {clusters}, {seconds:.0f} s] copies planted "
+              f"{len(copies)}, found {len(copies & dropped)} (recall {len(copies & dropped) / max(len(copies), 1):.3f}); "
+              f"originals dropped {others} of {len(originals)} ({others / max(len(originals), 1):.1%})")
+
+
+def balance(work: Path, cap: int) -> None:
+    """Concept balancing with the world's 30 class names (singular and plural) as the concept list."""
+    from collections import Counter
+
+    from data_pipeline.synth import CLASSES, PLURALS
+
+    concepts = work / "concepts.txt"
+    concepts.write_text("".join(f"{name}\n{name.split()[0]} {PLURALS[name.split()[1]]}\n" for name in CLASSES))
+    index, seconds = curate(work / "noisy", work / "plain", "captions.min_words=0", f"balance.concepts_file={concepts}",
+                            f"balance.max_per_concept={cap}")
+    matched = Counter(name for row in index if row["reason"] in ("", "concept_over_cap") for name in row["concepts"])
+    kept = Counter(name for row in index if row["kept"] for name in row["concepts"])
+    tail = {name for name, n in matched.items() if n <= cap}
+    tail_rows = [row for row in index if row["reason"] in ("", "concept_over_cap") and row["concepts"]
+                 and set(row["concepts"]) <= tail]
+    print(f"[balance.max_per_concept={cap}, {seconds:.0f} s] concepts matched {len(matched)} (head {len(matched) - len(tail)}); "
+          f"per concept matched {min(matched.values())}..{max(matched.values())} -> kept {min(kept.values())}.."
+          f"{max(kept.values())}; tail-only samples kept {sum(row['kept'] for row in tail_rows)} of {len(tail_rows)}; "
+          f"kept {sum(row['kept'] for row in index)} of {len(index)}")
+
+
+def train(work: Path, curated: Path, eval_data: Path, steps: int, seed: int, overrides: list[str]) -> None:
+    """Pre-trains the same steps on the curated subset, on the whole noisy pool and on a random subset of the curated
+    size, and prints each one's zero-shot accuracy on the clean held-out shards."""
+    import pyarrow as pa
+
+    from data_pipeline.curate.scan import write_table
+
+    index = pq.read_table(curated / "index.parquet")
+    kept = np.asarray(index["kept"].to_pylist())
+    random = np.zeros(len(kept), dtype=bool)
+    random[np.random.default_rng(seed).choice(len(kept), int(kept.sum()), replace=False)] = True
+    (work / "random").mkdir(exist_ok=True)
+    write_table(str(work / "random" / "index.parquet"), index.select(["shard", "position", "key"]).append_column(
+        "kept", pa.array(random)))
+    for name, keep in (("curated", [f"data.keep={curated}"]), ("full pool", []),
+                       ("random subset", [f"data.keep={work / 'random'}"])):
+        run = work / f"run-{name.replace(' ', '-')}"
+        started = time.perf_counter()
+        assert cli(["pretrain", "--config", "configs/pretrain/tiny.yaml", f"data.train={work / 'noisy'}",
+                    f"data.eval={eval_data}", f"run.dir={run}", f"run.steps={steps}", f"run.eval_every={steps}",
+                    "run.eval_untrained=false", *overrides, *keep]) == 0
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        last = [row for row in rows if "eval/zeroshot/image/top1" in row][-1]
+        samples = int(kept.sum()) if keep else len(kept)
+        print(f"[train {name}: {samples} samples, {steps} steps, {time.perf_counter() - started:.0f} s] zero-shot image "
+              f"top-1 {last['eval/zeroshot/image/top1']:.1f}%, audio {last.get('eval/zeroshot/audio/top1', float('nan')):.1f}%, "
+              f"image->text R@1 {last.get('eval/retrieval/image_to_text/R@1', float('nan')):.1f}%")
+
+
+def throughput(data: Path, scorer: str, work: Path, samples: int = 8192, batch: int = 64) -> None:
+    """Scoring inside ``mmfuse curate`` (one process: read, hash, decode, embed, write the scan) against a bare loop
+    over the same image-text samples (read, decode, embed), both loading the release and using torch's threads;
+    the libraries are imported before either clock starts."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    import pretrain.scorer  # noqa: F401  (what the scan imports when it loads its scorer)
+    from pretrain.release import load_release
+    from tests.loaderdata import write_tar
+
+    pairs = [{"__key__": r.key, "jpg": r.members["jpg"], "txt": r.members["txt"]}
+             for t in sorted(data.glob("*.tar")) for r in iter_samples(str(t), {"jpg", "txt"}, 1 << 30)][:samples]
+    plain = work / "image_text"
+    plain.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(pairs), 512):
+        write_tar(plain / f"shard-{i // 512:06d}.tar", pairs[i:i + 512])
+    (plain / "sizes.json").write_text(json.dumps({f"shard-{i // 512:06d}.tar": len(pairs[i:i + 512])
+                                                  for i in range(0, len(pairs), 512)}))
+    _, ours = curate(plain, work / "throughput", f"scorer={scorer}", "processes=1", "captions.min_words=0",
+                     f"scorer_batch_size={batch}", "dedup.exact=false", "dedup.near=false", "sheet_samples=0")
+    started = time.perf_counter()
+    model, _ = load_release(scorer)
+    model.eval()
+    transform = open_clip.image_transform(model.cfg.image.image_size, is_train=False)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.cfg.text.context_length)
+    scores = []
+    with torch.no_grad():
+        for tar in sorted(plain.glob("*.tar")):
+            rows = list(iter_samples(str(tar), {"jpg", "txt"}, 1 << 30))
+            for i in range(0, len(rows), batch):
+                chunk = rows[i:i + batch]
+                images = torch.stack([transform(Image.open(io.BytesIO(r.members["jpg"])).convert("RGB")) for r in chunk])
+                texts = tokenizer([r.members["txt"].decode() for r in chunk])
+                scores.append((model.embed("image", images) * model.embed("text", texts)).sum(-1))
+    bare = time.perf_counter() - started
+    print(f"scoring throughput, {len(pairs)} image-text samples, one process: mmfuse curate {len(pairs) / ours:.0f} "
+          f"samples/s, bare loop {len(pairs) / bare:.0f} samples/s ({bare / ours:.2f}x the bare loop)")
+
+
+def semantic_scale(n: int, width: int = 512, clusters: int = 1000, seed: int = 0) -> None:
+    """SemDeDup alone on ``n`` random unit vectors with 1% planted copies (cosine ~0.97 to their source)."""
+    from data_pipeline.curate.filters import semantic_duplicates
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, width), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    copies = rng.choice(n - 1, n // 100, replace=False)
+    noise = rng.standard_normal((len(copies), width), dtype=np.float32)
+    vectors[copies + 1] = vectors[copies] + 0.25 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    started = time.perf_counter()
+    found = semantic_duplicates(vectors, np.ones(n, dtype=bool), np.zeros(n), clusters, 0.95, seed=seed)
+    print(f"semantic dedup: {n:,} x {width} embeddings, {clusters:,} clusters: {time.perf_counter() - started:.1f} s, "
+          f"{int((found >= 0).sum()):,} found ({len(copies):,} planted)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a sharded dataset of the synthetic world")
@@ -122,6 +254,15 @@ def main() -> int:
     parser.add_argument("--near", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=int, default=0, help="also time the near-duplicate search on N hashes")
+    parser.add_argument("--semantic-clusters", type=int, default=0, help="with --scorer: SemDeDup with k clusters")
+    parser.add_argument("--balance", type=int, default=0, help="concept balancing at this max_per_concept")
+    parser.add_argument("--train", type=int, default=0,
+                        help="with --scorer: pre-train this many steps on curated / full / random data")
+    parser.add_argument("--eval", type=Path, default=None, help="clean held-out shards for --train's zero-shot")
+    parser.add_argument("--train-override", nargs="*", default=[], help="--train's pretrain overrides")
+    parser.add_argument("--train-min-similarity", type=float, default=0.5, help="--train's similarity.min")
+    parser.add_argument("--semantic-scale", type=int, default=0, help="also time SemDeDup on N 512-d embeddings")
+    parser.add_argument("--throughput", action="store_true", help="with --scorer: scoring against a bare loop")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mmfuse-bench-curate-") as tmp:
@@ -140,8 +281,21 @@ def main() -> int:
                 index, seconds = curate(work / "noisy", work / "scored", "captions.min_words=0",
                                         f"scorer={args.scorer}", rule)
                 print(f"[{rule}, {seconds:.0f} s] " + score(index, planted, "swapped", ("low_similarity",)))
+            if args.semantic_clusters:
+                semantic(work, planted, args.scorer, args.semantic_clusters)
+        if args.balance:
+            balance(work, args.balance)
+        if args.train:
+            index, _ = curate(work / "noisy", work / "scored", "captions.min_words=0", f"scorer={args.scorer}",
+                              f"similarity.min={args.train_min_similarity}")
+            print("curated for training: " + score(index, planted, "swapped", ("low_similarity",)))
+            train(work, work / "scored", args.eval, args.train, args.seed, args.train_override)
+        if args.throughput:
+            throughput(args.data, args.scorer, work)
     if args.scale:
         scale(args.scale)
+    if args.semantic_scale:
+        semantic_scale(args.semantic_scale)
     return 0
 
 

@@ -108,13 +108,14 @@ class Trainer:
 
     def data_inputs(self, dataset: str, is_train: bool) -> tuple:
         """(loader config for ``dataset``, image transform, tokenizer). Derived values come from the model: image
-        size and context length are the towers' (the audio shape was set from it in ``__init__``)."""
+        size and context length are the towers' (the audio shape was set from it in ``__init__``). A curated subset
+        (``data.keep``) is of the training data: the evaluation reads all of ``data.eval``."""
         import open_clip
 
         model_cfg, data = self.cfg.model, self.cfg.data
         transform = open_clip.image_transform(model_cfg.image.image_size, is_train=is_train)
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg.text.context_length)
-        return dataclasses.replace(data, train=dataset), transform, tokenizer
+        return dataclasses.replace(data, train=dataset, keep=data.keep if is_train else ""), transform, tokenizer
 
     def build_loader(self) -> Loader:
         """The training loader, decoding only the modalities some objective reads (an image-text run on shards

@@ -107,3 +107,109 @@ def _close_pairs(group: np.ndarray, hashes: np.ndarray, max_distance: int, near:
         later_only = np.arange(len(group))[None, :] > np.arange(start, start + len(rows))[:, None]
         for i, j in zip(*np.nonzero((distance <= max_distance) & later_only)):
             near.setdefault(int(group[j]), set()).add(int(group[start + i]))
+
+
+def semantic_duplicates(embeddings: np.ndarray, alive: np.ndarray, preference: np.ndarray, clusters: int,
+                        threshold: float, iterations: int = 20, seed: int = 0, block: int = 1024) -> np.ndarray:
+    """SemDeDup: for each sample, the index of the kept sample of its k-means cluster that it is within
+    ``threshold`` cosine of (the most similar one), else -1. Within a cluster, samples are visited best first (highest
+    ``preference``, NaN last, then sample order), and a sample is kept unless it is that close to one kept before it;
+    only ``alive`` samples take part."""
+    original = np.full(len(embeddings), -1, dtype=np.int64)
+    members = np.flatnonzero(alive)
+    if len(members) < 2:
+        return original
+    vectors = np.asarray(embeddings[members], dtype=np.float32)
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    labels = kmeans(vectors, min(clusters, len(members)), iterations, seed)
+    rank = np.nan_to_num(np.asarray(preference, dtype=np.float64)[members], nan=-np.inf)
+    order = np.lexsort((members, -rank, labels))  # by cluster, then best first, then sample order
+    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], len(order)]):
+        group = order[start:stop]
+        found = _greedy(vectors[group], threshold, block)
+        copies = np.flatnonzero(found >= 0)
+        original[members[group[copies]]] = members[group[found[copies]]]
+    return original
+
+
+def kmeans(vectors: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
+    """Spherical k-means (faiss) cluster labels of unit ``vectors``; deterministic for a seed."""
+    import logging
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, at INFO
+    import faiss
+
+    model = faiss.Kmeans(vectors.shape[1], k, niter=iterations, seed=seed, spherical=True, verbose=False,
+                         min_points_per_centroid=1)
+    model.train(vectors)
+    return model.index.search(vectors, 1)[1][:, 0]
+
+
+def _greedy(vectors: np.ndarray, threshold: float, block: int) -> np.ndarray:
+    """Rows visited in order: for each, the most similar earlier kept row at or above ``threshold`` cosine (then it is
+    not kept), else -1. Similarities are computed ``block`` rows at a time, so a large cluster never builds its whole
+    matrix and no pair list grows with the square of its size."""
+    original = np.full(len(vectors), -1, dtype=np.int64)
+    kept = np.zeros(len(vectors), dtype=bool)
+    for start in range(0, len(vectors), block):
+        similarity = vectors[start:start + block] @ vectors[:start + block].T
+        close = np.tril(similarity >= threshold, k=start - 1).any(axis=1)  # rows with any earlier row that close
+        for row in range(len(similarity)):
+            i = start + row
+            if close[row]:
+                candidates = np.where(kept[:i], similarity[row, :i], -np.inf)
+                best = int(np.argmax(candidates))
+                if candidates[best] >= threshold:
+                    original[i] = best
+                    continue
+            kept[i] = True
+    return original
+
+
+def concept_matches(captions: list[str], concepts: list[str]) -> tuple[list[str], list[list[int]]]:
+    """(the concepts as matched: lower-case words joined by spaces, one per distinct concept; per caption the indices
+    of the concepts it holds as whole words). Every word n-gram of a caption up to the longest concept is looked up
+    once, so a list of 500,000 concepts costs what a list of ten does."""
+    names: dict[str, int] = {}
+    for concept in concepts:
+        name = " ".join(WORD.findall(concept.lower()))
+        if name:
+            names.setdefault(name, len(names))
+    longest = max((name.count(" ") + 1 for name in names), default=0)
+    matches = []
+    for text in captions:
+        words = WORD.findall(text.lower())
+        found = {names[gram] for n in range(1, longest + 1) for i in range(len(words) - n + 1)
+                 if (gram := " ".join(words[i:i + n])) in names}
+        matches.append(sorted(found))
+    return list(names), matches
+
+
+def balance_concepts(matches: list[list[int]], alive: np.ndarray, cap: int, drop_unmatched: bool,
+                     seed: int) -> list[str]:
+    """MetaCLIP's balancing with an exact cap: per sample "" (kept), ``concept_over_cap`` or ``no_concept``.
+
+    A head concept is one matched by more than ``cap`` alive samples. A sample matching only tail concepts is kept.
+    The others are kept while every head concept they match has fewer than ``cap`` kept samples, visited in a seeded
+    random order: first those that also match a tail concept (so the tail loses as little as it can), then the rest.
+    So no concept ends with more than ``cap`` kept samples."""
+    alive_rows = np.flatnonzero(alive)
+    counts = Counter(concept for i in alive_rows for concept in matches[i])
+    used: Counter = Counter()
+    reasons = [""] * len(matches)
+    mixed, head_only = [], []
+    for i in alive_rows:
+        heads = [concept for concept in matches[i] if counts[concept] > cap]
+        if not matches[i]:
+            reasons[i] = "no_concept" if drop_unmatched else ""
+        elif heads:
+            (mixed if len(heads) < len(matches[i]) else head_only).append(i)
+    rng = np.random.default_rng(seed)
+    for i in [*rng.permutation(np.array(mixed, dtype=np.int64)), *rng.permutation(np.array(head_only, dtype=np.int64))]:
+        heads = [concept for concept in matches[i] if counts[concept] > cap]
+        if all(used[concept] < cap for concept in heads):
+            used.update(heads)
+        else:
+            reasons[i] = "concept_over_cap"
+    return reasons

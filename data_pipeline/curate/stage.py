@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.curate.config import CurateConfig
-from data_pipeline.curate.filters import WORD, caption_reasons, exact_duplicates, low_similarity, near_duplicates
+from data_pipeline.curate.filters import (WORD, balance_concepts, caption_reasons, concept_matches, exact_duplicates,
+                                          low_similarity, near_duplicates, semantic_duplicates)
 from data_pipeline.curate.scan import ScanTask, ScanWorker, read_table, scan_path, write_table
 from mmfuse.config import parse_args, to_dict
 from mmfuse.redact import redact, redact_values
@@ -60,6 +61,11 @@ def run(cfg: CurateConfig) -> dict:
         judged = np.isfinite(score)
         _write(fs, posixpath.join(root, "similarity.png"), score_histogram(
             score[judged].tolist(), np.asarray(index["kept"].to_pylist())[judged].tolist(), "scorer similarity"))
+    if cfg.sheet_samples:
+        from data_pipeline.curate.sheets import sheets
+
+        for outcome, png in sheets(index, scans["caption"].to_pylist(), source.shards, cfg, cfg.sheet_samples).items():
+            _write(fs, posixpath.join(root, "sheets", f"{outcome}.png"), png)
     print(one_line(summary), file=sys.stderr)
     if not summary["kept"]:
         raise ValueError(f"every one of the {summary['samples']} samples was dropped ({_reasons(summary)}): loosen the "
@@ -80,6 +86,17 @@ def preflight(cfg: CurateConfig) -> None:
     if "text" not in found and (cfg.captions.min_words or cfg.captions.max_words or cfg.captions.boilerplate):
         raise PreflightError(f"input.path has {', '.join(sorted(found)) or 'no known modality'} and no captions: the "
                              "caption rules would drop every sample (set captions.min_words=0, or check members.text)")
+    if cfg.balance.max_per_concept:
+        if "text" not in found:
+            raise PreflightError("balance matches captions against concepts, and input.path has no captions (check "
+                                 "members.text)")
+        try:
+            listed = concepts(cfg)
+        except (FileNotFoundError, UnicodeDecodeError) as err:
+            raise PreflightError(f"balance.concepts_file={redact(cfg.balance.concepts_file)}: {type(err).__name__}: "
+                                 "expected a UTF-8 text file of one concept per line") from None
+        if not any(WORD.findall(concept) for concept in listed):
+            raise PreflightError("balance.concepts / balance.concepts_file hold no concept (no word to match)")
     if "image" not in found and (cfg.dedup.exact or cfg.dedup.near):
         log.info("input.path has no images: the image de-duplication has nothing to compare")
 
@@ -120,6 +137,22 @@ def decide(scans: pa.Table, cfg: CurateConfig) -> pa.Table:
         for i, original in enumerate(find(alive)):
             if original >= 0:
                 reasons[i], duplicate_of[i] = reason, keys[original]
+    if cfg.semantic_dedup.clusters:
+        rules = cfg.semantic_dedup
+        vectors = embeddings(scans, rules.modality)
+        alive = np.array([not why for why in reasons]) & np.isfinite(vectors).all(axis=1) & vectors.any(axis=1)
+        pair = scans[f"{rules.modality}_text_similarity"].to_numpy(zero_copy_only=False)
+        found = semantic_duplicates(vectors, alive, pair, rules.clusters, rules.threshold, rules.iterations, rules.seed)
+        for i in np.flatnonzero(found >= 0):
+            reasons[i], duplicate_of[i] = "semantic_duplicate", keys[found[i]]
+    matched = None
+    if cfg.balance.max_per_concept:
+        names, matched = concept_matches(scans["caption"].to_pylist(), concepts(cfg))
+        alive = np.array([not why for why in reasons])
+        for i, why in enumerate(balance_concepts(matched, alive, cfg.balance.max_per_concept,
+                                                 cfg.balance.unmatched == "drop", cfg.balance.seed)):
+            reasons[i] = reasons[i] or why
+        matched = [[names[concept] for concept in row] for row in matched]
     words = [len(WORD.findall(text)) for text in scans["caption"].to_pylist()]
     scored = {name: scans[name] for name in ("image_text_similarity", "audio_text_similarity") if name in scans.column_names}
     return pa.table({
@@ -128,7 +161,29 @@ def decide(scans: pa.Table, cfg: CurateConfig) -> pa.Table:
         "duplicate_of": pa.array(duplicate_of), "caption_words": pa.array(words, pa.int32()),
         "width": scans["width"], "height": scans["height"],
         "phash": pa.array([f"{h:016x}" for h in scans["phash"].to_pylist()]), "digest": scans["digest"], **scored,
+        **({"concepts": pa.array(matched, pa.list_(pa.string()))} if matched is not None else {}),
     })
+
+
+def embeddings(scans: pa.Table, modality: str) -> np.ndarray:
+    """The scans' ``modality`` embeddings as a float32 matrix (zeros where a sample has none)."""
+    column = f"{modality}_embedding"
+    if column not in scans.column_names:
+        raise ValueError(f"semantic_dedup.modality={modality}: the scorer's scans hold no {modality} embeddings "
+                         f"(its columns: {', '.join(n for n in scans.column_names if n.endswith('_embedding'))})")
+    array = scans[column].combine_chunks()
+    width = array.type.list_size
+    return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+
+
+def concepts(cfg: CurateConfig) -> list[str]:
+    """balance.concepts plus the lines of balance.concepts_file (blank lines and # comments skipped)."""
+    listed = list(cfg.balance.concepts)
+    if cfg.balance.concepts_file:
+        fs, path = filesystem(cfg.balance.concepts_file)
+        lines = fs.cat_file(path).decode("utf-8").splitlines()
+        listed += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return listed
 
 
 def similarity(scans: pa.Table) -> np.ndarray | None:
@@ -143,9 +198,21 @@ def similarity(scans: pa.Table) -> np.ndarray | None:
 def summarize(index: pa.Table, cfg: CurateConfig) -> dict:
     reasons = Counter(why for why in index["reason"].to_pylist() if why)
     kept = sum(index["kept"].to_pylist())
-    return {"input": redact(cfg.input.path), "samples": index.num_rows, "kept": kept,
-            "shards": len(set(index["shard"].to_pylist())), "dropped": dict(reasons.most_common()),
-            "settings": redact_values({k: v for k, v in to_dict(cfg).items() if k not in ("input", "output")})}
+    summary = {"input": redact(cfg.input.path), "samples": index.num_rows, "kept": kept,
+               "shards": len(set(index["shard"].to_pylist())), "dropped": dict(reasons.most_common()),
+               "settings": redact_values({k: v for k, v in to_dict(cfg).items() if k not in ("input", "output")})}
+    if "concepts" in index.column_names:
+        summary["concepts"] = concept_counts(index)
+    return summary
+
+
+def concept_counts(index: pa.Table) -> dict[str, dict[str, int]]:
+    """Per concept, the samples whose caption matched it and the kept ones, most matched first."""
+    matched, kept = Counter(), Counter()
+    for names, keep in zip(index["concepts"].to_pylist(), index["kept"].to_pylist()):
+        matched.update(names)
+        kept.update(names if keep else [])
+    return {name: {"matched": count, "kept": kept[name]} for name, count in matched.most_common()}
 
 
 def one_line(summary: dict) -> str:
@@ -166,6 +233,15 @@ def report(index: pa.Table, summary: dict, examples: int = 5) -> str:
         lines.append(f"| {reason} | {count} | {count / summary['samples']:.1%} | {shown} |")
     if "image_text_similarity" in index.column_names:
         lines += ["", "![similarity of kept and dropped samples](similarity.png)"]
+    if "concepts" in summary:
+        lines += ["", f"Concepts matched: {len(summary['concepts'])} (the {examples * 2} most frequent):", "",
+                  "| concept | matched | kept |", "|---|---|---|"]
+        lines += [f"| {name} | {counts['matched']} | {counts['kept']} |"
+                  for name, counts in list(summary["concepts"].items())[:examples * 2]]
+    if summary["settings"].get("sheet_samples"):
+        outcomes = ["kept", *summary["dropped"]] if summary["kept"] else list(summary["dropped"])
+        lines += ["", "Samples of each outcome (sheets/):", ""]
+        lines += [f"- {outcome}: ![{outcome}](sheets/{outcome}.png)" for outcome in outcomes]
     lines += ["", "Train on the kept samples, read from the original shards:", "",
               f"    mmfuse pretrain ... data.train={summary['input']} data.keep=<this folder>", "",
               "Settings: `" + json.dumps(summary["settings"], sort_keys=True) + "`", ""]

@@ -106,6 +106,18 @@ def test_the_loader_reads_exactly_the_kept_samples_from_the_original_shards(nois
     assert [batch["__key__"] for batch in resumed] == batches[1][3:]
 
 
+def test_pre_training_on_the_kept_samples_evaluates_on_the_whole_held_out_set(noisy, shards, tmp_path):
+    from tests.integration.pretraining import metrics, pretrain
+
+    dataset, _ = noisy
+    assert curate(dataset, tmp_path / "out") == 0
+    # The eval shards share the pool's shard names but hold fewer samples: the subset index is the pool's only.
+    pretrain(dataset, tmp_path / "run", f"data.keep={tmp_path}/out", f"data.eval={shards}", "launch.nproc=1",
+             "run.steps=2", "run.eval_every=2", "run.eval_untrained=false", "eval.batch_size=32")
+    (evaluated,) = [row for row in metrics(tmp_path / "run") if "eval/samples" in row]
+    assert evaluated["eval/samples"] == 96  # every held-out sample, none dropped by the training's subset
+
+
 def test_bad_input_stops_before_any_shard_is_read(noisy, shards, tmp_path, capsys):
     dataset, _ = noisy
     # Every sample dropped: an error, with the decisions written to look at.
@@ -192,3 +204,57 @@ def test_similarity_rules_without_a_scorer_are_a_config_error(noisy, tmp_path, c
     dataset, _ = noisy
     assert curate(dataset, tmp_path / "out", "similarity.min=0.3") == 2
     assert "set scorer=RELEASE" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_concept_balancing_caps_every_concept_and_keeps_the_tail(noisy, tmp_path, capsys):
+    from data_pipeline.synth import CLASSES, PLURALS
+
+    dataset, _ = noisy
+    concepts = tmp_path / "concepts.txt"
+    lines = ["# the shapes world's classes, singular and plural"]
+    lines += [f"{name}\n{name.split()[0]} {PLURALS[name.split()[1]]}" for name in CLASSES]
+    concepts.write_text("\n".join(lines) + "\n")
+    rules = [f"balance.concepts_file={concepts}", "balance.max_per_concept=4", "balance.unmatched=drop",
+             # The planted empty and spam captions (on copied pictures) reach the balancing, and name no concept.
+             "captions.min_words=0", "captions.max_repeat=0", "dedup.exact=false", "dedup.near=false"]
+    assert curate(dataset, tmp_path / "out", *rules) == 0
+    index = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
+    summary = json.loads((tmp_path / "out" / "curate.json").read_text())
+    kept = Counter(name for row in index if row["kept"] for name in row["concepts"])
+    assert max(kept.values()) == 4 and summary["dropped"]["concept_over_cap"] > 20
+    assert {name: counts["kept"] for name, counts in summary["concepts"].items() if counts["kept"]} == kept
+    judged = [row for row in index if row["reason"] in ("", "concept_over_cap", "no_concept")]
+    matched = Counter(name for row in judged for name in row["concepts"])
+    tail = {name for name, n in matched.items() if n <= 4}
+    assert tail and all(row["kept"] for row in judged if row["concepts"] and set(row["concepts"]) <= tail)
+    assert [row["key"] for row in judged if not row["concepts"]] == [row["key"] for row in index if row["reason"] == "no_concept"]
+    assert summary["dropped"]["no_concept"] == 8  # the planted empty and spam captions, two per shard
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "| concept | matched | kept |" in report
+    for outcome in ("kept", "concept_over_cap", "no_concept"):  # a contact sheet per outcome, linked from the report
+        assert (tmp_path / "out" / "sheets" / f"{outcome}.png").read_bytes().startswith(b"\x89PNG")
+        assert f"(sheets/{outcome}.png)" in report
+    # Decided again from the same scans with the same seed: the same subset.
+    assert curate(dataset, tmp_path / "out", *rules) == 0
+    assert pq.read_table(tmp_path / "out" / "index.parquet").to_pylist() == index
+    # A concept file that is not there: said before any shard is read.
+    assert curate(dataset, tmp_path / "bad", f"balance.concepts_file={tmp_path}/nosuch.txt", "balance.max_per_concept=4") == 1
+    assert "balance.concepts_file=" in capsys.readouterr().err and not (tmp_path / "bad" / "scan").exists()
+
+
+def test_semantic_dedup_drops_copies_by_their_embeddings(noisy, scorer, tmp_path):
+    dataset, planted = noisy
+    out = tmp_path / "out"
+    args = [f"scorer={scorer}", "dedup.exact=false", "dedup.near=false", "semantic_dedup.clusters=4",
+            "semantic_dedup.threshold=0.999"]
+    assert curate(dataset, out, *args) == 0
+    index = {row["key"]: row for row in pq.read_table(out / "index.parquet").to_pylist()}
+    # A byte-identical copy has its original's embedding and caption: the earlier one, the original, is kept.
+    for key, (reason, original) in planted.items():
+        if reason == "duplicate":
+            assert (index[key]["reason"], index[key]["duplicate_of"]) == ("semantic_duplicate", original)
+            assert index[original]["kept"]
+    assert curate(dataset, out, *args) == 0  # the same seed and scans: the same subset
+    again = pq.read_table(out / "index.parquet").select(["key", "reason", "duplicate_of"]).to_pylist()
+    assert again == [{name: index[row["key"]][name] for name in row} for row in again]
+    assert sum(row["reason"] == "semantic_duplicate" for row in again) >= 8

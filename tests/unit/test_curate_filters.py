@@ -1,11 +1,14 @@
 """mmfuse curate's filters as pure functions: near duplicates against a brute-force search, first-copy-kept
 semantics, and each caption rule."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from data_pipeline.curate.config import CaptionRules, CurateConfig
-from data_pipeline.curate.filters import caption_reasons, exact_duplicates, low_similarity, near_duplicates
+from data_pipeline.curate.filters import (balance_concepts, caption_reasons, concept_matches, exact_duplicates,
+                                          low_similarity, near_duplicates, semantic_duplicates)
 from mmfuse.config import ConfigError, load_config
 
 
@@ -73,7 +76,87 @@ def test_each_caption_rule_gives_its_reason():
     assert caption_reasons(captions, CaptionRules(min_words=0)) == [""] * len(captions)
 
 
+def greedy(vectors, alive, preference, threshold):
+    """SemDeDup in one cluster, one sample at a time: best first, dropped when that close to one kept before."""
+    original = np.full(len(vectors), -1)
+    kept = []
+    for j in sorted(np.flatnonzero(alive), key=lambda i: (-np.nan_to_num(preference[i], nan=-np.inf), i)):
+        similarity = [float(vectors[i] @ vectors[j]) for i in kept]
+        if kept and max(similarity) >= threshold:
+            original[j] = kept[int(np.argmax(similarity))]
+        else:
+            kept.append(j)
+    return original
+
+
+def copies(rng, n, planted, width, noise):
+    vectors = rng.normal(size=(n, width)).astype(np.float32)
+    source = rng.integers(0, n, planted)
+    vectors = np.concatenate([vectors, vectors[source] + noise * rng.normal(size=(planted, width)).astype(np.float32)])
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), source
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.97])
+def test_semantic_duplicates_in_one_cluster_equal_a_one_at_a_time_search(threshold):
+    rng = np.random.default_rng(1)
+    vectors, _ = copies(rng, 300, 100, 16, 0.15)
+    alive = rng.random(len(vectors)) > 0.1
+    preference = np.where(rng.random(len(vectors)) < 0.1, np.nan, rng.random(len(vectors)))
+    found = semantic_duplicates(vectors, alive, preference, clusters=1, threshold=threshold, block=64)
+    assert (found == greedy(vectors, alive, preference, threshold)).all()
+    assert (found >= 0).sum() > 20 and (found[~alive] == -1).all()
+    assert (found[found >= 0] >= 0).all() and (found[found[found >= 0]] == -1).all()  # copies of kept samples
+
+
+def test_semantic_duplicates_find_planted_copies_keep_the_better_pair_and_repeat_for_a_seed():
+    rng = np.random.default_rng(2)
+    vectors, source = copies(rng, 2000, 200, 64, 0.05)  # a copy is ~0.96 cosine from its source, strangers ~0
+    preference = rng.random(len(vectors))
+    alive = np.ones(len(vectors), dtype=bool)
+    found = semantic_duplicates(vectors, alive, preference, clusters=20, threshold=0.9, seed=3)
+    assert (found[:2000] >= 0).sum() <= sum(preference[2000:] > preference[source])  # only sources that pair worse
+    pairs = [{int(s), 2000 + k} for k, s in enumerate(source)]
+    dropped = {int(i) for i in np.flatnonzero(found >= 0)}
+    assert sum(bool(pair & dropped) for pair in pairs) >= 0.95 * len(pairs)  # k-means rarely splits a pair
+    for i in dropped:  # the one kept of a pair is the one closer to its caption
+        assert preference[found[i]] >= preference[i]
+    assert (semantic_duplicates(vectors, alive, preference, 20, 0.9, seed=3) == found).all()
+
+
+def test_concepts_match_whole_words_in_any_case_and_multi_word_concepts_whole():
+    names, matched = concept_matches(
+        ["A RED circle and a blue square.", "reddish circles", "a circle, red", "concatenate", ""],
+        ["red circle", "circle", "Red", "cat", "  ", "red  circle"])
+    assert names == ["red circle", "circle", "red", "cat"]  # blank and repeated concepts once
+    assert matched == [[0, 1, 2], [], [1, 2], [], []]
+
+
+def test_balancing_caps_every_concept_keeps_every_tail_sample_and_repeats_for_a_seed():
+    rng = np.random.default_rng(4)
+    weights = 1 / np.arange(1, 41) ** 1.2  # a long tail: concept 0 in ~20% of captions, concept 39 in a few
+    matches = [sorted(set(rng.choice(40, rng.integers(1, 4), p=weights / weights.sum()).tolist())) for _ in range(3000)]
+    matches += [[]] * 50
+    alive = rng.random(len(matches)) > 0.05
+    reasons = balance_concepts(matches, alive, cap=60, drop_unmatched=False, seed=0)
+    kept = [i for i in range(len(matches)) if alive[i] and not reasons[i]]
+    matched = Counter(c for i in np.flatnonzero(alive) for c in matches[i])
+    counts = Counter(c for i in kept for c in matches[i])
+    assert max(counts.values()) <= 60 and max(matched.values()) > 300
+    tail = {c for c, n in matched.items() if n <= 60}
+    assert tail and all(not reasons[i] for i in np.flatnonzero(alive) if matches[i] and set(matches[i]) <= tail)
+    assert all(counts[c] == 60 for c, _ in matched.most_common(3))  # the largest fill their cap
+    assert all(reasons[i] == "" for i in np.flatnonzero(~alive))  # dropped before: not judged again
+    assert {reasons[i] for i in np.flatnonzero(alive)} == {"", "concept_over_cap"}
+    assert balance_concepts(matches, alive, 60, False, seed=0) == reasons
+    assert balance_concepts(matches, alive, 60, False, seed=1) != reasons
+    dropping = balance_concepts(matches, alive, 60, True, seed=0)
+    assert [i for i, why in enumerate(dropping) if why == "no_concept"] == [i for i in range(3000, 3050) if alive[i]]
+
+
 @pytest.mark.parametrize("override, message", [
+    ("semantic_dedup.clusters=8", "semantic_dedup compares a model's embeddings: set scorer=RELEASE"),
+    ("balance.max_per_concept=5", "balance.max_per_concept needs a concept list"),
+    ("balance.unmatched=maybe", "balance.unmatched keep or drop"),
     ("captions.max_words=2", "captions.max_words=2 is below captions.min_words=3"),
     ("dedup.max_distance=40", "dedup.max_distance must be within 0..32"),
     ("captions.max_repeat=1.5", "captions.max_repeat in [0, 1]"),
