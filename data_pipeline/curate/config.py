@@ -19,6 +19,10 @@ class CurateInputConfig:
 class CurateOutputConfig:
     path: str = MISSING
     """Folder (local or s3://) for index.parquet, REPORT.md, curate.json and the per-shard scans (scan/)."""
+    shards: str = ""
+    """Also write the kept samples as a dataset of their own here (local or s3://): shards of the original names
+    holding only the kept samples, members copied byte for byte, with sizes.json, for readers without
+    ``data.keep`` (plain WebDataset, open_clip's loader). Empty: the index alone."""
 
 
 @dataclass

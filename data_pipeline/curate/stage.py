@@ -70,6 +70,12 @@ def run(cfg: CurateConfig) -> dict:
     if not summary["kept"]:
         raise ValueError(f"every one of the {summary['samples']} samples was dropped ({_reasons(summary)}): loosen the "
                          f"rules; the decisions are in {redact(cfg.output.path)}/index.parquet")
+    if cfg.output.shards:
+        from data_pipeline.curate.materialize import write_kept
+
+        written = write_kept(index, source.shards, cfg.output.shards, cfg.output.path, cfg.processes)
+        print(f"curate: wrote the {written['written']} kept samples as {written['shards']} shards to "
+              f"{redact(cfg.output.shards)}", file=sys.stderr)
     return summary
 
 
@@ -82,6 +88,10 @@ def preflight(cfg: CurateConfig) -> None:
         raise PreflightError("input.path names several datasets ('::'): curate one at a time (data.keep applies to one)")
     check_dataset("input.path", cfg.input.path)
     check_output("output.path", cfg.output.path)
+    if cfg.output.shards:
+        if cfg.output.shards.rstrip("/") in (cfg.input.path.rstrip("/"), cfg.output.path.rstrip("/")):
+            raise PreflightError("output.shards must be a folder of its own, not input.path or output.path")
+        check_output("output.shards", cfg.output.shards)
     found = dataset_modalities(cfg.input.path, cfg.members)
     if "text" not in found and (cfg.captions.min_words or cfg.captions.max_words or cfg.captions.boilerplate):
         raise PreflightError(f"input.path has {', '.join(sorted(found)) or 'no known modality'} and no captions: the "

@@ -117,9 +117,10 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def iter_samples(url: str, wanted: set[str], max_member_bytes: int, skip: int = 0, retries: int = 3,
+def iter_samples(url: str, wanted: set[str] | None, max_member_bytes: int, skip: int = 0, retries: int = 3,
                  positions: Sequence[int] | None = None) -> Iterator[RawSample]:
     """Samples of one tar, in order, after skipping the first ``skip``; raises ShardError when the tar is bad.
+    ``wanted``: the member extensions read (None: every member).
     ``positions`` (ascending): only the samples at these indices (a curated subset), ending after the last one;
     the others are passed over by their headers, their data never read."""
     take = None if positions is None else set(positions)
@@ -152,7 +153,7 @@ def iter_samples(url: str, wanted: set[str], max_member_bytes: int, skip: int = 
                     if last is not None and index > last:
                         return
                     current = RawSample(key)
-                if index < skip or (take is not None and index not in take) or ext not in wanted:
+                if index < skip or (take is not None and index not in take) or (wanted is not None and ext not in wanted):
                     continue
                 if info.size > max_member_bytes:
                     current.skipped.append("member_too_large")

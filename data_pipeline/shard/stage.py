@@ -120,16 +120,21 @@ def finalize(cfg: ShardConfig, tasks: list[ShardTask], seconds: float) -> dict:
         if not fs.exists(path):
             raise RuntimeError(f"shard {task.shard_id} has no stats file after the run; rerun to finish it")
         stats.append(json.loads(fs.cat_file(path)))
-    sizes = {f"{s['shard']}.tar": s["written"] for s in stats}
+    summary = {**totals(stats), "seconds_this_run": round(seconds, 2), "config": _public_config(cfg)}
+    publish(cfg.output.path, {f"{s['shard']}.tar": s["written"] for s in stats}, summary)
+    return summary
+
+
+def totals(stats: list[dict]) -> dict:
+    """dataset.json's counts over the shards' stats files."""
     failed: Counter[str] = Counter()
     cleaned: Counter[str] = Counter()
+    members: Counter[str] = Counter()
     for s in stats:
         failed.update(s["failed"])
         cleaned.update(s.get("cleaned", {}))
-    members: Counter[str] = Counter()
-    for s in stats:
         members.update(s["bytes"]["members"])
-    summary = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "shards": len(stats),
         "input_rows": sum(s["input_rows"] for s in stats),
@@ -139,17 +144,19 @@ def finalize(cfg: ShardConfig, tasks: list[ShardTask], seconds: float) -> dict:
         "bytes": sum(s["bytes"]["tar"] for s in stats),
         "modalities": sorted({"image" if ext in ("jpg", "webp", "png") else {"txt": "text", "flac": "audio"}.get(ext, "") for ext in members} - {""}),
         "member_bytes": dict(sorted(members.items())),
-        "seconds_this_run": round(seconds, 2),
         "shard_seconds": round(sum(s["seconds"] for s in stats), 2),
-        "config": _public_config(cfg),
     }
-    if is_local(cfg.output.path):  # leftovers of a run killed while it finalized
+
+
+def publish(url: str, sizes: dict[str, int], summary: dict) -> None:
+    """sizes.json, then dataset.json: the two files that make a folder of shards a finished dataset."""
+    fs, root = filesystem(url)
+    if is_local(url):  # leftovers of a run killed while it finalized
         for pattern in (".sizes.json.tmp-*", ".dataset.json.tmp-*"):
             for stale in Path(root).glob(pattern):
                 stale.unlink()
     write_bytes(fs, join(root, "sizes.json"), json.dumps(sizes, indent=1).encode())
     write_bytes(fs, join(root, "dataset.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
-    return summary
 
 
 def _public_config(cfg: ShardConfig) -> dict:

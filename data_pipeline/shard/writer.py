@@ -38,9 +38,10 @@ def sample_key(shard_id: int, index: int, samples_per_shard: int) -> str:
 
 
 class ShardWriter:
-    def __init__(self, cfg: OutputConfig, shard_id: int):
+    def __init__(self, cfg: OutputConfig, shard_id: int, name: str = ""):
+        """``name``: the shard's file name without ``.tar``, when it is not ``cfg.prefix`` and ``shard_id``'s."""
         self.cfg = cfg
-        self.name = shard_name(cfg.prefix, shard_id)
+        self.name = name or shard_name(cfg.prefix, shard_id)
         self.fs, self.root = filesystem(cfg.path)
         local_dir = self.root if is_local(cfg.path) else tempfile.mkdtemp(prefix="mmfuse-shard-")
         self._local_dir = local_dir

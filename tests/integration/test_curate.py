@@ -106,6 +106,31 @@ def test_the_loader_reads_exactly_the_kept_samples_from_the_original_shards(nois
     assert [batch["__key__"] for batch in resumed] == batches[1][3:]
 
 
+def test_the_kept_samples_written_as_shards_of_their_own(noisy, tmp_path, capsys):
+    dataset, planted = noisy
+    out, copy = tmp_path / "out", tmp_path / "kept"
+    assert curate(dataset, out, f"output.shards={copy}") == 0
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    kept = [row for row in index if row["kept"]]
+    assert "wrote the 96 kept samples as 4 shards" in capsys.readouterr().err
+    assert cli(["verify", str(copy)]) == 0  # a finished dataset: sizes.json, dataset.json, stats agree with the tars
+    originals = {raw.key: raw.members for tar in sorted(Path(dataset).glob("*.tar"))
+                 for raw in iter_samples(str(tar), None, 1 << 30)}
+    copied = [raw for tar in sorted(copy.glob("*.tar")) for raw in iter_samples(str(tar), None, 1 << 30)]
+    assert [raw.key for raw in copied] == [row["key"] for row in kept]  # in dataset order, nothing else
+    assert all(raw.members == originals[raw.key] for raw in copied)  # every member, byte for byte
+    assert json.loads((copy / "dataset.json").read_text())["written"] == 96
+    # A stricter rerun rewrites the folder from the new index: a shard left with no kept sample goes.
+    assert curate(dataset, out, f"output.shards={copy}", "balance.concepts=[red circle]", "balance.max_per_concept=1",
+                  "balance.unmatched=drop") == 0
+    left = {row["shard"] for row in pq.read_table(out / "index.parquet").to_pylist() if row["kept"]}
+    assert sorted(p.name for p in copy.glob("*.tar")) == sorted(left) and len(left) == 1
+    assert cli(["verify", str(copy)]) == 0
+    # Not into the folder it reads.
+    assert curate(dataset, tmp_path / "again", f"output.shards={dataset}") == 1
+    assert "output.shards must be a folder of its own" in capsys.readouterr().err
+
+
 def test_pre_training_on_the_kept_samples_evaluates_on_the_whole_held_out_set(noisy, shards, tmp_path):
     from tests.integration.pretraining import metrics, pretrain
 
