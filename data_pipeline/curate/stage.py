@@ -96,6 +96,8 @@ def preflight(cfg: CurateConfig) -> None:
     if "text" not in found and (cfg.captions.min_words or cfg.captions.max_words or cfg.captions.boilerplate):
         raise PreflightError(f"input.path has {', '.join(sorted(found)) or 'no known modality'} and no captions: the "
                              "caption rules would drop every sample (set captions.min_words=0, or check members.text)")
+    if cfg.scorer:
+        check_scorer(cfg.scorer)
     if cfg.balance.max_per_concept:
         if "text" not in found:
             raise PreflightError("balance matches captions against concepts, and input.path has no captions (check "
@@ -111,12 +113,33 @@ def preflight(cfg: CurateConfig) -> None:
         log.info("input.path has no images: the image de-duplication has nothing to compare")
 
 
+def check_scorer(url: str) -> None:
+    """``scorer`` is an mmfuse release folder (config.json and weights), checked without loading it."""
+    from data_pipeline.preflight import PreflightError, check_credentials
+
+    check_credentials("scorer", url)
+    fs, root = filesystem(url)
+    config = posixpath.join(root, "config.json")
+    try:
+        release = json.loads(fs.cat_file(config)) if fs.exists(config) else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        release = {}
+    if release is None:
+        raise PreflightError(f"scorer={redact(url)!r} is not a release folder (no config.json): give the folder "
+                             "`mmfuse export` wrote")
+    if not (isinstance(release, dict) and str(release.get("format", "")).startswith("mmfuse-release/")):
+        raise PreflightError(f"scorer={redact(url)!r}: its config.json is not an mmfuse release's")
+    if not fs.exists(posixpath.join(root, "model.safetensors")):
+        raise PreflightError(f"scorer={redact(url)!r} has no model.safetensors")
+
+
 def check_scan_settings(cfg: CurateConfig, fs, root: str) -> None:
-    """Scans are reused by a rerun only when they were made reading the same members the same way."""
+    """Scans are reused by a rerun only when they were made reading the same members the same way (settings that
+    made no scan yet bind nothing: a run stopped before its first shard leaves the folder open to other ones)."""
     settings = json.dumps({"members": to_dict(cfg.members), "max_image_pixels": cfg.max_image_pixels,
                            "scorer": redact(cfg.scorer)}, sort_keys=True)
     path = posixpath.join(root, SCAN_SETTINGS)
-    if fs.exists(path):
+    if fs.exists(path) and fs.glob(posixpath.join(root, "scan", "*.parquet")):
         if fs.cat_file(path).decode() != settings:
             raise ValueError(f"{redact(cfg.output.path)} holds scans made with another scorer or other members / "
                              "max_image_pixels settings: use a new output.path, or rerun with the settings that made them")

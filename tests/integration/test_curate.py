@@ -225,6 +225,23 @@ def test_a_release_scores_every_pair_and_the_top_fraction_is_kept(noisy, scorer,
     assert (out / "similarity.png").read_bytes().startswith(b"\x89PNG") and "similarity.png" in (out / "REPORT.md").read_text()
 
 
+def test_a_wrong_scorer_is_one_line_before_any_shard_is_read_and_binds_nothing(noisy, tmp_path, capsys):
+    dataset, _ = noisy
+    out = tmp_path / "out"
+    assert curate(dataset, out, f"scorer={tmp_path}/nosuch") == 1
+    assert "is not a release folder (no config.json)" in capsys.readouterr().err and not (out / "scan").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model": {}}')
+    assert curate(dataset, out, f"scorer={tmp_path}/other") == 1
+    assert "its config.json is not an mmfuse release's" in capsys.readouterr().err
+    # The settings of a run stopped before its first scan bind nothing: the corrected rerun goes ahead.
+    (out / "scan").mkdir(parents=True)
+    (out / "scan" / "settings.json").write_text('{"scorer": "a typo"}')
+    assert curate(dataset, out) == 0
+    assert curate(dataset, out, "max_image_pixels=1000") == 1  # once scans exist, they do bind
+    assert "holds scans made with another scorer" in capsys.readouterr().err
+
+
 def test_similarity_rules_without_a_scorer_are_a_config_error(noisy, tmp_path, capsys):
     dataset, _ = noisy
     assert curate(dataset, tmp_path / "out", "similarity.min=0.3") == 2
