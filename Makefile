@@ -25,9 +25,10 @@ install: $(STAMP)
 # the CPUs are there when they need them, and most of its time is spent waiting for the scheduler, job starts and
 # signals. Beside it, at a lower priority (nice 10: the loader's worker_nice still has room above it), the unit,
 # integration and end-to-end tiers on two pytest workers soak up every cycle the SLURM jobs leave (a test file
-# stays on one worker, so its module fixtures are built once). Files go out in collection order (--no-loadscope-reorder): the few long end-to-end and integration
-# files first, the many short unit files last, where they fill the gaps. The SLURM tier's report is printed after
-# the others' (it is written to $(SLURM_LOG) meanwhile); each part ends with its slowest tests.
+# stays on one worker, so its module fixtures are built once). Files go out in collection order
+# (--no-loadscope-reorder): the few long end-to-end and integration files first, the many short unit files last,
+# where they fill the gaps. The SLURM tier's report is printed after the others' (it is written to $(SLURM_LOG)
+# meanwhile); each part ends with its slowest tests.
 SLURM_LOG ?= .venv/test-slurm.log
 test: $(STAMP)
 	@$(PY) -m pytest -q tests/slurm > $(SLURM_LOG) 2>&1 & slurm=$$!; \

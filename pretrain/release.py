@@ -121,18 +121,32 @@ def save_release(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str, 
                 commit_file(str(staged / name), fs, join(root, name))
 
 
+def read_release_config(path: str, key: str = "") -> dict:
+    """A release folder's config.json, checked without reading the weights (no torch): a ValueError that names the
+    folder, after ``key=`` when given, and what it lacks."""
+    fs, root = filesystem(path)
+    named = f"{key}={redact(path)!r}" if key else repr(redact(path))
+    if not fs.exists(join(root, "config.json")):
+        raise ValueError(f"{named} is not a release folder (no config.json): give the folder `mmfuse export` wrote")
+    try:
+        release = json.loads(fs.cat_file(join(root, "config.json")))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        release = None
+    if not (isinstance(release, dict) and str(release.get("format", "")).startswith("mmfuse-release/")):
+        raise ValueError(f"{named}: config.json is not an mmfuse release config")
+    if not fs.exists(join(root, "model.safetensors")):
+        raise ValueError(f"{named} has config.json but no model.safetensors: an unfinished or partly copied release")
+    return release
+
+
 def load_release(path: str) -> tuple[MultimodalModel, dict]:
     """(model with weights, release config) from a release folder, local or on an object store."""
     from safetensors.torch import load_file
 
     from pretrain.model import MultimodalModel
 
+    release = read_release_config(path)
     fs, root = filesystem(path)
-    if not fs.exists(join(root, "config.json")):
-        raise ValueError(f"{redact(path)!r} is not a release folder (no config.json)")
-    release = json.loads(fs.cat_file(join(root, "config.json")))
-    if not str(release.get("format", "")).startswith("mmfuse-release/"):
-        raise ValueError(f"{redact(path)!r}: config.json is not an mmfuse release config")
     model = MultimodalModel(_model_config(release["model"]))
     with tempfile.TemporaryDirectory() as tmp:
         local = join(root, "model.safetensors") if is_local(path) else _download(fs, join(root, "model.safetensors"), tmp)

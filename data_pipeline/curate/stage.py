@@ -30,6 +30,7 @@ from mmfuse.storage import filesystem, write_bytes
 
 log = logging.getLogger(__name__)
 SCAN_SETTINGS = "scan/settings.json"
+RELEASE_CONFIG = "pretrain.release:read_release_config"
 
 
 def run(cfg: CurateConfig) -> dict:
@@ -114,23 +115,18 @@ def preflight(cfg: CurateConfig) -> None:
 
 
 def check_scorer(url: str) -> None:
-    """``scorer`` is an mmfuse release folder (config.json and weights), checked without loading it."""
+    """``scorer`` is a release folder, checked without loading it (``RELEASE_CONFIG``, named: this layer sits below
+    it)."""
+    import importlib
+
     from data_pipeline.preflight import PreflightError, check_credentials
 
     check_credentials("scorer", url)
-    fs, root = filesystem(url)
-    config = posixpath.join(root, "config.json")
+    module, _, name = RELEASE_CONFIG.partition(":")
     try:
-        release = json.loads(fs.cat_file(config)) if fs.exists(config) else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        release = {}
-    if release is None:
-        raise PreflightError(f"scorer={redact(url)!r} is not a release folder (no config.json): give the folder "
-                             "`mmfuse export` wrote")
-    if not (isinstance(release, dict) and str(release.get("format", "")).startswith("mmfuse-release/")):
-        raise PreflightError(f"scorer={redact(url)!r}: its config.json is not an mmfuse release's")
-    if not fs.exists(posixpath.join(root, "model.safetensors")):
-        raise PreflightError(f"scorer={redact(url)!r} has no model.safetensors")
+        getattr(importlib.import_module(module), name)(url, key="scorer")
+    except ValueError as err:
+        raise PreflightError(str(err)) from None
 
 
 def check_scan_settings(cfg: CurateConfig, fs, root: str) -> None:
@@ -199,12 +195,9 @@ def decide(scans: pa.Table, cfg: CurateConfig) -> pa.Table:
 
 
 def embeddings(scans: pa.Table, modality: str) -> np.ndarray:
-    """The scans' ``modality`` embeddings as a float32 matrix (zeros where a sample has none)."""
-    column = f"{modality}_embedding"
-    if column not in scans.column_names:
-        raise ValueError(f"semantic_dedup.modality={modality}: the scorer's scans hold no {modality} embeddings "
-                         f"(its columns: {', '.join(n for n in scans.column_names if n.endswith('_embedding'))})")
-    array = scans[column].combine_chunks()
+    """The scans' ``modality`` embeddings as a float32 matrix (zeros where a sample has none; a scorer's scans hold
+    all three)."""
+    array = scans[f"{modality}_embedding"].combine_chunks()
     width = array.type.list_size
     return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
 
