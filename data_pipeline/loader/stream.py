@@ -61,6 +61,17 @@ def _leave_sigterm_to_the_trainer() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _start_workers(loader) -> Iterator:
+    """``iter(loader)`` with SIGTERM held back. A worker installs torch's SIGTERM handler as it starts and ignores
+    SIGTERM only when it begins iterating: a SLURM stop between the two killed it (seen once in CI-sized runs). Forked
+    now, a worker inherits the blocked signal until it ignores it; this process gets its own when the call returns."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 _worker_processes: "weakref.WeakSet" = weakref.WeakSet()
 _reaper_registered = False
 
@@ -274,7 +285,7 @@ class Loader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
                             prefetch_factor=self.cfg.prefetch_factor if self.cfg.workers else None)
         self._epoch_stats = {}
-        iterator = iter(loader)
+        iterator = _start_workers(loader)
         _track_workers(iterator)
         while True:
             started = time.perf_counter()

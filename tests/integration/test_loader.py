@@ -1,7 +1,11 @@
 """The streaming loader over real shards with real DataLoader worker processes."""
 
 import json
+import os
+import re
+import signal
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +165,23 @@ def test_workers_run_at_the_configured_lower_priority(eight_shards):
     niceness = [worker.nice() for worker in workers]
     del iterator
     assert niceness == [min(me.nice() + 7, 19)] * 2  # 19 is the lowest priority there is
+
+
+def test_workers_start_with_sigterm_held_back_and_the_loop_does_not(eight_shards):
+    import psutil
+
+    def blocks_sigterm(pid):
+        status = Path(f"/proc/{pid}/status").read_text()
+        return bool(int(re.search(r"SigBlk:\s*([0-9a-f]+)", status).group(1), 16) & (1 << (signal.SIGTERM - 1)))
+
+    me = psutil.Process()
+    before = {child.pid for child in me.children()}
+    iterator = iter(build_loader(LoaderConfig(train=str(eight_shards), batch_size=4, workers=2)))
+    next(iterator)
+    workers = [child.pid for child in me.children() if child.pid not in before]
+    assert len(workers) == 2 and all(blocks_sigterm(pid) for pid in workers)  # a stop never kills one as it starts
+    assert not blocks_sigterm(os.getpid())  # the training process still gets it
+    del iterator
 
 
 def test_workers_write_batches_again_only_into_memory_the_loop_has_dropped(tmp_path):
