@@ -156,14 +156,15 @@ class CheckpointManager:
         if resume == "none":
             return None
         if resume == "auto":
-            tags = committed_tags(self.root)
-            if not tags and self.sync is not None:
+            if self.sync is not None:
                 # Nothing here (a new machine, a lost disk): the newest committed checkpoint in object storage.
-                if self.rank == 0:
+                # Rank 0 alone decides and every rank waits for it: a rank that looked for itself could find the
+                # download rank 0 had just finished, skip this barrier and leave rank 0 waiting in it forever.
+                if self.rank == 0 and not committed_tags(self.root):
                     self.root.mkdir(parents=True, exist_ok=True)
                     self.sync.download_newest(self.root)
                 dist.barrier()
-                tags = committed_tags(self.root)
+            tags = committed_tags(self.root)
             return (self.root, tags[-1]) if tags else None
         path = check_resume_path(resume)
         return path.parent, path.name
