@@ -13,15 +13,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.config import LEGACY_FRONT_END, AudioFeatureConfig, from_recorded
+from data_pipeline.config import AudioFeatureConfig, from_recorded
 from mmfuse.storage import filesystem, join
 from mmfuse.redact import redact
 from finetune.config import FinetuneConfig
-from mmfuse.config import CONFIG_ROOT
+from pretrain.model.pretrained import (WEIGHT_SUFFIXES, load_open_clip_model, model_config_for_open_clip,
+                                       open_clip_architecture)
 from mmfuse.schema import ConfigError
 from mmfuse.commits import MARKER, committed_tags
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -95,67 +95,8 @@ def load_checkpoint(cfg: FinetuneConfig):
         digest = _sha256(cfg.checkpoint.rstrip("/") + "/model.safetensors")
         return model, Checkpoint(cfg.checkpoint, kind, digest, release["model"]["flavor"],
                                  list(release.get("zeroshot", {}).get("templates", [])), release_front_end(release))
-    from pretrain.model import MultimodalModel
-    from pretrain.model.pretrained import load_open_clip_weights
-
-    model_cfg = model_config_for_open_clip(cfg.open_clip_model, cfg.flavor)
-    model = MultimodalModel(model_cfg)
-    load_open_clip_weights(model.clip, cfg.checkpoint)  # shape mismatches name the parameter
-    # open_clip has no audio: the new audio tower gets the loader's default front end at its own mel shape.
-    front_end = {**LEGACY_FRONT_END, "n_mels": model_cfg.audio.n_mels, "frames": model_cfg.audio.frames}
-    return model, Checkpoint(cfg.checkpoint, kind, _sha256(cfg.checkpoint), model_cfg.flavor, audio=front_end)
-
-
-def open_clip_architecture(name: str) -> dict:
-    """An open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) from a model name or a JSON file."""
-    if name.endswith(".json"):
-        fs, path = filesystem(name)
-        if not fs.exists(path):
-            raise ValueError(f"open_clip_model {redact(name)!r} does not exist")
-        config = json.loads(fs.cat_file(path))
-        config = config.get("model_cfg", config)  # open_clip_config.json wraps it with the preprocessing
-    else:
-        import open_clip
-
-        config = open_clip.get_model_config(name)
-        if config is None:
-            raise ConfigError(f"open_clip_model {name!r} is not an open_clip model name (see open_clip.list_models()) "
-                              "nor a .json config")
-    unsupported = [k for k in ("timm_model_name", "hf_model_name") for part in ("vision_cfg", "text_cfg")
-                   if config.get(part, {}).get(k)]
-    if unsupported or "vision_cfg" not in config or "text_cfg" not in config:
-        raise ConfigError(f"open_clip_model {name!r}: only open_clip's own ViT image and text transformers are supported "
-                          f"(this config uses {unsupported or 'another layout'})")
-    return config
-
-
-def model_config_for_open_clip(name: str, flavor: str = ""):
-    """Our ModelConfig whose image and text towers are the open_clip architecture ``name``. The audio tower (new)
-    comes from ``flavor`` if given, else mirrors the image tower's size."""
-    from mmfuse.config import load_config
-    from pretrain.model import ModelConfig
-
-    config = open_clip_architecture(name)
-    vision, text = config["vision_cfg"], config["text_cfg"]
-    base = load_config(ModelConfig, [str(CONFIG_ROOT / "model" / f"{flavor}.yaml")]) if flavor else ModelConfig(flavor="")
-    width = vision["width"]
-    heads = width // vision.get("head_width", 64)
-    base.embed_dim = config["embed_dim"]
-    base.open_clip_name = "" if name.endswith(".json") else name
-    base.image.image_size = vision["image_size"] if isinstance(vision["image_size"], int) else vision["image_size"][0]
-    base.image.patch_size, base.image.width, base.image.layers = vision["patch_size"], width, vision["layers"]
-    base.image.heads, base.image.mlp_ratio = heads, vision.get("mlp_ratio", 4.0)
-    base.text.context_length = text.get("context_length", 77)
-    base.text.vocab_size = text.get("vocab_size", 49408)
-    base.text.width, base.text.heads, base.text.layers = text["width"], text.get("heads", 8), text["layers"]
-    base.text.mlp_ratio = text.get("mlp_ratio", 4.0)
-    if not flavor:
-        base.audio.width, base.audio.layers, base.audio.heads = width, vision["layers"], heads
-        base.fusion.width, base.fusion.heads = text["width"], text.get("heads", 8)
-    if "init_logit_bias" in config:
-        base.contrastive = "siglip"
-    base.validate()
-    return base
+    model, front_end = load_open_clip_model(cfg.checkpoint, cfg.open_clip_model, cfg.flavor)
+    return model, Checkpoint(cfg.checkpoint, kind, _sha256(cfg.checkpoint), model.cfg.flavor, audio=front_end)
 
 
 def _sha256(path: str) -> str:

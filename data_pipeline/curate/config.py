@@ -113,8 +113,14 @@ class CurateConfig:
     captions: CaptionRules = field(default_factory=CaptionRules)
     dedup: DedupRules = field(default_factory=DedupRules)
     scorer: str = ""
-    """A release (``mmfuse export``'s folder, local or s3://) whose embeddings score every sample: the scans then
-    hold image / text / audio embeddings (fp16) and image-text / audio-text similarities, read by ``similarity``."""
+    """A model whose embeddings score every sample: a release (``mmfuse export``'s folder, local or s3://), or an
+    open_clip weights file (``open_clip_model.safetensors``, ``.bin``, a trainer's ``epoch_N.pt``) with
+    ``open_clip_model``. The scans then hold image / text / audio embeddings (fp16) and image-text / audio-text
+    similarities, read by ``similarity`` and ``semantic_dedup`` (an open_clip model has no audio tower: audio-text
+    stays unscored)."""
+    open_clip_model: str = ""
+    """The architecture of an open_clip ``scorer``: an open_clip model name (ViT-B-32) or its open_clip_config.json,
+    as in fine-tuning."""
     scorer_batch_size: int = 64
     """Samples the scorer embeds at once."""
     similarity: SimilarityRules = field(default_factory=SimilarityRules)
@@ -148,7 +154,7 @@ class CurateConfig:
                               f"and {rules.top_fraction}")
         if (rules.min > -1 or rules.top_fraction < 1) and not self.scorer:
             raise ConfigError("similarity.min / similarity.top_fraction read a model's scores: set scorer=RELEASE (an "
-                              "mmfuse export folder)")
+                              "mmfuse export folder, or an open_clip weights file with open_clip_model)")
         semantic = self.semantic_dedup
         if semantic.clusters < 0 or not -1 <= semantic.threshold <= 1 or semantic.iterations < 1:
             raise ConfigError("semantic_dedup.clusters must be >= 0, semantic_dedup.threshold in [-1, 1] and "
@@ -156,9 +162,11 @@ class CurateConfig:
                               f"{semantic.iterations}")
         if semantic.modality not in ("image", "audio"):
             raise ConfigError(f"semantic_dedup.modality={semantic.modality!r}: image or audio")
+        if self.open_clip_model and not self.scorer:
+            raise ConfigError("open_clip_model names the architecture of an open_clip scorer: set scorer=WEIGHTS too")
         if semantic.clusters and not self.scorer:
             raise ConfigError("semantic_dedup compares a model's embeddings: set scorer=RELEASE (an mmfuse export "
-                              "folder), or semantic_dedup.clusters=0")
+                              "folder, or an open_clip weights file with open_clip_model), or semantic_dedup.clusters=0")
         balance = self.balance
         if balance.max_per_concept < 0 or balance.unmatched not in ("keep", "drop"):
             raise ConfigError(f"balance.max_per_concept must be >= 0 and balance.unmatched keep or drop, got "

@@ -141,7 +141,7 @@ class ScanWorker:
 
             module = importlib.import_module(SCORER.partition(":")[0])
             self._scorer = getattr(module, SCORER.partition(":")[2])(self.cfg.scorer, self.cfg.members,
-                                                                     self.cfg.scorer_batch_size)
+                                                                     self.cfg.scorer_batch_size, self.cfg.open_clip_model)
         return self._scorer
 
     def __call__(self, task: ScanTask) -> dict:

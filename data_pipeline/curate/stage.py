@@ -30,7 +30,7 @@ from mmfuse.storage import filesystem, write_bytes
 
 log = logging.getLogger(__name__)
 SCAN_SETTINGS = "scan/settings.json"
-RELEASE_CONFIG = "pretrain.release:read_release_config"
+SCORER_MODALITIES = "pretrain.scorer:scorer_modalities"
 
 
 def run(cfg: CurateConfig) -> dict:
@@ -98,7 +98,7 @@ def preflight(cfg: CurateConfig) -> None:
         raise PreflightError(f"input.path has {', '.join(sorted(found)) or 'no known modality'} and no captions: the "
                              "caption rules would drop every sample (set captions.min_words=0, or check members.text)")
     if cfg.scorer:
-        check_scorer(cfg.scorer)
+        check_scorer_fits(cfg, found)
     if cfg.balance.max_per_concept:
         if "text" not in found:
             raise PreflightError("balance matches captions against concepts, and input.path has no captions (check "
@@ -114,26 +114,35 @@ def preflight(cfg: CurateConfig) -> None:
         log.info("input.path has no images: the image de-duplication has nothing to compare")
 
 
-def check_scorer(url: str) -> None:
-    """``scorer`` is a release folder, checked without loading it (``RELEASE_CONFIG``, named: this layer sits below
-    it)."""
+def check_scorer_fits(cfg: CurateConfig, found: set[str]) -> None:
+    """``scorer`` is a model that can score these shards, checked without loading it (``SCORER_MODALITIES``, named:
+    this layer sits below it): a release or an open_clip file with its architecture, embedding a caption and the
+    image or audio beside it, and the modality semantic_dedup compares."""
     import importlib
 
     from data_pipeline.preflight import PreflightError, check_credentials
 
-    check_credentials("scorer", url)
-    module, _, name = RELEASE_CONFIG.partition(":")
+    check_credentials("scorer", cfg.scorer)
+    module, _, name = SCORER_MODALITIES.partition(":")
     try:
-        getattr(importlib.import_module(module), name)(url, key="scorer")
+        embeds = set(getattr(importlib.import_module(module), name)(cfg.scorer, cfg.open_clip_model))
     except ValueError as err:
         raise PreflightError(str(err)) from None
+    both = embeds & found
+    what = f"scorer={redact(cfg.scorer)} embeds {', '.join(sorted(embeds))}, and input.path has {', '.join(sorted(found)) or 'no known modality'}"
+    if "text" not in both or not both & {"image", "audio"}:
+        raise PreflightError(f"{what}: no image-caption or audio-caption pair to score (check members, or the scorer)")
+    if cfg.semantic_dedup.clusters and cfg.semantic_dedup.modality not in both:
+        raise PreflightError(f"{what}: semantic_dedup.modality={cfg.semantic_dedup.modality} has no embeddings to "
+                             "compare (set semantic_dedup.modality to one that both have)")
 
 
 def check_scan_settings(cfg: CurateConfig, fs, root: str) -> None:
     """Scans are reused by a rerun only when they were made reading the same members the same way (settings that
     made no scan yet bind nothing: a run stopped before its first shard leaves the folder open to other ones)."""
-    settings = json.dumps({"members": to_dict(cfg.members), "max_image_pixels": cfg.max_image_pixels,
-                           "scorer": redact(cfg.scorer)}, sort_keys=True)
+    scorer = {"scorer": redact(cfg.scorer), **({"open_clip_model": redact(cfg.open_clip_model)} if cfg.open_clip_model else {})}
+    settings = json.dumps({"members": to_dict(cfg.members), "max_image_pixels": cfg.max_image_pixels, **scorer},
+                          sort_keys=True)
     path = posixpath.join(root, SCAN_SETTINGS)
     if fs.exists(path) and fs.glob(posixpath.join(root, "scan", "*.parquet")):
         if fs.cat_file(path).decode() != settings:

@@ -242,6 +242,49 @@ def test_a_wrong_scorer_is_one_line_before_any_shard_is_read_and_binds_nothing(n
     assert "holds scans made with another scorer" in capsys.readouterr().err
 
 
+def test_an_open_clip_checkpoint_scores_images_and_captions_as_the_release_does(noisy, scorer, tmp_path):
+    import numpy as np
+
+    dataset, _ = noisy
+    assert (scorer / "open_clip_model.safetensors").is_file()  # a patch-stem release carries open_clip's files too
+    common = ["dedup.near=false", "scorer_batch_size=16"]
+    assert curate(dataset, tmp_path / "ours", f"scorer={scorer}", *common) == 0
+    assert curate(dataset, tmp_path / "open_clip", f"scorer={scorer}/open_clip_model.safetensors",
+                  f"open_clip_model={scorer}/open_clip_config.json", *common) == 0
+    ours = pq.read_table(tmp_path / "ours" / "index.parquet")
+    theirs = pq.read_table(tmp_path / "open_clip" / "index.parquet")
+    # The same image and text towers read through open_clip's files: the same CLIP scores.
+    a, b = (t["image_text_similarity"].to_numpy(zero_copy_only=False) for t in (ours, theirs))
+    assert np.isfinite(a).sum() > 80 and np.array_equal(np.isfinite(a), np.isfinite(b))
+    assert np.allclose(a[np.isfinite(a)], b[np.isfinite(b)], atol=1e-5)
+    # open_clip has no audio tower: audio-text stays unscored and no audio embedding is written.
+    assert np.isnan(theirs["audio_text_similarity"].to_numpy(zero_copy_only=False)).all()
+    assert np.isfinite(ours["audio_text_similarity"].to_numpy(zero_copy_only=False)).any()
+    scan = pq.read_table(tmp_path / "open_clip" / "scan" / "shard-000000.parquet")
+    assert not np.asarray(scan["audio_embedding"].to_pylist(), dtype=np.float32).any()
+
+
+def test_a_scorer_that_cannot_score_these_shards_is_one_line_before_any_shard_is_read(noisy, scorer, tmp_path, capsys):
+    dataset, _ = noisy
+    weights, architecture = f"scorer={scorer}/open_clip_model.safetensors", f"open_clip_model={scorer}/open_clip_config.json"
+    cases = [
+        ([weights], "is an open_clip weights file: set open_clip_model to its architecture"),
+        ([weights, f"open_clip_model={tmp_path}/nosuch.json"], "does not exist"),
+        ([f"scorer={scorer}", architecture], "is for an open_clip weights file"),
+        # Read without their images (members.image matches nothing), the shards hold captions and audio only.
+        ([weights, architecture, "members.image=none"], "embeds image, text, and input.path has audio, text: no "
+         "image-caption or audio-caption pair to score"),
+        ([weights, architecture, "semantic_dedup.clusters=4", "semantic_dedup.modality=audio"],
+         "semantic_dedup.modality=audio has no embeddings to compare"),
+    ]
+    for overrides, message in cases:
+        out = tmp_path / "out"
+        assert curate(dataset, out, *overrides) == 1, overrides
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (out / "scan").exists()
+
+
 def test_similarity_rules_without_a_scorer_are_a_config_error(noisy, tmp_path, capsys):
     dataset, _ = noisy
     assert curate(dataset, tmp_path / "out", "similarity.min=0.3") == 2
