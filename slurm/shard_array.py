@@ -49,6 +49,15 @@ def plan_array(cfg: ShardConfig, create_output: bool = True) -> tuple[list[Shard
     return tasks, pending_tasks(cfg, tasks, fingerprint), fingerprint
 
 
+def plan(cfg: ShardConfig, parts: int, create_output: bool = True) -> tuple[list, str]:
+    """(one ``ShardSlice`` per array task, a one-line summary)."""
+    tasks, todo, fingerprint = plan_array(cfg, create_output)
+    slices = split(todo, parts) if todo else []
+    sizes = [len(part) for part in slices] or [0]
+    summary = f"{len(todo)} of {len(tasks)} shards to write, over {len(slices)} array task(s) of {min(sizes)}-{max(sizes)} shards"
+    return [ShardSlice(cfg, fingerprint, part, len(tasks)) for part in slices], summary
+
+
 def split(tasks: list, parts: int) -> list[list]:
     """Contiguous slices of near-equal length (the first ones one longer), no empty slice."""
     parts = max(1, min(parts, len(tasks)))
@@ -224,9 +233,10 @@ def all_done(cfg: ShardConfig, total_shards: int) -> bool:
     return all(f"{shard_name(cfg.output.prefix, i)}_stats.json" in present for i in range(total_shards))
 
 
-def finalize_all(cfg: ShardConfig) -> None:
+def finish(cfg: ShardConfig) -> str:
     """Every shard written already (a resubmission after the last task died before the totals): write them."""
     from data_pipeline.shard.stage import finalize
 
     tasks, _, _ = plan_array(cfg, create_output=False)
     finalize(cfg, tasks, 0.0)
+    return "every shard is already written; wrote sizes.json and dataset.json"

@@ -26,8 +26,10 @@ class Stage:
     check: Callable[[Any, Any], None] | None = None
     """``check(cfg, slurm_cfg)`` at submission: combinations that cannot work under the launcher (ConfigError),
     and paths made absolute (the tasks start in the submission directory, but the run folder is printed)."""
-    array: bool = False
-    """Split over a job array (``slurm.array_size``) instead of one multi-task job."""
+    array: str = ""
+    """Split over a job array (``slurm.array_size``) instead of one multi-task job: the module exposing
+    ``plan(cfg, parts, create_output) -> (callables, summary)`` (one callable per array task) and ``finish(cfg) ->
+    message`` (when no task is left to run)."""
     preflight: str = ""
     """Module exposing ``preflight(cfg)``: the stage's own checks of its inputs and outputs (paths, credentials,
     modalities), run on the login node before anything is submitted."""
@@ -74,9 +76,9 @@ def _output_run_dir(stage: str) -> Callable[[Any], str]:
 STAGES: dict[str, Stage] = {
     "pretrain": Stage("pretrain.config:PretrainConfig", "pretrain.run", lambda cfg: cfg.run.dir, _pretrain_finished,
                       check=_pretrain_check, preflight="pretrain.run"),
-    "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard.stage", _output_run_dir("shard"), array=True,
-                   preflight="data_pipeline.shard.stage"),
-    # One task with curate.processes scan workers; a rerun scans only the shards it has no scan of.
+    "shard": Stage("data_pipeline.config:ShardConfig", "data_pipeline.shard.stage", _output_run_dir("shard"),
+                   array="slurm.shard_array", preflight="data_pipeline.shard.stage"),
+    # Array tasks with curate.processes scan workers each; a rerun scans only the shards it has no scan of.
     "curate": Stage("data_pipeline.curate.config:CurateConfig", "data_pipeline.curate.stage", _output_run_dir("curate"),
-                    preflight="data_pipeline.curate.stage"),
+                    array="slurm.curate_array", preflight="data_pipeline.curate.stage"),
 }

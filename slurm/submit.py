@@ -14,6 +14,7 @@ gets the resolved configs, the command, submitit's job folder and one log per ta
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -96,7 +97,7 @@ def load(stage: str, args: Arguments) -> Plan:
     cfg = load_config(schema, args.configs, args.overrides, presets)
     slurm = load_config(SlurmConfig, args.slurm_files, args.slurm_overrides)
     if slurm.array_size > 1 and not spec.array:
-        raise ConfigError(f"slurm.array_size={slurm.array_size}: job arrays are for sharding; {stage} runs as one job "
+        raise ConfigError(f"slurm.array_size={slurm.array_size}: job arrays are for shard and curate; {stage} runs as one job "
                           "(use slurm.nodes and slurm.tasks_per_node)")
     if spec.array and slurm.nodes * slurm.ntasks_per_node() > 1:
         raise ConfigError(f"{stage} runs one process per array task (with its own worker processes); "
@@ -109,16 +110,10 @@ def load(stage: str, args: Arguments) -> Plan:
 
 
 def prepare(plan: Plan, create_output: bool) -> None:
-    """The callables to submit: one StageTask, or one ShardSlice per array task."""
+    """The callables to submit: one StageTask, or one callable per array task (the stage's ``array`` module)."""
     if plan.spec.array:
-        from slurm.shard_array import ShardSlice, plan_array, split
-
-        tasks, todo, fingerprint = plan_array(plan.cfg, create_output)
-        slices = split(todo, plan.slurm.array_size or 1) if todo else []
-        plan.callables = [ShardSlice(plan.cfg, fingerprint, part, len(tasks)) for part in slices]
-        sizes = [len(part) for part in slices] or [0]
-        plan.summary = (f"{len(todo)} of {len(tasks)} shards to write, over {len(slices)} array task(s) "
-                        f"of {min(sizes)}-{max(sizes)} shards")
+        plan.callables, plan.summary = importlib.import_module(plan.spec.array).plan(
+            plan.cfg, plan.slurm.array_size or 1, create_output)
     else:
         from slurm.task import StageTask
 
@@ -266,11 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.spec.check_inputs(plan.cfg)  # data, checkpoints, run folder, credentials: before any job exists
     refuse_if_running(plan)
     prepare(plan, create_output=True)
-    if not plan.callables:  # a shard run with every shard written: only the totals may be missing
-        from slurm.shard_array import finalize_all
-
-        finalize_all(plan.cfg)
-        print(f"mmfuse submit {stage}: every shard is already written; wrote sizes.json and dataset.json", file=sys.stderr)
+    if not plan.callables:  # an array stage with every shard done: only what follows from them may be missing
+        print(f"mmfuse submit {stage}: {importlib.import_module(plan.spec.array).finish(plan.cfg)}", file=sys.stderr)
         return 0
     write_run_files(plan, argv)
     jobs = submit(plan)

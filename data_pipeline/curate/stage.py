@@ -35,20 +35,42 @@ SCORER_MODALITIES = "pretrain.scorer:scorer_modalities"
 
 def run(cfg: CurateConfig) -> dict:
     """Scan, filter, write the index and the report; returns the summary (curate.json)."""
+    preflight(cfg)
+    tasks, todo = plan_scans(cfg)
+    scan(cfg, todo)
+    return conclude(cfg, tasks)
+
+
+def plan_scans(cfg: CurateConfig, bind: bool = True) -> tuple[list[ScanTask], list[ScanTask]]:
+    """(a scan per shard of ``input.path``, those not written yet); with ``bind`` (not in a dry run), checks and
+    binds the scan settings (``SCAN_SETTINGS``)."""
     from data_pipeline.loader.sources import resolve_sources
+
+    (source,) = resolve_sources(cfg.input.path)
+    fs, root = filesystem(cfg.output.path)
+    if bind:
+        check_scan_settings(cfg, fs, root)
+    tasks = [ScanTask(shard, scan_path(cfg.output.path, shard.url)) for shard in source.shards]
+    return tasks, [task for task in tasks if not fs.exists(filesystem(task.out)[1])]
+
+
+def scan(cfg: CurateConfig, todo: list[ScanTask]) -> None:
+    """Write the scans of ``todo`` over ``cfg.processes`` processes (each shard's parquet once it is whole)."""
     from data_pipeline.shard.distributor import run_local
     from mmfuse.progress import progress
 
-    preflight(cfg)
-    (source,) = resolve_sources(cfg.input.path)
-    fs, root = filesystem(cfg.output.path)
-    check_scan_settings(cfg, fs, root)
-    tasks = [ScanTask(shard, scan_path(cfg.output.path, shard.url)) for shard in source.shards]
-    todo = [task for task in tasks if not fs.exists(filesystem(task.out)[1])]
     bar = progress(sum(task.shard.count for task in todo), "curate: scan", "sample", disable=not cfg.progress, delay=1)
     for _ in run_local(ScanWorker(cfg), todo, cfg.processes, (lambda done, ok: bar.update(done - bar.n)) if cfg.progress else None):
         pass
     bar.close()
+
+
+def conclude(cfg: CurateConfig, tasks: list[ScanTask]) -> dict:
+    """From the scans of every shard (``tasks``, all written): the index, curate.json, the report, its pictures and
+    the kept samples as shards (``output.shards``); the summary. Decided from the scans alone, so a rerun, or a
+    second array task concluding at the same time, writes the same files."""
+    fs, root = filesystem(cfg.output.path)
+    shards = [task.shard for task in tasks]
     scans = pa.concat_tables([read_table(task.out) for task in tasks])
     index = decide(scans, cfg)
     summary = summarize(index, cfg)
@@ -65,7 +87,7 @@ def run(cfg: CurateConfig) -> dict:
     if cfg.sheet_samples:
         from data_pipeline.curate.sheets import sheets
 
-        for outcome, png in sheets(index, scans["caption"].to_pylist(), source.shards, cfg, cfg.sheet_samples).items():
+        for outcome, png in sheets(index, scans["caption"].to_pylist(), shards, cfg, cfg.sheet_samples).items():
             _write(fs, posixpath.join(root, "sheets", f"{outcome}.png"), png)
     print(one_line(summary), file=sys.stderr)
     if not summary["kept"]:
@@ -74,7 +96,7 @@ def run(cfg: CurateConfig) -> dict:
     if cfg.output.shards:
         from data_pipeline.curate.materialize import write_kept
 
-        written = write_kept(index, source.shards, cfg.output.shards, cfg.output.path, cfg.processes)
+        written = write_kept(index, shards, cfg.output.shards, cfg.output.path, cfg.processes)
         print(f"curate: wrote the {written['written']} kept samples as {written['shards']} shards to "
               f"{redact(cfg.output.shards)}", file=sys.stderr)
     return summary

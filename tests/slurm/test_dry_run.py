@@ -76,7 +76,7 @@ def next_job_id() -> str:
     (["slurm.time=ten"], 2, "slurm.time='ten'"),
     (["slurm.nodes=0"], 2, "slurm.nodes must be at least 1"),
     (["slurm.setup=['export HF_TOKEN=hf_abc']"], 2, "HF_TOKEN"),
-    (["slurm.array_size=4"], 2, "job arrays are for sharding"),
+    (["slurm.array_size=4"], 2, "job arrays are for shard and curate"),
     (["slurm.partition=nosuch"], 1, "slurm.partition='nosuch': no such partition (known: local)"),
     (["slurm.nodes=3"], 1, "partition 'local' has 1 node(s)"),
     (["slurm.gpu_per_node=1"], 2, "unknown config key 'gpu_per_node'"),

@@ -1,0 +1,86 @@
+"""``mmfuse submit curate``: the curation stage over a job array.
+
+The scans are planned once, at submission (one per input shard; those already written are left out, and the scan
+settings are bound then); array task ``i`` scans a contiguous slice with its own ``processes``. A scan becomes
+visible only when whole, so a requeued task rescans only what it had not finished. The task that finds every
+shard's scan written decides: the index, the report and ``output.shards`` come from the scans alone, so two tasks
+finishing together write the same files. Signals are handled as for sharding (slurm/shard_array.py): an open scan
+is simply made again.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+import submitit
+
+from data_pipeline.curate.config import CurateConfig
+from data_pipeline.curate.scan import ScanTask
+from slurm.shard_array import split, stop_on_signals
+from slurm.task import setup_logging
+
+log = logging.getLogger("mmfuse.slurm")
+
+
+def plan(cfg: CurateConfig, parts: int, create_output: bool = True) -> tuple[list, str]:
+    """(one ``CurateSlice`` per array task, a one-line summary). Without ``create_output`` (a dry run) nothing is
+    written, so the scan settings stay unbound."""
+    from data_pipeline.curate.stage import plan_scans
+
+    tasks, todo = plan_scans(cfg, bind=create_output)
+    slices = split(todo, parts) if todo else []
+    sizes = [len(part) for part in slices] or [0]
+    summary = (f"{len(todo)} of {len(tasks)} shards to scan, over {len(slices)} array task(s) of "
+               f"{min(sizes)}-{max(sizes)} shards")
+    return [CurateSlice(cfg, part, tasks) for part in slices], summary
+
+
+def finish(cfg: CurateConfig) -> str:
+    """Every shard scanned already (a resubmission, or changed rules on the same scans): decide here, at once."""
+    from data_pipeline.curate.stage import conclude, plan_scans
+
+    tasks, _ = plan_scans(cfg)
+    conclude(cfg, tasks)
+    return "every shard is already scanned; decided from the scans: index.parquet, curate.json and REPORT.md"
+
+
+class CurateSlice(submitit.helpers.Checkpointable):
+    """One array task: scan these shards, then decide if every shard's scan is written. On the checkpoint signal
+    submitit requeues it as is (finished scans are skipped); on SIGTERM it exits and SLURM decides."""
+
+    def __init__(self, cfg: CurateConfig, mine: list[ScanTask], every: list[ScanTask]):
+        self.cfg, self.mine, self.every = cfg, mine, every
+
+    def __call__(self) -> dict[str, Any]:
+        setup_logging(0)  # one process per array task (its scan workers are its own)
+        previous = stop_on_signals()
+        try:
+            return self._run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _run(self) -> dict[str, Any]:
+        from data_pipeline.curate.stage import conclude, scan
+
+        started = time.time()
+        todo = [task for task in self.mine if not written(task)]
+        log.info("%d of this task's %d shards to scan", len(todo), len(self.mine))
+        scan(self.cfg, todo)
+        result = {"shards": len(todo), "decided": False}
+        if all(written(task) for task in self.every):
+            summary = conclude(self.cfg, self.every)
+            log.info("every shard is scanned: decided %d of %d samples kept (%.0f s)", summary["kept"],
+                     summary["samples"], time.time() - started)
+            result["decided"] = True
+        return result
+
+
+def written(task: ScanTask) -> bool:
+    from mmfuse.storage import filesystem
+
+    fs, path = filesystem(task.out)
+    return fs.exists(path)
