@@ -21,7 +21,7 @@ from data_pipeline.loader.tarstream import ShardError, iter_samples
 SCHEMA = pa.schema([
     ("shard", pa.string()), ("position", pa.int32()), ("key", pa.string()),
     ("digest", pa.string()),  # blake2b-128 of the image bytes; "" without a readable image
-    ("phash", pa.uint64()),  # imagehash.phash as 64 bits; 0 without a readable image
+    ("phash", pa.uint64()),  # imagehash.phash's 64 bits (perceptual_hash); 0 without a readable image
     ("width", pa.int32()), ("height", pa.int32()),
     ("caption", pa.string()),
     ("problem", pa.string()),  # "" or why the sample cannot be judged: image_missing, image_unreadable
@@ -96,19 +96,28 @@ def add_scores(table: pa.Table, scores: list[dict]) -> pa.Table:
 
 def perceptual_hash(data: bytes, max_pixels: int) -> tuple[int, tuple[int, int]]:
     """(64-bit DCT hash, (width, height)) of an encoded image; a ValueError when it does not decode or claims
-    more than ``max_pixels`` pixels (checked from the header, before decoding)."""
-    import imagehash
+    more than ``max_pixels`` pixels (checked from the header, before decoding).
+
+    The hash is imagehash's ``phash`` (greyscale, Lanczos to 32x32, 2-D DCT-II, the 8x8 lowest frequencies against
+    their median), with the DCT as two products with the 8 needed rows of its matrix instead of two full scipy
+    transforms: half the time of ``imagehash.phash`` per image, the same bits (tests/unit/test_curate_filters.py)."""
     from PIL import Image
 
     try:
         image = Image.open(io.BytesIO(data))
-        if image.size[0] * image.size[1] > max_pixels:
-            raise ValueError(f"{image.size[0]}x{image.size[1]} pixels")
+        size = image.size  # as stored: draft() below changes it
+        if size[0] * size[1] > max_pixels:
+            raise ValueError(f"{size[0]}x{size[1]} pixels")
         image.draft("L", (64, 64))  # JPEG: decode at a reduced scale, enough for a 32x32 hash input
-        bits = imagehash.phash(image).hash.flatten()
+        pixels = np.asarray(image.convert("L").resize((32, 32), Image.LANCZOS), dtype=np.float64)
     except (OSError, Image.DecompressionBombError, SyntaxError) as err:
         raise ValueError(type(err).__name__) from None
-    return int.from_bytes(np.packbits(bits).tobytes(), "big"), image.size
+    low = _DCT_ROWS @ pixels @ _DCT_ROWS.T
+    return int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big"), size
+
+
+# Rows 0-7 of the unnormalised 32-point DCT-II matrix (scipy.fftpack.dct's default: y[k] = 2 sum x[n] cos(...)).
+_DCT_ROWS = 2 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)
 
 
 def caption(members: dict[str, bytes], text_exts: list[str], cfg: CurateConfig) -> str:

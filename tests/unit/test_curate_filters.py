@@ -171,3 +171,30 @@ def test_the_shipped_recipe_loads_and_applies_its_rules():
     assert (cfg.captions.min_words, cfg.dedup.near, cfg.dedup.max_distance) == (2, True, 4)
     reasons = caption_reasons(["a red circle", "circle", "Image not found - a red circle"], cfg.captions)
     assert reasons == ["", "caption_short", "caption_boilerplate"]
+
+
+def test_the_perceptual_hash_is_imagehash_phash_bit_for_bit():
+    import io
+
+    import imagehash
+    from PIL import Image
+
+    from data_pipeline.curate.scan import perceptual_hash
+    from data_pipeline.synth import make_scene, render_image
+
+    rng = np.random.default_rng(0)
+    images = [render_image(make_scene(0, i), 128) for i in range(40)]
+    images += [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(37, 91), (300, 200), (8, 8)]]
+    for i, image in enumerate(images):
+        out = io.BytesIO()
+        image.save(out, "JPEG" if i % 2 else "PNG")
+        data = out.getvalue()
+        reference = Image.open(io.BytesIO(data))
+        reference.draft("L", (64, 64))
+        expected = int.from_bytes(np.packbits(imagehash.phash(reference).hash.flatten()).tobytes(), "big")
+        assert perceptual_hash(data, 1 << 30) == (expected, image.size), i
+    assert image.size == (8, 8) and perceptual_hash(data, 64)[1] == (8, 8)
+    with pytest.raises(ValueError, match="8x8 pixels"):  # the header's claim, checked before decoding
+        perceptual_hash(data, 63)
+    with pytest.raises(ValueError, match="UnidentifiedImageError"):
+        perceptual_hash(b"not an image", 1 << 30)
