@@ -11,16 +11,12 @@ is simply made again.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from typing import Any
 
-import submitit
-
 from data_pipeline.curate.config import CurateConfig
 from data_pipeline.curate.scan import ScanTask
-from slurm.shard_array import split, stop_on_signals
-from slurm.task import setup_logging
+from slurm.shard_array import ArrayTask, split
 
 log = logging.getLogger("mmfuse.slurm")
 
@@ -47,21 +43,11 @@ def finish(cfg: CurateConfig) -> str:
     return "every shard is already scanned; decided from the scans: index.parquet, curate.json and REPORT.md"
 
 
-class CurateSlice(submitit.helpers.Checkpointable):
-    """One array task: scan these shards, then decide if every shard's scan is written. On the checkpoint signal
-    submitit requeues it as is (finished scans are skipped); on SIGTERM it exits and SLURM decides."""
+class CurateSlice(ArrayTask):
+    """Scan these shards (``mine``), then decide if every shard's scan (``every``) is written."""
 
     def __init__(self, cfg: CurateConfig, mine: list[ScanTask], every: list[ScanTask]):
         self.cfg, self.mine, self.every = cfg, mine, every
-
-    def __call__(self) -> dict[str, Any]:
-        setup_logging(0)  # one process per array task (its scan workers are its own)
-        previous = stop_on_signals()
-        try:
-            return self._run()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
     def _run(self) -> dict[str, Any]:
         from data_pipeline.curate.stage import conclude, scan

@@ -70,22 +70,30 @@ def split(tasks: list, parts: int) -> list[list]:
     return out
 
 
-class ShardSlice(submitit.helpers.Checkpointable):
-    """One array task: write these shards, then finalize if every planned shard is done. On the checkpoint signal
-    submitit requeues it as is (``checkpoint()`` resubmits the same slice; finished shards are skipped); on SIGTERM
-    it exits and SLURM decides."""
-
-    def __init__(self, cfg: ShardConfig, fingerprint: str, tasks: list[ShardTask], total_shards: int):
-        self.cfg, self.fingerprint, self.tasks, self.total_shards = cfg, fingerprint, tasks, total_shards
+class ArrayTask(submitit.helpers.Checkpointable):
+    """One task of a stage's job array: its work (``_run``) with the signal handling above, logging as the one
+    process of its task (its worker processes are its own). On the checkpoint signal submitit requeues it as is
+    (``checkpoint()`` resubmits the same slice, and the work skips what is finished); on SIGTERM it exits and SLURM
+    decides."""
 
     def __call__(self) -> dict[str, Any]:
-        setup_logging(0)  # one process per array task (its shard workers are its own)
+        setup_logging(0)
         previous = stop_on_signals()
         try:
             return self._run()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _run(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ShardSlice(ArrayTask):
+    """Write these shards, then finalize if every planned shard is done."""
+
+    def __init__(self, cfg: ShardConfig, fingerprint: str, tasks: list[ShardTask], total_shards: int):
+        self.cfg, self.fingerprint, self.tasks, self.total_shards = cfg, fingerprint, tasks, total_shards
 
     def _run(self) -> dict[str, Any]:
         from data_pipeline.shard.distributor import run_local
