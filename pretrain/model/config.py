@@ -24,9 +24,13 @@ class VisionConfig:
     convolutions ending at the same token grid (Xiao et al. 2021, "Early convolutions help transformers see better"),
     which sees shapes inside a patch far sooner on small images; open_clip has no such stem, so such a release has
     no open_clip files."""
+    pool_type: str = "tok"
+    """What the image embedding is made from, as open_clip's ``pool_type``: tok, the class token; avg, the mean of
+    the patch tokens (after ln_post, as open_clip does), which weighs each object by the area it covers."""
 
 
 STEMS = ("patch", "conv")
+POOL_TYPES = ("tok", "avg")
 
 
 def conv_stem_channels(width: int, patch_size: int) -> list[int]:
@@ -115,6 +119,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.contrastive not in CONTRASTIVE_KINDS:
             raise ConfigError(f"model.contrastive must be one of {CONTRASTIVE_KINDS}, got {self.contrastive!r}")
+        if self.image.pool_type not in POOL_TYPES:
+            raise ConfigError(f"model.image.pool_type must be one of {POOL_TYPES}, got {self.image.pool_type!r}")
         if self.image.stem not in STEMS:
             raise ConfigError(f"model.image.stem must be one of {STEMS}, got {self.image.stem!r}")
         p = self.image.patch_size

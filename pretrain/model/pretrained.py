@@ -89,7 +89,7 @@ def open_clip_architecture(name: str) -> dict:
         if config is None:
             raise ConfigError(f"open_clip_model {name!r} is not an open_clip model name (see open_clip.list_models()) "
                               "nor a .json config")
-    unsupported = [k for k in ("timm_model_name", "hf_model_name") for part in ("vision_cfg", "text_cfg")
+    unsupported = [k for k in ("timm_model_name", "hf_model_name", "attentional_pool") for part in ("vision_cfg", "text_cfg")
                    if config.get(part, {}).get(k)]
     if unsupported or "vision_cfg" not in config or "text_cfg" not in config:
         raise ConfigError(f"open_clip_model {name!r}: only open_clip's own ViT image and text transformers are supported "
@@ -113,6 +113,7 @@ def model_config_for_open_clip(name: str, flavor: str = ""):
     base.image.image_size = vision["image_size"] if isinstance(vision["image_size"], int) else vision["image_size"][0]
     base.image.patch_size, base.image.width, base.image.layers = vision["patch_size"], width, vision["layers"]
     base.image.heads, base.image.mlp_ratio = heads, vision.get("mlp_ratio", 4.0)
+    base.image.pool_type = "avg" if vision.get("global_average_pool") else vision.get("pool_type", "tok")
     base.text.context_length = text.get("context_length", 77)
     base.text.vocab_size = text.get("vocab_size", 49408)
     base.text.width, base.text.heads, base.text.layers = text["width"], text.get("heads", 8), text["layers"]

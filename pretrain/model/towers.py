@@ -51,7 +51,7 @@ def open_clip_config(cfg: ModelConfig) -> dict:
         "embed_dim": cfg.embed_dim,
         "vision_cfg": {"image_size": cfg.image.image_size, "patch_size": cfg.image.patch_size, "width": cfg.image.width,
                        "layers": cfg.image.layers, "head_width": cfg.image.width // cfg.image.heads,
-                       "mlp_ratio": cfg.image.mlp_ratio},
+                       "mlp_ratio": cfg.image.mlp_ratio, "pool_type": cfg.image.pool_type},
         "text_cfg": {"context_length": cfg.text.context_length, "vocab_size": cfg.text.vocab_size,
                      "width": cfg.text.width, "heads": cfg.text.heads, "layers": cfg.text.layers,
                      "mlp_ratio": cfg.text.mlp_ratio},
@@ -118,7 +118,8 @@ def encode_image(clip: open_clip.CLIP, images: torch.Tensor, keep: torch.Tensor 
     x = visual.ln_pre(x)
     x = visual.transformer(x)
     x = visual.ln_post(x)
-    return Encoded(pooled=x[:, 0], tokens=x, keep=keep)
+    pooled = x[:, 1:].mean(dim=1) if visual.pool_type == "avg" else x[:, 0]  # open_clip's _global_pool
+    return Encoded(pooled=pooled, tokens=x, keep=keep)
 
 
 def project_image(clip: open_clip.CLIP, pooled: torch.Tensor) -> torch.Tensor:

@@ -98,3 +98,17 @@ def test_named_flavors_are_the_open_clip_architecture_they_name(flavor, quick_ge
     assert activation is type(reference.visual.transformer.resblocks[0].mlp.gelu)
     assert (activation.__name__ == "QuickGELU") is quick_gelu
     assert type(ours.transformer.resblocks[0].mlp.gelu) is activation
+
+
+def test_an_average_pooled_image_tower_embeds_as_open_clip_does(tmp_path):
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"], ["image.pool_type=avg"])
+    torch.manual_seed(4)
+    reference = open_clip.CLIP(**open_clip_config(cfg))
+    assert reference.visual.pool_type == "avg"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    check_same_embeddings(cfg, reference, tmp_path / "open_clip_model.safetensors")
+    # The architecture read back from open_clip's config keeps the pooling.
+    from finetune.checkpoint import model_config_for_open_clip
+
+    (tmp_path / "avg.json").write_text(__import__("json").dumps(open_clip_config(cfg)))
+    assert model_config_for_open_clip(str(tmp_path / "avg.json")).image.pool_type == "avg"
