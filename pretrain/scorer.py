@@ -44,7 +44,9 @@ def scorer_modalities(url: str, open_clip_model: str = "") -> tuple[str, ...]:
     return ("image", "text")  # open_clip has no audio tower
 
 
-class ReleaseScorer:
+class Scorer:
+    """A release or an open_clip checkpoint (``open_clip_model``) scoring raw samples in batches."""
+
     def __init__(self, path: str, members: MembersConfig, batch_size: int = 64, open_clip_model: str = ""):
         import open_clip
 

@@ -28,7 +28,7 @@ SCHEMA = pa.schema([
 ])
 
 
-SCORER = "pretrain.scorer:ReleaseScorer"
+SCORER = "pretrain.scorer:Scorer"
 
 
 @dataclass(frozen=True)
