@@ -9,16 +9,14 @@ whose config does not match what was asked for is refused with the reason.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.config import AudioFeatureConfig, from_recorded
-from mmfuse.storage import filesystem, join
+from mmfuse.storage import filesystem
 from mmfuse.redact import redact
 from finetune.config import FinetuneConfig
-from pretrain.model.pretrained import (WEIGHT_SUFFIXES, load_open_clip_model, model_config_for_open_clip,
-                                       open_clip_architecture)
+from pretrain.model.pretrained import WEIGHT_SUFFIXES, load_open_clip_model, open_clip_architecture
 from mmfuse.schema import ConfigError
 from mmfuse.commits import MARKER, committed_tags
 
@@ -57,18 +55,13 @@ def check_checkpoint(cfg: FinetuneConfig) -> str:
     """Fail fast (before any process starts) on a checkpoint that cannot be what the config asks for."""
     fs, root = filesystem(cfg.checkpoint)
     if fs.isdir(root):
-        if not fs.exists(join(root, "config.json")):
-            raise ValueError(f"checkpoint {redact(cfg.checkpoint)!r} is a folder without config.json: not an mmfuse release")
-        if not fs.exists(join(root, "model.safetensors")):
-            raise ValueError(f"checkpoint {redact(cfg.checkpoint)!r} has config.json but no model.safetensors: an "
-                             "unfinished or partly copied release")
-        release = json.loads(fs.cat_file(join(root, "config.json")))
+        from pretrain.release import read_release_config, release_front_end
+
+        release = read_release_config(cfg.checkpoint, key="checkpoint")
         flavor = release.get("model", {}).get("flavor", "")
         if cfg.flavor and flavor != cfg.flavor:
             raise ConfigError(f"checkpoint {redact(cfg.checkpoint)!r} is a {flavor!r} model, but flavor={cfg.flavor!r} was "
                               "requested")
-        from pretrain.release import release_front_end
-
         audio_front_end(cfg.data.audio, release_front_end(release))
         return "release"
     if not fs.exists(root):

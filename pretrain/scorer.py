@@ -41,7 +41,7 @@ def scorer_modalities(url: str, open_clip_model: str = "") -> tuple[str, ...]:
         raise ValueError(f"scorer={redact(url)!r} is an open_clip weights file: set open_clip_model to its architecture "
                          "(an open_clip model name such as ViT-B-32, or its open_clip_config.json)")
     open_clip_architecture(open_clip_model)
-    return ("image", "text")  # open_clip has no audio tower
+    return ("image", "text")  # open_clip has no audio tower (Scorer embeds the same)
 
 
 class Scorer:
@@ -53,7 +53,7 @@ class Scorer:
         from data_pipeline.loader.decode import Decoder
         from pretrain.evaluate import embed_rows
 
-        self.modalities = scorer_modalities(path, open_clip_model)
+        self.modalities = ("image", "text") if open_clip_model else MODALITIES  # checked by scorer_modalities
         if open_clip_model:
             from pretrain.model.pretrained import load_open_clip_model
 

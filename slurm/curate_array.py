@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from data_pipeline.curate.config import CurateConfig
-from data_pipeline.curate.scan import ScanTask
-from slurm.shard_array import ArrayTask, split
+from data_pipeline.curate.scan import ScanTask, scanned
+from slurm.shard_array import ArrayTask, split_planned
 
 log = logging.getLogger("mmfuse.slurm")
 
@@ -27,10 +27,7 @@ def plan(cfg: CurateConfig, parts: int, create_output: bool = True) -> tuple[lis
     from data_pipeline.curate.stage import plan_scans
 
     tasks, todo = plan_scans(cfg, bind=create_output)
-    slices = split(todo, parts) if todo else []
-    sizes = [len(part) for part in slices] or [0]
-    summary = (f"{len(todo)} of {len(tasks)} shards to scan, over {len(slices)} array task(s) of "
-               f"{min(sizes)}-{max(sizes)} shards")
+    slices, summary = split_planned(todo, len(tasks), parts, "scan")
     return [CurateSlice(cfg, part, tasks) for part in slices], summary
 
 
@@ -53,20 +50,13 @@ class CurateSlice(ArrayTask):
         from data_pipeline.curate.stage import conclude, scan
 
         started = time.time()
-        todo = [task for task in self.mine if not written(task)]
+        todo = [task for task in self.mine if not scanned(task)]
         log.info("%d of this task's %d shards to scan", len(todo), len(self.mine))
         scan(self.cfg, todo)
         result = {"shards": len(todo), "decided": False}
-        if all(written(task) for task in self.every):
+        if all(scanned(task) for task in self.every):
             summary = conclude(self.cfg, self.every)
             log.info("every shard is scanned: decided %d of %d samples kept (%.0f s)", summary["kept"],
                      summary["samples"], time.time() - started)
             result["decided"] = True
         return result
-
-
-def written(task: ScanTask) -> bool:
-    from mmfuse.storage import filesystem
-
-    fs, path = filesystem(task.out)
-    return fs.exists(path)

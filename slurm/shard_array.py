@@ -52,10 +52,16 @@ def plan_array(cfg: ShardConfig, create_output: bool = True) -> tuple[list[Shard
 def plan(cfg: ShardConfig, parts: int, create_output: bool = True) -> tuple[list, str]:
     """(one ``ShardSlice`` per array task, a one-line summary)."""
     tasks, todo, fingerprint = plan_array(cfg, create_output)
+    slices, summary = split_planned(todo, len(tasks), parts, "write")
+    return [ShardSlice(cfg, fingerprint, part, len(tasks)) for part in slices], summary
+
+
+def split_planned(todo: list, total: int, parts: int, verb: str) -> tuple[list[list], str]:
+    """(``todo`` in at most ``parts`` slices, the line that says so: "N of TOTAL shards to VERB, over ...")."""
     slices = split(todo, parts) if todo else []
     sizes = [len(part) for part in slices] or [0]
-    summary = f"{len(todo)} of {len(tasks)} shards to write, over {len(slices)} array task(s) of {min(sizes)}-{max(sizes)} shards"
-    return [ShardSlice(cfg, fingerprint, part, len(tasks)) for part in slices], summary
+    return slices, (f"{len(todo)} of {total} shards to {verb}, over {len(slices)} array task(s) of "
+                    f"{min(sizes)}-{max(sizes)} shards")
 
 
 def split(tasks: list, parts: int) -> list[list]:

@@ -42,6 +42,14 @@ def scan_path(root: str, shard_url: str) -> str:
     return posixpath.join(root, "scan", posixpath.basename(shard_url).removesuffix(".tar") + ".parquet")
 
 
+def scanned(task: ScanTask) -> bool:
+    """Whether the shard's scan is written (a scan appears only whole)."""
+    from mmfuse.storage import filesystem
+
+    fs, path = filesystem(task.out)
+    return fs.exists(path)
+
+
 def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None, scorer=None) -> pa.Table:
     """One shard's rows (``SCHEMA``, plus the ``scorer``'s columns when given); a ShardError when the tar itself is
     unreadable."""

@@ -23,7 +23,7 @@ import pyarrow as pa
 from data_pipeline.curate.config import CurateConfig
 from data_pipeline.curate.filters import (WORD, balance_concepts, caption_reasons, concept_matches, exact_duplicates,
                                           low_similarity, near_duplicates, semantic_duplicates)
-from data_pipeline.curate.scan import ScanTask, ScanWorker, read_table, scan_path, write_table
+from data_pipeline.curate.scan import ScanTask, ScanWorker, read_table, scan_path, scanned, write_table
 from mmfuse.config import parse_args, to_dict
 from mmfuse.redact import redact, redact_values
 from mmfuse.storage import filesystem, write_bytes
@@ -51,7 +51,7 @@ def plan_scans(cfg: CurateConfig, bind: bool = True) -> tuple[list[ScanTask], li
     if bind:
         check_scan_settings(cfg, fs, root)
     tasks = [ScanTask(shard, scan_path(cfg.output.path, shard.url)) for shard in source.shards]
-    return tasks, [task for task in tasks if not fs.exists(filesystem(task.out)[1])]
+    return tasks, [task for task in tasks if not scanned(task)]
 
 
 def scan(cfg: CurateConfig, todo: list[ScanTask]) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from data_pipeline.config import AudioFeatureConfig
-from finetune.checkpoint import check_checkpoint, load_checkpoint, model_config_for_open_clip
+from finetune.checkpoint import check_checkpoint, load_checkpoint
+from pretrain.model.pretrained import model_config_for_open_clip
 from finetune.config import FinetuneConfig
 from finetune.data import BatchPlan, detect_format, read_records
 from finetune.tasks.retrieval import recall_at_k
@@ -86,7 +87,7 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path, open_clip_files):
     with pytest.raises(ValueError, match="does not exist"):
         check_checkpoint(config(checkpoint=str(tmp_path / "nothing.pt")))
     (tmp_path / "folder").mkdir()
-    with pytest.raises(ValueError, match="without config.json"):
+    with pytest.raises(ValueError, match="is not a release folder \\(no config.json\\)"):
         check_checkpoint(config(checkpoint=str(tmp_path / "folder")))
     with pytest.raises(ConfigError, match="set open_clip_model"):
         check_checkpoint(config(checkpoint=str(root / "epoch_3.pt")))

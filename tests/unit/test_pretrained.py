@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from mmfuse.config import load_config
 from pretrain.model import ModelConfig, MultimodalModel
-from pretrain.model.pretrained import load_open_clip_weights
+from pretrain.model.pretrained import load_open_clip_weights, model_config_for_open_clip
 from pretrain.model.towers import open_clip_config
 
 
@@ -108,7 +108,5 @@ def test_an_average_pooled_image_tower_embeds_as_open_clip_does(tmp_path):
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
     check_same_embeddings(cfg, reference, tmp_path / "open_clip_model.safetensors")
     # The architecture read back from open_clip's config keeps the pooling.
-    from finetune.checkpoint import model_config_for_open_clip
-
     (tmp_path / "avg.json").write_text(__import__("json").dumps(open_clip_config(cfg)))
     assert model_config_for_open_clip(str(tmp_path / "avg.json")).image.pool_type == "avg"
