@@ -116,6 +116,11 @@ class VqaConfig:
     decoder continues the question with the answer)."""
     hidden: int = 0
     """Width of the answer head's hidden layer (0 = twice the fusion width)."""
+    read: str = "mask"
+    """The fused token the answer (classify mode) head reads: ``mask``, the question's end-of-text slot given the
+    mask embedding of pre-training's masked words instead (the fusion encoder learned to fill those from the
+    image), or ``eot``, the end-of-text token itself. On the demo (freeze=[image], lr 1e-3, 600 steps), two
+    releases: 60.7 -> 64.5 and 61.6 -> 63.2 VQA accuracy (docs/demo.md)."""
 
 
 @dataclass
@@ -249,6 +254,8 @@ class FinetuneConfig:
             raise ConfigError("classify.modalities must name at least one modality")
         if self.vqa.mode not in ("classify", "generate"):
             raise ConfigError(f"vqa.mode must be classify or generate, got {self.vqa.mode!r}")
+        if self.vqa.read not in ("mask", "eot"):
+            raise ConfigError(f"vqa.read must be mask or eot, got {self.vqa.read!r}")
         if self.caption.beam_size < 1 or self.caption.max_len < 1 or not 0.0 < self.caption.top_p <= 1.0:
             raise ConfigError("caption.beam_size and caption.max_len must be >= 1 and caption.top_p in (0, 1]")
         if self.optim.schedule not in ("cosine", "constant"):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -145,6 +146,9 @@ def _forked_rank(module: str, argv: list[str], env: dict[str, str]) -> None:
     if "torch" in sys.modules:  # the OpenMP runtime read OMP_NUM_THREADS when the launcher loaded torch
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sys.argv = [sys.argv[0], *argv]
+    # The launcher imported the module already (the CLI reads its config first): running it again as __main__ is
+    # the point, so runpy's warning about that would only repeat once per rank.
+    warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except (SystemExit, KeyboardInterrupt) as stop:

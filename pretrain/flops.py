@@ -59,21 +59,23 @@ def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> 
             whole.add((modality, ratio))
         if masked.weight > 0:
             masked_passes.add((modality, masked.mask_ratio))
-    if objectives.cross_modal_masked.weight > 0:
+    cross = objectives.cross_modal_masked
+    context: dict[str, float] = {}  # the mask ratio of the passes the fusion encoder reads, per modality
+    if cross.weight > 0:
         for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):
-            masked_passes.add((modality, masked.mask_ratio if masked.weight > 0 else 0.0))
+            context[modality] = masked.mask_ratio if cross.masked_context and masked.weight > 0 else 0.0
+            if (modality, context[modality]) not in whole:  # else its rows are sliced from the whole batch's pass
+                masked_passes.add((modality, context[modality]))
     passes = {key: part for key in masked_passes}
     for key in whole:  # at part 1 a masked objective reuses the whole batch's pass; below, its rows run their own
         passes[key] = 1.0 if part == 1 else passes.get(key, 0.0) + 1.0
 
     towers = {"image": (image_patches, model.image), "audio": (audio_patches, model.audio)}
-    kept = {}
+    tokens_at = lambda modality, ratio: 1 + max(1, round(towers[modality][0] * (1 - ratio)))
     flops = 0.0
     for (modality, ratio), share in passes.items():
         patches, tower = towers[modality]
-        tokens = 1 + max(1, round(patches * (1 - ratio)))
-        if (modality, ratio) in masked_passes:
-            kept[modality] = max(kept.get(modality, 0), tokens)
+        tokens = tokens_at(modality, ratio)
         pass_flops = stack_flops(tokens, tower.width, tower.layers, tower.mlp_ratio)
         if modality == "image" and model.image.stem == "conv":
             pass_flops += conv_stem_flops(model.image)
@@ -91,8 +93,9 @@ def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> 
     # The vocabulary heads run on the selected tokens only.
     if objectives.masked_text.weight > 0:
         flops += part * 2 * objectives.masked_text.mask_prob * text.context_length * text.width * text.vocab_size
-    if objectives.cross_modal_masked.weight > 0:
-        fusion, selected = model.fusion, objectives.cross_modal_masked.mask_prob * text.context_length
-        flops += part * stack_flops(text.context_length, fusion.width, fusion.layers, 4.0, sum(kept.values()))
+    if cross.weight > 0:
+        fusion, selected = model.fusion, cross.mask_prob * text.context_length
+        memory = sum(tokens_at(modality, ratio) for modality, ratio in context.items())
+        flops += part * stack_flops(text.context_length, fusion.width, fusion.layers, 4.0, memory)
         flops += part * 2 * selected * fusion.width * text.vocab_size
     return 3 * flops

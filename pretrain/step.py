@@ -89,7 +89,7 @@ class PretrainStep(nn.Module):
         for objective in self.objectives:
             forward = whole
             if getattr(objective, "sub_batch", False) and self.masked_batch_fraction < 1:
-                part = part or Forward(self.model, head_rows(batch, self.masked_batch_fraction), self.trim_text)
+                part = part or Forward(self.model, head_rows(batch, self.masked_batch_fraction), self.trim_text, whole)
                 forward = part
             for name, value in objective(self.model, forward.batch, forward, self.ctx).items():
                 losses[name] = value

@@ -2,8 +2,9 @@
 
 ``classify`` (the standard recipe): the answer vocabulary is the ``vqa.answers`` most frequent normalised training
 answers; the question's tokens (bidirectional text pass) attend to the image tokens through the pre-trained fusion
-encoder, the end-of-text token goes through an MLP to one logit per answer, trained with binary cross-entropy
-against soft scores (min(1, annotators who gave the answer / 3)).
+encoder, the end-of-text slot (by default given the mask embedding of pre-training's masked words, ``vqa.read``)
+goes through an MLP to one logit per answer, trained with binary cross-entropy against soft scores (min(1,
+annotators who gave the answer / 3)).
 ``generate``: the caption decoder continues the question with the answer (teacher forcing on "question answer"
 with the loss on the answer tokens; greedy or beam decoding after the question).
 
@@ -134,7 +135,11 @@ class VqaClassifier(Task):
 
     def logits(self, images: torch.Tensor, questions: list[str]) -> torch.Tensor:
         text = self.tokenizer(questions).to(images.device)
-        query = self.backbone.encode_text(text, causal=False).tokens
+        masked = None
+        if self.cfg.vqa.read == "mask":  # the end-of-text slot becomes a masked word, as in pre-training
+            masked = torch.zeros_like(text, dtype=torch.bool)
+            masked[torch.arange(text.shape[0]), text.argmax(dim=-1)] = True
+        query = self.backbone.encode_text(text, causal=False, masked=masked).tokens
         context = self.backbone.encode_image(images).tokens
         fused = self.backbone.fusion(query, {"image": context}, text_padding=text == 0)
         return self.head(tokens_of(fused, text))

@@ -31,9 +31,12 @@ class Forward:
     indices.
     """
 
-    def __init__(self, model: MultimodalModel, batch: dict[str, Any], trim_text: bool = False):
+    def __init__(self, model: MultimodalModel, batch: dict[str, Any], trim_text: bool = False,
+                 parent: "Forward | None" = None):
         self.model, self.batch, self.trim_text = model, batch, trim_text
         self._cache: dict[tuple, Encoded] = {}
+        # This batch is the first rows of ``parent``'s: a full pass the parent ran already is sliced, not rerun.
+        self.parent = parent
 
     def rows(self, modality: str) -> torch.Tensor:
         return self.batch[f"has_{modality}"].nonzero().squeeze(1)
@@ -46,6 +49,9 @@ class Forward:
 
     def _patched(self, modality: str, mask_ratio: float) -> Encoded:
         key = (modality, mask_ratio)
+        if key not in self._cache and mask_ratio == 0 and self.parent is not None and key in self.parent._cache:
+            whole, present = self.parent._cache[key], int(self.batch[f"has_{modality}"].sum())
+            self._cache[key] = Encoded(pooled=whole.pooled[:present], tokens=whole.tokens[:present])
         if key not in self._cache:
             inputs = self.batch[modality][self.rows(modality)]
             encoder = self.model.encode_image if modality == "image" else self.model.encode_audio

@@ -204,6 +204,8 @@ def test_config_errors_name_the_key():
         config(**{"retrieval.pairs": "[image_smell]"})
     with pytest.raises(ConfigError, match="zeroshot.wise_ft"):
         config(**{"zeroshot.wise_ft": 1.5})
+    with pytest.raises(ConfigError, match="vqa.read"):
+        config(**{"vqa.read": "cls"})
 
 
 class _Data:
@@ -320,3 +322,27 @@ def test_record_batches_from_workers_keep_their_values_while_held(synth_world):
     for batch, copy in zip(held, copies, strict=True):
         assert copy.keys() <= batch.keys() and all(torch.equal(batch[k], copy[k]) for k in copy)
     assert held[0]["image"].shape == (1, 3, 32, 32) and held[0]["image"].float().std() > 0
+
+
+@pytest.mark.parametrize("read", ["mask", "eot"])
+def test_vqa_reads_the_end_of_text_slot_as_a_masked_word_or_as_it_is(tiny, read):
+    """vqa.read=mask gives the question's end-of-text slot pre-training's mask embedding (the answer depends on it);
+    vqa.read=eot reads the end-of-text token as it is (the mask embedding changes nothing)."""
+    import open_clip
+
+    from finetune.tasks import TaskContext, build_task
+
+    torch.manual_seed(0)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=tiny.text.context_length)
+    metas = [{"question": "what color is the circle?", "answers": [a] * 10} for a in ("red", "blue", "green")]
+    task = build_task(config(task="vqa", **{"vqa.read": read}), MultimodalModel(tiny),
+                      TaskContext(tokenizer, _Data(metas), _Data(metas)))
+    task.eval()
+    images = torch.randn(2, 3, 64, 64)
+    questions = ["what color is the circle?", "how many shapes are there?"]
+    with torch.no_grad():
+        before = task.logits(images, questions)
+        task.backbone.text_mask_embedding.add_(1.0)
+        after = task.logits(images, questions)
+    assert before.shape == (2, 3) and torch.isfinite(before).all()
+    assert torch.allclose(before, after) is (read == "eot")

@@ -82,3 +82,20 @@ def test_ranks_are_forked_from_a_launcher_that_imported_their_modules_once(tmp_p
                             timeout=50, env=env, cwd=tmp_path)
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1] == "mmfuse probe: error: [rank 1] bad input on rank 1"
+
+
+def test_a_forked_rank_runs_a_module_its_launcher_imported_without_a_warning_per_rank(tmp_path):
+    """The mmfuse command imports a stage's module (finetune.run) to read its config, then forks the ranks, which
+    run it as __main__: runpy's 'found in sys.modules' warning, once per rank, is noise."""
+    package = tmp_path / "probepkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "rank.py").write_text("import os, sys\nif __name__ == '__main__':\n"
+                                     "    print('rank', os.environ['RANK'], 'ran', file=sys.stderr)\n")
+    launcher = ("import sys, probepkg.rank\nfrom mmfuse import launch\n"
+                "sys.exit(launch.spawn_local('probepkg.rank', [], 2, stage='probe', warm=['json']))")  # forked ranks
+    done = subprocess.run([sys.executable, "-W", "default", "-c", launcher], capture_output=True, text=True, timeout=50,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 0 ran" in done.stderr and "rank 1 ran" in done.stderr
+    assert "found in sys.modules" not in done.stderr

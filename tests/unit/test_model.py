@@ -171,7 +171,9 @@ def test_reduction_buckets_fit_the_trainable_gradients_and_zero3_holds_a_1_over_
     (["masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1",
       "masked_batch_fraction=0.5"], 0.15),  # the masked objectives' passes on half the batch
     (["masked_image.weight=0", "masked_audio.weight=0", "masked_text.weight=1", "cross_modal_masked.weight=1",
-      "masked_batch_fraction=0.5"], 0.15),  # cross-modal's unmasked tower passes, run again on its half
+      "masked_batch_fraction=0.5"], 0.15),  # cross-modal reads its half of the whole batch's passes
+    (["masked_image.weight=1", "masked_audio.weight=1", "masked_text.weight=1", "cross_modal_masked.weight=1",
+      "cross_modal_masked.masked_context=true", "masked_batch_fraction=0.5"], 0.15),  # ... or the masked ones
 ])
 def test_flops_estimate_agrees_with_torchs_flop_counter(objectives, tolerance):
     from torch.utils.flop_counter import FlopCounterMode

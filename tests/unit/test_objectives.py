@@ -358,3 +358,31 @@ def test_hard_negatives_reach_the_text_tower_for_captions_with_phrases(tiny):
     for pair in ("image_text", "audio_text"):
         assert harder[f"contrastive/{pair}"] > base[f"contrastive/{pair}"]
     assert torch.equal(harder["contrastive/image_audio"], base["contrastive/image_audio"])
+
+
+@pytest.mark.parametrize("masked_context, image_tokens", [(False, 1 + 16), (True, 1 + 4)])
+def test_cross_modal_masked_reads_the_full_passes_sliced_from_the_whole_batch(tiny, masked_context, image_tokens):
+    """By default the fusion encoder reads every image patch (the contrastive loss's pass, its rows sliced for the
+    masked objectives' share of the batch, never run again); cross_modal_masked.masked_context=true reads the
+    quarter of the patches that masked_image keeps. Either way a step runs the image tower twice."""
+    from pretrain.step import PretrainStep
+
+    cfg = load_config(ObjectivesConfig, [], [*ALL_ON, "masked_batch_fraction=0.5",
+                                             f"cross_modal_masked.masked_context={str(masked_context).lower()}"])
+    batch = make_batch()
+    seen, calls = {}, []
+    hook = tiny.fusion.register_forward_hook(lambda module, args, output: seen.update(args[1]))
+    encode = tiny.encode_image
+    tiny.encode_image = lambda *args, **kwargs: calls.append(1) or encode(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            PretrainStep(tiny, build_objectives(cfg), WS1, {}, masked_batch_fraction=0.5)(batch)
+    finally:
+        hook.remove()
+        del tiny.encode_image
+    # The fusion reads the captioned samples of the first three: rows 0 and 2 (row 1 has no caption).
+    assert seen["image"].shape[:2] == (2, image_tokens) and len(calls) == 2
+    if not masked_context:  # those rows of the whole batch's full pass, exactly
+        with torch.no_grad():
+            full = tiny.encode_image(batch["image"]).tokens[[0, 2]]
+        assert torch.allclose(seen["image"], full, atol=1e-6)
