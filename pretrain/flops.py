@@ -11,7 +11,7 @@ and 2 FLOPs per multiply-add, as in the PaLM paper's MFU.
 from __future__ import annotations
 
 from pretrain.model.config import ModelConfig, VisionConfig, conv_stem_channels
-from pretrain.objectives.config import ObjectivesConfig
+from pretrain.objectives.config import ObjectivesConfig, fusion_context_ratios
 
 # Dense 16-bit tensor-core peak per device, TFLOPS (vendor datasheets, no sparsity). First match by name wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0), ("H200 NVL", 835.0),
@@ -60,12 +60,9 @@ def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> 
         if masked.weight > 0:
             masked_passes.add((modality, masked.mask_ratio))
     cross = objectives.cross_modal_masked
-    context: dict[str, float] = {}  # the mask ratio of the passes the fusion encoder reads, per modality
-    if cross.weight > 0:
-        for modality, masked in (("image", objectives.masked_image), ("audio", objectives.masked_audio)):
-            context[modality] = masked.mask_ratio if cross.masked_context and masked.weight > 0 else 0.0
-            if (modality, context[modality]) not in whole:  # else its rows are sliced from the whole batch's pass
-                masked_passes.add((modality, context[modality]))
+    context = fusion_context_ratios(objectives) if cross.weight > 0 else {}
+    # A context pass the whole batch runs already is sliced for the objective's rows, not run again.
+    masked_passes |= {key for key in context.items() if key not in whole}
     passes = {key: part for key in masked_passes}
     for key in whole:  # at part 1 a masked objective reuses the whole batch's pass; below, its rows run their own
         passes[key] = 1.0 if part == 1 else passes.get(key, 0.0) + 1.0

@@ -74,6 +74,14 @@ class ObjectivesConfig:
     tiny.yaml uses 0.25 (docs/pretrain.md: the same accuracy as 1.0 in three quarters of the time)."""
 
 
+def fusion_context_ratios(cfg: ObjectivesConfig) -> dict[str, float]:
+    """The mask ratio of the image and audio passes the cross-modal masked objective's fusion encoder reads: 0 (the
+    full passes), or with ``masked_context`` the masked objectives' ratios where those run."""
+    cross = cfg.cross_modal_masked
+    return {modality: masked.mask_ratio if cross.masked_context and masked.weight > 0 else 0.0
+            for modality, masked in (("image", cfg.masked_image), ("audio", cfg.masked_audio))}
+
+
 PAIR_MODALITIES = {"image_text": ("image", "text"), "audio_text": ("audio", "text"), "image_audio": ("image", "audio")}
 
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.objectives.base import Forward
-from pretrain.objectives.config import CrossModalMaskedConfig, MaskedPatchConfig, MaskedTextConfig, ObjectivesConfig
+from pretrain.objectives.config import (CrossModalMaskedConfig, MaskedPatchConfig, MaskedTextConfig, ObjectivesConfig,
+                                        fusion_context_ratios)
 from pretrain.objectives.gather import DistContext
 
 START_OF_TEXT, END_OF_TEXT = 49406, 49407
@@ -118,10 +119,7 @@ class CrossModalMasked:
     def __init__(self, cfg: CrossModalMaskedConfig, objectives: ObjectivesConfig):
         self.cfg, self.norm_targets = cfg, objectives.masked_image.norm_targets
         self.parts = {"text", "text_mask_embedding", "fusion", "mlm_head", "image", "audio"}
-        self.ratio = {"image": 0.0, "audio": 0.0}
-        if cfg.masked_context:  # the masked objectives' passes, where they run
-            self.ratio = {"image": objectives.masked_image.mask_ratio if objectives.masked_image.weight > 0 else 0.0,
-                          "audio": objectives.masked_audio.mask_ratio if objectives.masked_audio.weight > 0 else 0.0}
+        self.ratio = fusion_context_ratios(objectives)
         if cfg.patches:  # the image is masked for both predictions, as in FLAVA
             self.parts.add("fused_patch_decoder")
             self.ratio["image"] = objectives.masked_image.mask_ratio
