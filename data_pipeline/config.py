@@ -40,12 +40,16 @@ class SynthConfig:
     """Length of each clip; one tone per object, played one after another."""
     jpeg_quality: int = 92
     """Quality of the written JPEGs."""
+    workers: int = 0
+    """Processes rendering samples (0 = one per CPU core); the output is the same bytes with any number."""
 
     def validate(self) -> None:
         if self.num_samples < 1:
             raise ConfigError("num_samples must be at least 1")
         if not 32 <= self.image_size <= 1024:
             raise ConfigError(f"image_size must be within 32..1024, got {self.image_size}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}")
         if self.audio_seconds <= 0 or self.audio_sample_rate < 1000:
             raise ConfigError("audio_seconds must be > 0 and audio_sample_rate >= 1000")
 

@@ -13,8 +13,10 @@ index, stream])``, so any sample can be regenerated alone and two runs with one 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import multiprocessing
 import os
 import shutil
 from collections import Counter
@@ -303,16 +305,21 @@ def run(cfg: SynthConfig) -> Path:
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(exist_ok=True)
     manifest.unlink(missing_ok=True)  # the manifest marks a finished folder, so it goes first and comes back last
+    # Every sample is a pure function of (seed, index), so ranges of indices render in any process and order: the
+    # same bytes with any number of workers.
+    chunks = [range(start, min(start + CHUNK, cfg.num_samples)) for start in range(0, cfg.num_samples, CHUNK)]
+    workers = min(cfg.workers or os.cpu_count() or 1, len(chunks))
     rows = []
-    for index in progress(cfg.num_samples, "synth", "sample", disable=cfg.num_samples < 1000, iterable=range(cfg.num_samples)):
-        scene = make_scene(cfg.seed, index)
-        row = make_row(cfg.seed, index, scene)
-        jpeg = io.BytesIO()
-        render_image(scene, cfg.image_size).save(jpeg, format="JPEG", quality=cfg.jpeg_quality)
-        _write_atomic(out / row["image"], jpeg.getvalue())
-        audio = render_audio(scene, cfg.audio_sample_rate, cfg.audio_seconds)
-        _write_atomic(out / row["audio"], _encode_flac(audio, cfg.audio_sample_rate))
-        rows.append(row)
+    with progress(cfg.num_samples, "synth", "sample", disable=cfg.num_samples < 1000) as bar:
+        if workers > 1:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for done in pool.imap(functools.partial(_render_range, cfg, out), chunks):
+                    rows.extend(done)
+                    bar.update(len(done))
+        else:
+            for chunk in chunks:
+                rows.extend(_render_range(cfg, out, chunk))
+                bar.update(len(chunk))
     _remove_stale(out, cfg.num_samples)
     write_standard_files(out, rows)
     _write_atomic(out / "classes.json", json.dumps(CLASSES, indent=1).encode())
@@ -321,6 +328,24 @@ def run(cfg: SynthConfig) -> Path:
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buffer)
     _write_atomic(manifest, buffer.getvalue().to_pybytes())
     return manifest
+
+
+CHUNK = 256  # samples per task of the worker pool
+
+
+def _render_range(cfg: SynthConfig, out: Path, indices: range) -> list[dict]:
+    """Write the image and clip of each sample in ``indices``; their manifest rows, in order."""
+    rows = []
+    for index in indices:
+        scene = make_scene(cfg.seed, index)
+        row = make_row(cfg.seed, index, scene)
+        jpeg = io.BytesIO()
+        render_image(scene, cfg.image_size).save(jpeg, format="JPEG", quality=cfg.jpeg_quality)
+        _write_atomic(out / row["image"], jpeg.getvalue())
+        audio = render_audio(scene, cfg.audio_sample_rate, cfg.audio_seconds)
+        _write_atomic(out / row["audio"], _encode_flac(audio, cfg.audio_sample_rate))
+        rows.append(row)
+    return rows
 
 
 def write_standard_files(out: Path, rows: list[dict]) -> None:

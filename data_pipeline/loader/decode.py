@@ -266,7 +266,7 @@ def window_offsets(total: int, span: int, train: bool, max_windows: int) -> list
 def _mono(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     if samples.size == 0:
         raise SampleError("audio_empty")
-    mono = samples.mean(axis=1)
+    mono = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1)
     if not np.isfinite(mono).all():
         raise SampleError("audio_nan")
     return soxr.resample(mono, rate, target_rate) if rate != target_rate else mono

@@ -38,6 +38,11 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_ma
     return torch.from_numpy(np.clip(np.minimum(rising, falling), 0, None).astype(np.float32))
 
 
+@functools.lru_cache(maxsize=8)
+def _hann(n_fft: int) -> torch.Tensor:
+    return torch.hann_window(n_fft)
+
+
 def log_mel(waveform: np.ndarray, cfg: AudioFeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Mono float waveform at ``cfg.sample_rate`` → (log-mel ``[n_mels, frames]``, valid mask ``[frames]``)."""
     signal = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
@@ -46,9 +51,8 @@ def log_mel(waveform: np.ndarray, cfg: AudioFeatureConfig) -> tuple[torch.Tensor
     valid = min(cfg.frames, max(1, math.ceil(len(signal) / cfg.hop_length)))
     if len(signal) < cfg.n_fft:
         signal = torch.nn.functional.pad(signal, (0, cfg.n_fft - len(signal)))
-    window = torch.hann_window(cfg.n_fft)
-    spectrum = torch.stft(signal, cfg.n_fft, cfg.hop_length, window=window, center=True, return_complex=True)
-    power = spectrum.abs().pow(2)
+    spectrum = torch.stft(signal, cfg.n_fft, cfg.hop_length, window=_hann(cfg.n_fft), center=True, return_complex=True)
+    power = torch.view_as_real(spectrum).square().sum(-1)  # |z|^2 without |z|'s square root
     mel = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.f_min, cfg.f_max) @ power
     mel = torch.log(mel.clamp_min(1e-10))[:, : cfg.frames]
     out = torch.full((cfg.n_mels, cfg.frames), FLOOR)

@@ -45,6 +45,17 @@ def test_same_seed_gives_identical_bytes(dataset, rows, tmp_path):
             assert (again / row[column]).read_bytes() == (dataset / row[column]).read_bytes(), row[column]
 
 
+def test_worker_processes_write_the_same_bytes(dataset, rows, tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "CHUNK", 3)  # 16 samples in 6 ranges over 2 processes
+    cfg = SynthConfig(num_samples=NUM_SAMPLES, seed=0, image_size=96, workers=2)
+    cfg.output.path = str(tmp_path / "pooled")
+    pooled = synth.run(cfg).parent
+    assert pq.read_table(pooled / "manifest.parquet").to_pylist() == rows
+    for row in rows:
+        for column in ("image", "audio"):
+            assert (pooled / row[column]).read_bytes() == (dataset / row[column]).read_bytes(), row[column]
+
+
 def test_different_seeds_differ(dataset, rows, tmp_path):
     other = _generate(tmp_path / "other", seed=1).parent
     other_rows = pq.read_table(other / "manifest.parquet").to_pylist()
@@ -195,3 +206,5 @@ def test_cli(tmp_path, capsys):
     assert "mmfuse synth" in out and "output.path" in out and "num_samples" in out
     with pytest.raises(ConfigError, match="num_sample"):
         synth.main([f"output.path={tmp_path}", "num_sample=4"])
+    with pytest.raises(ConfigError, match="workers must be >= 0"):
+        synth.main([f"output.path={tmp_path}", "workers=-1"])
