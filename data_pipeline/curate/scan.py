@@ -1,6 +1,7 @@
 """Read every sample of a shard once and keep what the filters decide on: per sample its position in the tar, key,
-image content digest, perceptual hash, size and caption. One parquet per shard under ``OUT/scan/``, written when
-the shard is done, so a rerun scans only the shards it has not."""
+image content digest, perceptual hash (when near-duplicate removal is on), size and caption. One parquet per shard
+under ``OUT/scan/``, written when the shard is done, so a rerun scans only the shards it has not (and those scanned
+without the hashes a rule now needs)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from data_pipeline.loader.tarstream import ShardError, iter_samples
 SCHEMA = pa.schema([
     ("shard", pa.string()), ("position", pa.int32()), ("key", pa.string()),
     ("digest", pa.string()),  # blake2b-128 of the image bytes; "" without a readable image
-    ("phash", pa.uint64()),  # imagehash.phash's 64 bits (perceptual_hash); 0 without a readable image
+    ("phash", pa.uint64()),  # imagehash.phash's 64 bits (perceptual_hash); 0 without a readable image or a hash
     ("width", pa.int32()), ("height", pa.int32()),
     ("caption", pa.string()),
     ("problem", pa.string()),  # "" or why the sample cannot be judged: image_missing, image_unreadable
@@ -31,11 +32,18 @@ SCHEMA = pa.schema([
 SCORER = "pretrain.scorer:Scorer"
 
 
+# The scan parquet's schema metadata: whether its phash column holds hashes (a scan for rules without near-duplicate
+# removal skips them, a third of a scan's time without a scorer).
+HASHED = b"mmfuse.phash"
+
+
 @dataclass(frozen=True)
 class ScanTask:
     shard: ShardInfo
     out: str
     """Where the shard's scan parquet goes."""
+    phash: bool = True
+    """Whether the scan computes perceptual hashes (``dedup.near``)."""
 
 
 def scan_path(root: str, shard_url: str) -> str:
@@ -43,11 +51,18 @@ def scan_path(root: str, shard_url: str) -> str:
 
 
 def scanned(task: ScanTask) -> bool:
-    """Whether the shard's scan is written (a scan appears only whole)."""
+    """Whether the shard's scan is written (a scan appears only whole) with the hashes the task needs."""
+    import pyarrow.parquet as pq
+
     from mmfuse.storage import filesystem
 
     fs, path = filesystem(task.out)
-    return fs.exists(path)
+    if not fs.exists(path):
+        return False
+    if not task.phash:
+        return True
+    with fs.open(path, "rb") as f:
+        return (pq.read_schema(f).metadata or {}).get(HASHED, b"true") == b"true"  # scans from before: hashed
 
 
 def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None, scorer=None) -> pa.Table:
@@ -74,7 +89,7 @@ def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None
         else:
             digest = hashlib.blake2b(image, digest_size=16).hexdigest()
             try:
-                phash, size = perceptual_hash(image, cfg.max_image_pixels)
+                phash, size = perceptual_hash(image, cfg.max_image_pixels) if task.phash else (0, readable(image, cfg.max_image_pixels))
             except ValueError:
                 problem = "image_unreadable"
         for column, value in (("shard", name), ("position", position), ("key", raw.key), ("digest", digest),
@@ -82,7 +97,7 @@ def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None
                               ("caption", caption(raw.members, text_exts, cfg)), ("problem", problem)):
             rows[column].append(value)
         on_sample(not problem)
-    table = pa.Table.from_pydict(rows, schema=SCHEMA)
+    table = pa.Table.from_pydict(rows, schema=SCHEMA.with_metadata({HASHED: b"true" if task.phash else b"false"}))
     if scorer is None:
         return table
     if pending:
@@ -122,6 +137,24 @@ def perceptual_hash(data: bytes, max_pixels: int) -> tuple[int, tuple[int, int]]
         raise ValueError(type(err).__name__) from None
     low = _DCT_ROWS @ pixels @ _DCT_ROWS.T
     return int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big"), size
+
+
+def readable(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of an encoded image that decodes, checked as ``perceptual_hash`` checks it, at the least
+    cost: a JPEG decodes at an eighth of its size (every coefficient is still read, so a truncated or corrupt
+    stream fails as it would at full size). A ValueError otherwise."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        size = image.size
+        if size[0] * size[1] > max_pixels:
+            raise ValueError(f"{size[0]}x{size[1]} pixels")
+        image.draft("L", (1, 1))
+        image.load()
+    except (OSError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ValueError(type(err).__name__) from None
+    return size
 
 
 # Rows 0-7 of the unnormalised 32-point DCT-II matrix (scipy.fftpack.dct's default: y[k] = 2 sum x[n] cos(...)).

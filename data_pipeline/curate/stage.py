@@ -50,7 +50,7 @@ def plan_scans(cfg: CurateConfig, bind: bool = True) -> tuple[list[ScanTask], li
     fs, root = filesystem(cfg.output.path)
     if bind:
         check_scan_settings(cfg, fs, root)
-    tasks = [ScanTask(shard, scan_path(cfg.output.path, shard.url)) for shard in source.shards]
+    tasks = [ScanTask(shard, scan_path(cfg.output.path, shard.url), phash=cfg.dedup.near) for shard in source.shards]
     return tasks, [task for task in tasks if not scanned(task)]
 
 
@@ -220,7 +220,9 @@ def decide(scans: pa.Table, cfg: CurateConfig) -> pa.Table:
         "kept": pa.array([not why for why in reasons]), "reason": pa.array(reasons),
         "duplicate_of": pa.array(duplicate_of), "caption_words": pa.array(words, pa.int32()),
         "width": scans["width"], "height": scans["height"],
-        "phash": pa.array([f"{h:016x}" for h in scans["phash"].to_pylist()]), "digest": scans["digest"], **scored,
+        # Scans made without near-duplicate removal hold no perceptual hashes (scan.HASHED).
+        "phash": pa.array([f"{h:016x}" if cfg.dedup.near else "" for h in scans["phash"].to_pylist()]),
+        "digest": scans["digest"], **scored,
         **({"concepts": pa.array(matched, pa.list_(pa.string()))} if matched is not None else {}),
     })
 

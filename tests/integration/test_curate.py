@@ -89,6 +89,22 @@ def test_a_changed_rule_is_decided_again_from_the_scans_without_reading_a_shard(
     assert curate(dataset, out, "members.text=caption") == 1
 
 
+def test_scans_without_near_duplicate_removal_skip_the_hashes_until_a_rerun_needs_them(noisy, tmp_path):
+    dataset, planted = noisy
+    out = tmp_path / "out"
+    assert curate(dataset, out, "dedup.near=false") == 0
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert {row["phash"] for row in index} == {""} and all(row["width"] > 0 for row in index)
+    assert {pq.read_schema(p).metadata[b"mmfuse.phash"] for p in (out / "scan").glob("*.parquet")} == {b"false"}
+    scans = {p: p.stat().st_mtime_ns for p in (out / "scan").glob("*.parquet")}
+    assert curate(dataset, out) == 0  # near-duplicate removal on: every shard is scanned again, with its hashes
+    assert all(p.stat().st_mtime_ns != mtime for p, mtime in scans.items())
+    by_key = {row["key"]: row for row in pq.read_table(out / "index.parquet").to_pylist()}
+    for key, (reason, original) in planted.items():
+        assert (by_key[key]["reason"], by_key[key]["duplicate_of"]) == (reason, original), key
+    assert all(len(row["phash"]) == 16 for row in by_key.values())
+
+
 def test_the_loader_reads_exactly_the_kept_samples_from_the_original_shards(noisy, tmp_path):
     dataset, planted = noisy
     assert curate(dataset, tmp_path / "out") == 0

@@ -198,3 +198,29 @@ def test_the_perceptual_hash_is_imagehash_phash_bit_for_bit():
         perceptual_hash(data, 63)
     with pytest.raises(ValueError, match="UnidentifiedImageError"):
         perceptual_hash(b"not an image", 1 << 30)
+
+
+def test_without_hashes_the_scan_still_finds_what_does_not_decode():
+    """dedup.near=false: the scan skips the perceptual hash but decodes each image (at an eighth of its size), so
+    an image the hash would have failed on fails the same way, and a good one gives its stored size."""
+    import io
+
+    from PIL import Image
+
+    from data_pipeline.curate.scan import perceptual_hash, readable
+    from data_pipeline.synth import make_scene, render_image
+
+    out = io.BytesIO()
+    render_image(make_scene(0, 0), 128).save(out, "JPEG")
+    data = out.getvalue()
+    assert readable(data, 1 << 30) == (128, 128) == perceptual_hash(data, 1 << 30)[1]
+    for broken in (data[: len(data) // 2], b"not an image"):  # truncated: the header is whole, the pixels are not
+        with pytest.raises(ValueError):
+            perceptual_hash(broken, 1 << 30)
+        with pytest.raises(ValueError):
+            readable(broken, 1 << 30)
+    with pytest.raises(ValueError, match="128x128 pixels"):
+        readable(data, 128 * 128 - 1)
+    png = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(png, "PNG")
+    assert readable(png.getvalue(), 1 << 30) == (20, 10)
