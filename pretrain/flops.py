@@ -94,5 +94,8 @@ def train_flops_per_sample(model: ModelConfig, objectives: ObjectivesConfig) -> 
         fusion, selected = model.fusion, cross.mask_prob * text.context_length
         memory = sum(tokens_at(modality, ratio) for modality, ratio in context.items())
         flops += part * stack_flops(text.context_length, fusion.width, fusion.layers, 4.0, memory)
-        flops += part * 2 * selected * fusion.width * text.vocab_size
+        # Tied to the token embedding, a fusion width other than the text width is projected to it first.
+        width = text.width if model.tie_word_embeddings else fusion.width
+        projection = fusion.width * text.width if model.tie_word_embeddings and fusion.width != text.width else 0
+        flops += part * 2 * selected * (projection + width * text.vocab_size)
     return 3 * flops

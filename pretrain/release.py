@@ -172,6 +172,8 @@ def _model_config(values: dict) -> ModelConfig:
     from mmfuse.config import apply_renames, renamed_keys
 
     base = OmegaConf.structured(ModelConfig)
+    # Releases from before tie_word_embeddings have a vocabulary matrix in each masked-word head.
+    values = {**values, "tie_word_embeddings": values.get("tie_word_embeddings", False)}
     values = apply_renames(OmegaConf.create(values), renamed_keys(base), "the release's config.json")
     cfg = OmegaConf.to_object(OmegaConf.merge(base, values))
     cfg.validate()

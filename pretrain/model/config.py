@@ -107,6 +107,11 @@ class ModelConfig:
     fused_patch_decoder: bool = False
     """Build the head of objectives.cross_modal_masked.patches. The trainer sets it from that option, and the run's
     config.yaml and releases record it, so export and fine-tuning rebuild the same model."""
+    tie_word_embeddings: bool = True
+    """The masked-word heads (masked_text's, cross_modal_masked's) score words against the text tower's token
+    embedding, read but not trained through them, instead of a vocabulary matrix each: two fewer 49k-row matrices
+    to update and reduce every step (the demo's tiny preset: 10.1 M -> 3.7 M parameters, 1.2x the pre-training
+    samples per second; docs/pretrain.md). Releases from before this option have untied heads and load as such."""
     freeze: list[str] = field(default_factory=list)
     """Towers to freeze (LiT / ImageBind-style), e.g. [image] or [image, text] to bind a new audio tower (the
     fine-tuning key of the same name does the same there)."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.config import ModelConfig
-from pretrain.model.heads import FusedPatchDecoder, FusionEncoder, PatchDecoder
+from pretrain.model.heads import FusedPatchDecoder, FusionEncoder, PatchDecoder, WordHead
 from pretrain.model.towers import AudioTower, Encoded, build_clip, encode_image, encode_text, project_image, project_text
 
 TOWERS = ("image", "text", "audio")
@@ -30,11 +30,12 @@ class MultimodalModel(nn.Module):
         image_patches = (cfg.image.image_size // cfg.image.patch_size) ** 2
         self.image_decoder = PatchDecoder(cfg.decoder, cfg.image.width, image_patches, 3 * cfg.image.patch_size**2)
         self.audio_decoder = PatchDecoder(cfg.decoder, cfg.audio.width, self.audio.patches, cfg.audio.patch_size**2)
-        self.mlm_head = nn.Linear(cfg.fusion.width, cfg.text.vocab_size)
+        tied = cfg.tie_word_embeddings
+        self.mlm_head = WordHead(cfg.fusion.width, cfg.text.width, cfg.text.vocab_size, tied)
         self.fused_patch_decoder = FusedPatchDecoder(
             cfg.fusion.width, cfg.image.width, {"text": cfg.text.width, "audio": cfg.audio.width}, image_patches,
             3 * cfg.image.patch_size**2) if cfg.fused_patch_decoder else None
-        self.text_mlm_head = nn.Linear(cfg.text.width, cfg.text.vocab_size)
+        self.text_mlm_head = WordHead(cfg.text.width, cfg.text.width, cfg.text.vocab_size, tied)
         self.text_mask_embedding = nn.Parameter(torch.zeros(cfg.text.width))
 
     # Encoders: ``keep`` drops patches (MAE/FLIP); ``None`` runs the full sequence.
@@ -46,6 +47,10 @@ class MultimodalModel(nn.Module):
 
     def encode_audio(self, mel: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
         return self.audio(mel, keep)
+
+    def word_logits(self, head: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of ``hidden`` from a masked-word head (``text_mlm_head`` or ``mlm_head``)."""
+        return getattr(self, head)(hidden, self.clip.token_embedding.weight)
 
     def project(self, modality: str, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled tower features → the shared space, L2-normalised."""
@@ -110,7 +115,8 @@ class MultimodalModel(nn.Module):
         """Parameters used outside their own module's ``forward`` (class and position embeddings, projections,
         temperatures): a partitioning engine (ZeRO-3) must gather them for the whole step."""
         owners = [self, self.clip, self.clip.visual, self.audio, self.audio.vit]
-        return [p for owner in owners for p in owner.parameters(recurse=False)]
+        tied = [self.clip.token_embedding.weight] if self.cfg.tie_word_embeddings else []  # read by the word heads
+        return [p for owner in owners for p in owner.parameters(recurse=False)] + tied
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -7,6 +7,9 @@ so that DeepSpeed's gradient averaging gives the single-process gradient.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -88,8 +91,8 @@ def masked_captions(forward: Forward, text: torch.Tensor, prob: float) -> tuple[
     return tuple(m[:, :width] for m in masks)
 
 
-def _token_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
-                ctx: DistContext) -> torch.Tensor:
+def _token_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+                selected: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Cross-entropy at the selected positions only: the vocabulary head (49408 wide) runs on those alone."""
     logits = head(hidden[selected]).float()
     # "+ 0 * hidden.sum()" keeps the graph connected on a rank with nothing to predict this step.
@@ -107,7 +110,7 @@ class MaskedText:
     def __call__(self, model, batch, forward: Forward, ctx: DistContext) -> dict[str, torch.Tensor]:
         text, inputs, selected, use_mask = masked_captions(forward, batch["text"][forward.rows("text")], self.cfg.mask_prob)
         encoded = model.encode_text(inputs, causal=False, masked=use_mask)
-        return {"masked_text": _token_loss(model.text_mlm_head, encoded.tokens, text, selected, ctx)}
+        return {"masked_text": _token_loss(partial(model.word_logits, "text_mlm_head"), encoded.tokens, text, selected, ctx)}
 
 
 class CrossModalMasked:
@@ -141,7 +144,7 @@ class CrossModalMasked:
             padding[modality] = (~present[usable]).unsqueeze(1).expand(-1, tokens.shape[1])
             towers[modality] = tower
         fused = model.fusion(encoded.tokens, contexts, text_padding=text == 0, context_padding=padding)
-        losses = {"cross_modal_masked": _token_loss(model.mlm_head, fused, text, selected, ctx)}
+        losses = {"cross_modal_masked": _token_loss(partial(model.word_logits, "mlm_head"), fused, text, selected, ctx)}
         if self.cfg.patches:
             losses["cross_modal_masked/image"] = self.patch_loss(model, batch, usable, encoded.tokens, text, contexts,
                                                                  padding, towers["image"], ctx)

@@ -324,3 +324,42 @@ def test_flops_count_the_conv_stem():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         stem(torch.randn(1, 3, 64, 64))
     assert counter.get_total_flops() == pytest.approx(conv_stem_flops(cfg.image), rel=0.01)
+
+
+def test_tied_word_heads_score_words_against_the_token_embedding():
+    """model.tie_word_embeddings (the default): the masked-word heads own no vocabulary matrix; their logits are
+    dot products with the text tower's token embedding (through a projection where the fusion is wider than the
+    text tower, as in the tiny flavor), which they read but do not train."""
+    torch.manual_seed(0)
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"])
+    tied = MultimodalModel(cfg)
+    untied = MultimodalModel(load_config(ModelConfig, ["configs/model/tiny.yaml"], ["tie_word_embeddings=false"]))
+    vocab, text, fusion = cfg.text.vocab_size, cfg.text.width, cfg.fusion.width
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(untied) - count(tied) == vocab * (text + fusion) - fusion * text - text  # two matrices less, one projection more
+    assert tied.text_mlm_head.proj is None and tied.mlm_head.proj.weight.shape == (text, fusion)
+    embedding = tied.clip.token_embedding.weight
+    hidden = torch.randn(5, text)
+    assert torch.allclose(tied.word_logits("text_mlm_head", hidden), hidden @ embedding.T + tied.text_mlm_head.bias)
+    tied.word_logits("mlm_head", torch.randn(3, fusion)).logsumexp(-1).sum().backward()
+    assert embedding.grad is None
+    assert tied.mlm_head.proj.weight.grad.abs().sum() > 0 and tied.mlm_head.bias.grad.abs().sum() > 0
+    assert untied.word_logits("mlm_head", torch.randn(3, fusion)).shape == (3, vocab)
+    assert any(p is embedding for p in tied.loose_parameters())  # ZeRO-3 gathers it for the heads, outside its module's forward
+
+
+def test_a_release_from_before_tied_word_heads_loads_untied(tmp_path):
+    import json
+
+    from pretrain.release import load_release, save_release
+
+    torch.manual_seed(0)
+    cfg = load_config(ModelConfig, ["configs/model/tiny.yaml"], ["tie_word_embeddings=false"])
+    old = MultimodalModel(cfg)
+    save_release(old.state_dict(), cfg, str(tmp_path), {"test": "untied"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model"]["tie_word_embeddings"]  # what releases written before the option hold
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_release(str(tmp_path))
+    assert not loaded.cfg.tie_word_embeddings
+    assert torch.equal(loaded.mlm_head.weight, old.mlm_head.weight)

@@ -101,7 +101,8 @@ def test_every_objective_gives_a_finite_loss_and_gradients(tiny):
     assert torch.isfinite(total)
     total.backward()
     for name in ("clip.visual.conv1.weight", "audio.vit.patch_embed.proj.weight", "fusion.query_in.weight",
-                 "image_decoder.head.weight", "mlm_head.weight", "text_mask_embedding", "clip.logit_scale"):
+                 "image_decoder.head.weight", "mlm_head.proj.weight", "mlm_head.bias", "text_mlm_head.bias",
+                 "clip.token_embedding.weight", "text_mask_embedding", "clip.logit_scale"):
         assert tiny.get_parameter(name).grad is not None and tiny.get_parameter(name).grad.abs().sum() > 0, name
 
 
