@@ -89,7 +89,10 @@ def scan_shard(task: ScanTask, cfg: CurateConfig, on_sample=lambda success: None
         else:
             digest = hashlib.blake2b(image, digest_size=16).hexdigest()
             try:
-                phash, size = perceptual_hash(image, cfg.max_image_pixels) if task.phash else (0, readable(image, cfg.max_image_pixels))
+                if task.phash:
+                    phash, size = perceptual_hash(image, cfg.max_image_pixels)
+                else:
+                    size = readable(image, cfg.max_image_pixels)
             except ValueError:
                 problem = "image_unreadable"
         for column, value in (("shard", name), ("position", position), ("key", raw.key), ("digest", digest),
