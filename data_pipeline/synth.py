@@ -13,6 +13,7 @@ index, stream])``, so any sample can be regenerated alone and two runs with one 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -309,17 +310,12 @@ def run(cfg: SynthConfig) -> Path:
     # same bytes with any number of workers.
     chunks = [range(start, min(start + CHUNK, cfg.num_samples)) for start in range(0, cfg.num_samples, CHUNK)]
     workers = min(cfg.workers or os.cpu_count() or 1, len(chunks))
-    rows = []
-    with progress(cfg.num_samples, "synth", "sample", disable=cfg.num_samples < 1000) as bar:
-        if workers > 1:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for done in pool.imap(functools.partial(_render_range, cfg, out), chunks):
-                    rows.extend(done)
-                    bar.update(len(done))
-        else:
-            for chunk in chunks:
-                rows.extend(_render_range(cfg, out, chunk))
-                bar.update(len(chunk))
+    render, rows = functools.partial(_render_range, cfg, out), []
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext()
+    with progress(cfg.num_samples, "synth", "sample", disable=cfg.num_samples < 1000) as bar, pool:
+        for done in (pool.imap(render, chunks) if workers > 1 else map(render, chunks)):
+            rows.extend(done)
+            bar.update(len(done))
     _remove_stale(out, cfg.num_samples)
     write_standard_files(out, rows)
     _write_atomic(out / "classes.json", json.dumps(CLASSES, indent=1).encode())
