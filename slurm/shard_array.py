@@ -14,7 +14,9 @@ When an allocation ends early a task stops at once, since a shard it leaves open
   decides whether it comes back. submitit itself ignores SIGTERM, which would leave the task writing shards
   until ``KillWait`` runs out.
 
-Either way it exits without unwinding (``exit_now``).
+Either way the task first ends its worker processes, so that no shard is committed after the signal (a requeue
+through ``scontrol`` takes a while, and the task's state leaves RUNNING as it starts), and then exits without
+unwinding (``exit_now``).
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def stop_on_signals() -> dict[int, Any]:
 
     def requeue_and_exit(signum: int, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ``scontrol requeue`` SIGTERMs this very task
+        halt_workers()
         try:
             requeue(signum, frame)
         except SystemExit as done:  # requeued: submitit's exit (the local executor's restart code included)
@@ -138,7 +141,8 @@ def stop_on_signals() -> dict[int, Any]:
 
     def stop(signum: int, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # srun forwards it too: one is enough
-        log.warning("got SIGTERM (preempted, requeued or cancelled): stopping; the committed shards are kept, an "
+        halt_workers()
+        log.warning("got SIGTERM (preempted, requeued or cancelled): stopped; the committed shards are kept, an "
                     "open one is written again if SLURM brings this task back")
         exit_now(0)
 
@@ -153,9 +157,17 @@ def exit_now(code: Any) -> None:
     """Leave without unwinding: nothing open needs saving (an open shard is written again), while unwinding would
     close the shard pool, and SLURM signals every process of the task, so a pool worker killed holding the pool's
     queue lock makes that close wait forever (until SIGKILL, ``KillWait`` later). In-flight fetches are not waited
-    for either. What this task started goes with it: the pool, its forkserver (which a signal may have made the pool
-    start afresh) and its workers, which nothing else ends (the local executor signals the task only;
-    ``proctrack/linuxproc`` loses track of orphans)."""
+    for either. What this task started goes with it (``halt_workers``)."""
+    halt_workers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
+
+
+def halt_workers() -> None:
+    """Kill what this task started: the pool, its forkserver (which a signal may have made the pool start afresh)
+    and its workers, which nothing else ends (the local executor signals the task only; ``proctrack/linuxproc``
+    loses track of orphans). Idempotent; from here on, no shard of this run is committed."""
     distributor = sys.modules.get("data_pipeline.shard.distributor")
     # The pool's thread would replace the workers killed below, from a new fork server if need be. Told to stop, it
     # ends when it next wakes (a worker dying wakes it), possibly after starting processes: kill until it has ended.
@@ -168,9 +180,6 @@ def exit_now(code: Any) -> None:
             break
         for handler in handlers:
             handler.join(0.2)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 1)
 
 
 def kill_descendants() -> None:
