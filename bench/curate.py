@@ -4,7 +4,7 @@ near-duplicate search scales.
     .venv/bin/python bench/curate.py --data DEMO/eval_shards --scorer DEMO/release     # make demo's folders
     .venv/bin/python bench/curate.py --data DEMO/shards --scale 1000000                # + the 1M-hash timing
     .venv/bin/python bench/curate.py --data POOL --scorer SCORER --semantic-clusters 100 --balance 300
-    .venv/bin/python bench/curate.py --data POOL --scorer SCORER --train 600 --eval HELD_OUT [--train-override ...]
+    .venv/bin/python bench/curate.py --data POOL --scorer SCORER --train 2400 --eval HELD_OUT [--train-override ...]
     .venv/bin/python bench/curate.py --data POOL --semantic-scale 1000000              # SemDeDup on 1M x 512
 
 Plants into a copy of ``--data``: ``--swap`` of the captions exchanged between samples, ``--exact`` byte-identical
