@@ -221,7 +221,7 @@ def decide(scans: pa.Table, cfg: CurateConfig) -> pa.Table:
         "duplicate_of": pa.array(duplicate_of), "caption_words": pa.array(words, pa.int32()),
         "width": scans["width"], "height": scans["height"],
         # Scans made without near-duplicate removal hold no perceptual hashes (scan.HASHED).
-        "phash": pa.array([f"{h:016x}" if cfg.dedup.near else "" for h in scans["phash"].to_pylist()]),
+        "phash": pa.array([f"{h:016x}" for h in scans["phash"].to_pylist()] if cfg.dedup.near else [""] * len(scans)),
         "digest": scans["digest"], **scored,
         **({"concepts": pa.array(matched, pa.list_(pa.string()))} if matched is not None else {}),
     })
